@@ -1,0 +1,4 @@
+from monailabel_metaapp.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Test-time use of a meta-trained model: embed volumes, adapt one head per structure from k
+labelled studies, predict a volume. Used by the app (adapt on save) and by the evaluation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from monailabel_metaapp.core.episodes import with_context
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.core.inner_loop import inner_adapt
+from monailabel_metaapp.core.networks import FewShotSegModel
+
+
+@dataclass
+class Head:
+    """An adapted task-specific head: the only per-structure state."""
+
+    params: dict[str, torch.Tensor]
+    n_labels: int
+    seconds: float
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.params.items()}
+
+
+class SegAdapter:
+    """Wraps a model for embedding, head adaptation and prediction (no gradients into the encoder)."""
+
+    def __init__(self, model: FewShotSegModel, device: str | torch.device = "cpu", steps: int = 5, chunk: int = 16):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.steps = steps
+        self.chunk = chunk
+
+    @property
+    def size(self) -> int:
+        return self.model.cfg.size
+
+    @torch.no_grad()
+    def embed(self, stack: torch.Tensor, idx: list[int] | None = None) -> torch.Tensor:
+        """(S, size, size) intensities in [0,1] -> (len(idx), C, size, size) embeddings, posterior mean."""
+        idx = list(range(stack.shape[0])) if idx is None else idx
+        out = []
+        for i in range(0, len(idx), self.chunk):
+            x = with_context(stack, idx[i : i + self.chunk], self.model.cfg.context).to(self.device)
+            out.append(self.model.embed(x))
+        return torch.cat(out)
+
+    def support_slices(self, mask: torch.Tensor, n_background: int = 4) -> list[int]:
+        """Every slice holding the structure plus a few without it, so the head learns where it is absent."""
+        has = mask.flatten(1).any(1)
+        fg = [int(i) for i in torch.nonzero(has).flatten()]
+        if not fg:
+            raise VolumeError("the label holds no voxel of this structure")
+        bg = [int(i) for i in torch.nonzero(~has).flatten()]
+        if bg:
+            near = sorted(bg, key=lambda i: min(abs(i - j) for j in fg))
+            pick = near[: n_background // 2] + near[n_background // 2 :][:: max(1, len(near) // max(1, n_background))]
+            fg += sorted(set(pick))[:n_background]
+        return sorted(fg)
+
+    def adapt(
+        self, stacks: list[torch.Tensor], masks: list[torch.Tensor], steps: int | None = None, feats: list | None = None
+    ) -> Head:
+        """Adapt a head from k (image stack, binary mask stack) pairs; `feats` reuses cached embeddings."""
+        t0 = time.perf_counter()
+        fs, ms = [], []
+        for i, (stack, mask) in enumerate(zip(stacks, masks)):
+            idx = self.support_slices(mask)
+            f = feats[i][idx].to(self.device) if feats is not None and feats[i] is not None else self.embed(stack, idx)
+            fs.append(f)
+            ms.append(mask[idx].float().to(self.device))
+        head = self.adapt_features(torch.cat(fs), torch.cat(ms), steps)
+        head.n_labels, head.seconds = len(stacks), time.perf_counter() - t0
+        return head
+
+    def adapt_features(self, feats: torch.Tensor, masks: torch.Tensor, steps: int | None = None) -> Head:
+        """Prototype init + Meta-SGD steps on support embeddings (the encoder is not touched)."""
+        t0 = time.perf_counter()
+        head = self.model.head
+        with torch.enable_grad():
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in head.init_params(feats, masks).items()}
+            lrs = {k: v.detach() for k, v in self.model.lrs().items()}
+            params = inner_adapt(head, params, lrs, feats, masks, self.steps if steps is None else steps)
+        params = {k: v.detach() for k, v in params.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return Head(params=params, n_labels=1, seconds=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def predict(self, stack: torch.Tensor, heads: list[Head], feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, size, size) -> (len(heads), S, size, size) foreground probabilities."""
+        feats = self.embed(stack) if feats is None else feats.to(self.device)
+        out = []
+        for h in heads:
+            params = {k: v.to(self.device) for k, v in h.params.items()}
+            logits = torch.cat([self.model.head.apply(feats[i : i + 32], params) for i in range(0, feats.shape[0], 32)])
+            out.append(torch.sigmoid(logits).cpu())
+        return torch.stack(out)
+
+
+def probabilities_to_labels(
+    probs: np.ndarray, values: list[int], threshold: float = 0.5, largest_cc: bool = True
+) -> np.ndarray:
+    """(K, z, y, x) per-structure probabilities -> label map: threshold, keep each structure's largest
+    3D component, and give overlapping voxels to the most probable structure."""
+    keep = probs >= threshold
+    if largest_cc:
+        for k in range(keep.shape[0]):
+            cc, n = ndimage.label(keep[k])
+            if n > 1:
+                sizes = ndimage.sum_labels(keep[k], cc, index=np.arange(1, n + 1))
+                keep[k] = cc == (1 + int(np.argmax(sizes)))
+    scored = np.where(keep, probs, -1.0)
+    best = scored.argmax(0)
+    out = np.zeros(probs.shape[1:], dtype=np.uint8)
+    any_fg = keep.any(0)
+    lut = np.asarray(values, dtype=np.uint8)
+    out[any_fg] = lut[best[any_fg]]
+    return out
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """3D Dice of two binary volumes (1.0 when both are empty)."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    denom = pred.sum() + ref.sum()
+    return 1.0 if denom == 0 else float(2 * np.logical_and(pred, ref).sum() / denom)

@@ -1,0 +1,63 @@
+"""Checkpoint files: a plain state_dict (`torch.load(weights_only=True)`) plus a JSON sidecar with
+the architecture and training summary. Every write is atomic (temp file + os.replace), so a
+reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
+
+DEFAULT_SEG_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "metaseg.pt"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path) then rename over `path` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2, default=str)))
+
+
+def sidecar(path: str | Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+def save_model(model: FewShotSegModel, path: str | Path, info: dict | None = None) -> None:
+    """Weights first, sidecar second: a sidecar always describes weights that exist."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda p: torch.save(state, p))
+    save_json(sidecar(path), {"config": model.cfg.to_dict(), **(info or {})})
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> FewShotSegModel:
+    """Rebuild a model from its weights + sidecar (the shipped checkpoint when path is None)."""
+    path = Path(path) if path else DEFAULT_SEG_WEIGHTS
+    meta = json.loads(sidecar(path).read_text()) if sidecar(path).exists() else {}
+    model = FewShotSegModel(SegModelConfig.from_dict(meta.get("config", {})))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)

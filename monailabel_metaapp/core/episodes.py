@@ -1,0 +1,234 @@
+"""Episodic task sampling from a MONAI Label datastore folder.
+
+A datastore folder holds images at the top and final labels in `labels/final/<same name>`.
+Two kinds of task are drawn:
+* labelled: one structure (label value); support slice(s) from one study, query slices at the
+  matching relative position in another study (plus, sometimes, a slice outside the structure so
+  the model learns to predict nothing there);
+* self-supervised (SSL-ALPNet, Ouyang et al. 2020): a Felzenszwalb superpixel of an unlabelled
+  slice is the pseudo-structure; support and query are two random augmentations of that slice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.segmentation import felzenszwalb
+from tqdm import tqdm
+
+from monailabel_metaapp.core.errors import VolumeError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+
+
+@dataclass
+class Study:
+    """One volume as slices on the model grid (uint8 storage keeps a bank small)."""
+
+    name: str
+    image: torch.Tensor  # (S, size, size) uint8, intensity * 255
+    label: torch.Tensor | None  # (S, size, size) int16 label values, or None when unlabelled
+    superpixels: torch.Tensor | None = None  # (S, size, size) int16
+
+    def values(self) -> list[int]:
+        return [] if self.label is None else [int(v) for v in torch.unique(self.label) if v > 0]
+
+
+@dataclass
+class Episode:
+    x_support: torch.Tensor  # (Ns, 1+2c, H, W)
+    y_support: torch.Tensor  # (Ns, H, W) float {0,1}
+    x_query: torch.Tensor
+    y_query: torch.Tensor
+    structure: str
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Images at the top of a datastore folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def label_names(folder: str | Path) -> dict[int, str]:
+    """value -> name from the folder's `labels.json`: {"name": value} or {"labels": {"value": "name"}}."""
+    f = Path(folder) / "labels.json"
+    if not f.exists():
+        return {}
+    d = json.loads(f.read_text())
+    if isinstance(d.get("labels"), dict):
+        return {int(v): str(k) for v, k in d["labels"].items()}
+    return {int(v): k for k, v in d.items() if isinstance(v, (int, float))}
+
+
+def load_studies(folders: list[str | Path], size: int, progress: bool = True) -> list[Study]:
+    """Read every image (and its final label, if any) of one or more datastore folders."""
+    from monailabel_metaapp.core.volume import label_slices, read_image, to_slices  # SimpleITK: files only
+
+    files = [(Path(d), f) for d in folders for f in image_files(d)]
+    if not files:
+        raise VolumeError(f"no images found in {', '.join(map(str, folders))}")
+    studies = []
+    for folder, f in tqdm(files, desc="reading studies", disable=not progress, unit="study"):
+        img, geom = to_slices(read_image(f), size)
+        lbl_path = folder / "labels" / "final" / f.name
+        label = None
+        if lbl_path.exists():
+            label = label_slices(read_image(lbl_path), geom, size).to(torch.int16)
+        studies.append(Study(name=f"{folder.name}/{f.name}", image=(img * 255).round().to(torch.uint8), label=label))
+    return studies
+
+
+def add_superpixels(studies: list[Study], progress: bool = True) -> None:
+    """Felzenszwalb superpixels per slice: the pseudo-labels of self-supervised tasks."""
+    for s in tqdm(studies, desc="superpixels", disable=not progress, unit="study"):
+        if s.superpixels is None:
+            sp = [felzenszwalb(sl.numpy() / 255.0, scale=100, sigma=0.8, min_size=60) for sl in s.image]
+            s.superpixels = torch.from_numpy(np.stack(sp).astype(np.int16))
+
+
+def save_bank(studies: list[Study], path: str | Path) -> None:
+    """Preprocessed studies as one compressed .npz: meta-train elsewhere without the source files."""
+    arrays = {}
+    for i, s in enumerate(studies):
+        arrays[f"{i}/image"] = s.image.numpy()
+        if s.label is not None:
+            arrays[f"{i}/label"] = s.label.numpy()
+    names = np.array([s.name for s in studies])
+    np.savez_compressed(path, names=names, **arrays)
+
+
+def load_bank(path: str | Path) -> list[Study]:
+    z = np.load(path)
+    return [
+        Study(
+            name=str(n),
+            image=torch.from_numpy(z[f"{i}/image"]),
+            label=torch.from_numpy(z[f"{i}/label"]) if f"{i}/label" in z else None,
+        )
+        for i, n in enumerate(z["names"])
+    ]
+
+
+def with_context(stack: torch.Tensor, idx: list[int], context: int) -> torch.Tensor:
+    """Slices idx of a (S, H, W) stack with `context` neighbours each side as channels (edge-clamped)."""
+    s = stack.shape[0]
+    out = [stack[[min(max(i + o, 0), s - 1) for o in range(-context, context + 1)]] for i in idx]
+    return torch.stack(out).float()
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, rng: random.Random, strength: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random affine (rotation, scale, shift) + gamma + noise on (N, C, H, W) images and (N, H, W) masks."""
+    n = x.shape[0]
+    thetas = []
+    for _ in range(n):
+        a = math.radians(rng.uniform(-15, 15) * strength)
+        sc = 1 + rng.uniform(-0.12, 0.12) * strength
+        tx, ty = (rng.uniform(-0.08, 0.08) * strength for _ in range(2))
+        thetas.append([[math.cos(a) / sc, -math.sin(a) / sc, tx], [math.sin(a) / sc, math.cos(a) / sc, ty]])
+    theta = torch.tensor(thetas, dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0]
+    gamma = math.exp(rng.uniform(-0.3, 0.3) * strength)
+    x = x.clamp(0, 1) ** gamma
+    x = x + torch.randn_like(x) * 0.02 * strength
+    return x, y
+
+
+class EpisodeSampler:
+    """Draws labelled and self-supervised episodes from a list of studies."""
+
+    def __init__(
+        self,
+        studies: list[Study],
+        context: int = 1,
+        exclude: set[int] | None = None,
+        ssl_fraction: float = 0.5,
+        n_support: int = 1,
+        n_query: int = 2,
+        negative_prob: float = 0.3,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ):
+        self.context, self.n_support, self.n_query = context, n_support, n_query
+        self.negative_prob, self.device = negative_prob, torch.device(device)
+        self.rng = random.Random(seed)
+        self.studies = studies
+        exclude = exclude or set()
+        # structures are keyed by dataset and value: value 1 of one site is not value 1 of another
+        self.by_value: dict[tuple[str, int], list[Study]] = {}
+        for s in studies:
+            for v in s.values():
+                if v not in exclude:
+                    self.by_value.setdefault((s.name.split("/")[0], v), []).append(s)
+        self.ssl_fraction = ssl_fraction if self.by_value else 1.0
+        if self.ssl_fraction > 0:
+            add_superpixels([s for s in studies], progress=False)
+
+    def sample(self) -> Episode:
+        if self.rng.random() < self.ssl_fraction:
+            return self.ssl_task()
+        return self.labelled_task()
+
+    def _xy(self, study: Study, idx: list[int], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = with_context(study.image, idx, self.context) / 255.0
+        return x.to(self.device), mask[idx].float().to(self.device)
+
+    def labelled_task(self, key: tuple[str, int] | None = None) -> Episode:
+        key = key if key is not None else self.rng.choice(sorted(self.by_value))
+        pool, v = self.by_value[key], key[1]
+        a, b = self.rng.sample(pool, 2) if len(pool) >= 2 else (pool[0], pool[0])  # one study: slice-level task
+        r = self.rng.random()
+        ma, mb = (a.label == v), (b.label == v)
+        sa, sb = _slices_with(ma), _slices_with(mb)
+        i_s = [sa[min(len(sa) - 1, int(r * len(sa)))]]
+        while len(i_s) < self.n_support:
+            i_s.append(self.rng.choice(sa))
+        j = int(r * len(sb))
+        i_q = [sb[min(len(sb) - 1, max(0, j + o))] for o in range(self.n_query)]
+        outside = [i for i in range(mb.shape[0]) if i not in set(sb)]
+        if outside and self.rng.random() < self.negative_prob:
+            i_q[-1] = self.rng.choice(outside)
+        xs, ys = self._xy(a, i_s, ma)
+        xq, yq = self._xy(b, i_q, mb)
+        xs2, ys2 = augment(xs, ys, self.rng, 0.5)
+        if ys2.sum() > 0:  # keep the structure in view of the support
+            xs, ys = xs2, ys2
+        xq, yq = augment(xq, yq, self.rng, 0.5)
+        return Episode(xs, ys, xq, yq, structure=str(v))
+
+    def ssl_task(self) -> Episode:
+        for _ in range(50):
+            s = self.rng.choice(self.studies)
+            i = self.rng.randrange(s.image.shape[0])
+            body = s.image[i] > 12
+            if body.float().mean() < 0.05:
+                continue
+            sp = s.superpixels[i]
+            ids, counts = torch.unique(sp[body], return_counts=True)
+            n_pix = sp.numel()
+            ok = [int(k) for k, c in zip(ids, counts) if 0.005 * n_pix < c < 0.15 * n_pix]
+            if ok:
+                mask = (sp == self.rng.choice(ok))[None]
+                break
+        else:
+            raise VolumeError("no usable superpixel found: are the images empty?")
+        x = with_context(s.image, [i], self.context).to(self.device) / 255.0
+        y = mask.float().to(self.device)
+        xs, ys = augment(x.repeat(self.n_support, 1, 1, 1), y.repeat(self.n_support, 1, 1), self.rng)
+        if ys.sum() == 0:
+            xs, ys = x.repeat(self.n_support, 1, 1, 1), y.repeat(self.n_support, 1, 1)
+        xq, yq = augment(x.repeat(self.n_query, 1, 1, 1), y.repeat(self.n_query, 1, 1), self.rng)
+        return Episode(xs, ys, xq, yq, structure="superpixel")
+
+
+def _slices_with(mask: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(mask.flatten(1).any(1)).flatten()]

@@ -1,0 +1,199 @@
+"""Episodic meta-training (outer loop) with time budget, progress bar, atomic checkpoints, resume,
+a JSON-lines log, and data parallelism under `torchrun` (gradients averaged across ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model
+from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies
+from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
+from monailabel_metaapp.core.objective import meta_objective
+
+
+@dataclass
+class MetaTrainConfig:
+    minutes: float = 10.0
+    max_steps: int = 0  # 0 = until the time budget is spent
+    lambda_kl: float = 1e-3
+    learned_lr: bool = True  # Meta-SGD; False keeps the inner-loop rates fixed at their init
+    inner_steps: int = 3
+    first_order: bool = False
+    tasks_per_step: int = 4
+    lr: float = 1e-3
+    ssl_fraction: float = 0.5
+    exclude: list[int] = field(default_factory=list)  # label values held out of meta-training
+    seed: int = 0
+    checkpoint_seconds: float = 60.0
+    val_every: int = 100
+    val_tasks: int = 16
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def meta_train(
+    studies: list[str | Path] | list[Study],
+    out: str | Path,
+    cfg: MetaTrainConfig | None = None,
+    model_cfg: SegModelConfig | None = None,
+    init: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    fresh: bool = False,
+) -> dict:
+    """Meta-train on datastore folders (or preloaded studies / a saved bank); returns a summary."""
+    cfg = cfg or MetaTrainConfig()
+    rank, world = _dist()
+    dev = pick_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path = Path(str(out) + ".state.pt")
+    log_path = Path(str(out) + ".log.jsonl")
+
+    if init:
+        model = load_model(init)
+        model.encoder.set_prior_to_current()
+    else:
+        model = FewShotSegModel(model_cfg or SegModelConfig())
+    model.to(dev).train()
+    if isinstance(studies[0], Study):
+        bank = list(studies)
+    else:
+        banks = [p for p in studies if str(p).endswith(".npz")]
+        folders = [p for p in studies if not str(p).endswith(".npz")]
+        bank = [s for b in banks for s in load_bank(b)]
+        if folders:
+            bank += load_studies(folders, model.cfg.size, progress=progress and rank == 0)
+
+    rng = random.Random(cfg.seed)
+    labelled = [s for s in bank if s.label is not None]
+    val_studies = rng.sample(labelled, max(1, len(labelled) // 8)) if len(labelled) >= 4 else []
+    train_studies = [s for s in bank if s not in val_studies]
+    exclude = set(cfg.exclude)
+    sampler = EpisodeSampler(
+        train_studies, model.cfg.context, exclude, cfg.ssl_fraction, device=dev, seed=cfg.seed + 1000 * rank
+    )
+    val_sampler = (
+        EpisodeSampler(val_studies + labelled[:1], model.cfg.context, exclude, 0.0, device=dev, seed=12345)
+        if val_studies
+        else None
+    )
+    val_eps = (
+        [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler and val_sampler.by_value else []
+    )
+
+    params = [p for n, p in model.named_parameters() if cfg.learned_lr or not n.startswith("log_lr")]
+    if not cfg.learned_lr:
+        model.log_lr.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    step, elapsed = 0, 0.0
+    if state_path.exists() and not fresh:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        step, elapsed = int(st["step"]), float(st["elapsed"])
+        if rank == 0:
+            print(f"resuming from {state_path} at step {step} ({elapsed / 60:.1f} min done)")
+
+    def checkpoint() -> None:
+        if rank != 0:
+            return
+        info = {"meta_train": asdict(cfg), "steps": step, "minutes": round(elapsed / 60, 2)}
+        save_model(model, out, info)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed}
+        atomic_write(state_path, lambda p: torch.save(state, p))
+
+    def validate() -> float:
+        if not val_eps:
+            return float("nan")
+        from monailabel_metaapp.core.objective import task_loss
+
+        losses = []
+        for ep in val_eps:
+            losses.append(float(task_loss(model, ep, cfg.inner_steps, first_order=True, sample=False).detach()))
+        return sum(losses) / len(losses)
+
+    budget = cfg.minutes * 60
+    bar = tqdm(
+        total=int(budget), unit="s", desc="meta-train", disable=not (progress and rank == 0), initial=int(elapsed)
+    )
+    last_ckpt, ema, t_prev = time.time(), None, time.time()
+    log = open(log_path, "a") if rank == 0 else None
+    while True:
+        done = elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps)
+        if world > 1:  # every rank must stop on the same step, or the gradient all-reduce would hang
+            flag = torch.tensor([float(done)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            done = bool(flag.item())
+        if done:
+            break
+        episodes = [sampler.sample() for _ in range(cfg.tasks_per_step)]
+        loss, parts = meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            _average_gradients(model, world)
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        with torch.no_grad():
+            for v in model.log_lr.values():
+                v.clamp_(-8, 1)
+            for v in model.encoder.log_sigma.values():
+                v.clamp_(max=math.log(model.cfg.prior_sigma))
+        step += 1
+        now = time.time()
+        elapsed += now - t_prev
+        bar.update(int(elapsed) - bar.n)
+        t_prev = now
+        ema = parts["task"] if ema is None else 0.95 * ema + 0.05 * parts["task"]
+        rec = {
+            "step": step,
+            "seconds": round(elapsed, 1),
+            "task_loss": round(parts["task"], 4),
+            "kl": round(parts["kl"], 4),
+        }
+        if step % cfg.val_every == 0:
+            rec["val_loss"] = round(validate(), 4)
+        bar.set_postfix(loss=f"{ema:.3f}", **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
+        if log:
+            log.write(json.dumps(rec) + "\n")
+        if now - last_ckpt > cfg.checkpoint_seconds:
+            checkpoint()
+            last_ckpt = now
+    bar.close()
+    final_val = validate()
+    checkpoint()
+    if log:
+        log.write(
+            json.dumps({"step": step, "seconds": round(elapsed, 1), "val_loss": round(final_val, 4), "final": True})
+            + "\n"
+        )
+        log.close()
+    return {"steps": step, "minutes": elapsed / 60, "train_loss_ema": ema, "val_loss": final_val, "out": str(out)}

@@ -1,0 +1,194 @@
+"""The two halves of the model: a shared, meta-learned encoder and a small task-specific head.
+
+* `VariationalEncoder` - MONAI's 2D BasicUNet producing a per-pixel embedding. Its weights are the
+  mean of a mean-field Gaussian posterior q(theta; alpha) (alpha = per-weight log-sigma), so the
+  meta-objective can carry the KL(q || p) term of the seed article.
+* `PrototypeHead` - the task-specific layers adapted per structure: foreground/background
+  prototypes initialised from the support (PANet/ALPNet style), a learned scale and bias, and a
+  zero-initialised 3x3 conv residual. Few parameters, so adaptation takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import BasicUNet
+from torch.func import functional_call
+
+
+@dataclass
+class SegModelConfig:
+    """Architecture settings; saved next to the weights (JSON) so a checkpoint rebuilds itself."""
+
+    size: int = 160  # in-plane side every slice is resized to
+    context: int = 1  # neighbouring slices on each side fed as channels (0 = 2D, 1 = 2.5D)
+    features: tuple[int, ...] = (16, 16, 32, 64, 128, 32)
+    emb: int = 32  # embedding channels
+    n_fg: int = 2  # foreground prototypes
+    n_bg: int = 8  # background prototypes
+    prior_sigma: float = 0.1  # std of the Gaussian prior p(theta)
+    init_log_sigma: float = -7.0  # initial log-std of q(theta; alpha)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegModelConfig:
+        d = dict(d)
+        d["features"] = tuple(d.get("features", cls.features))
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class VariationalEncoder(nn.Module):
+    """BasicUNet whose weights are the posterior mean; `log_sigma` holds alpha; `prior_mean` is p's mean."""
+
+    def __init__(self, cfg: SegModelConfig):
+        super().__init__()
+        self.net = BasicUNet(
+            spatial_dims=2,
+            in_channels=1 + 2 * cfg.context,
+            out_channels=cfg.emb,
+            features=cfg.features,
+            dropout=0.0,
+        )
+        self.prior_sigma = cfg.prior_sigma
+        self.log_sigma = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full_like(p, cfg.init_log_sigma)) for n, p in self.net.named_parameters()}
+        )
+        for n, p in self.net.named_parameters():
+            self.register_buffer(f"prior_mean__{_key(n)}", torch.zeros_like(p), persistent=False)
+
+    def set_prior_to_current(self) -> None:
+        """Centre the prior on the current weights (fine-tuning from a meta-trained checkpoint)."""
+        for n, p in self.net.named_parameters():
+            getattr(self, f"prior_mean__{_key(n)}").copy_(p.detach())
+
+    def sample_weights(self) -> dict[str, torch.Tensor]:
+        """One reparameterised draw theta ~ q(theta; alpha)."""
+        return {n: p + torch.exp(self.log_sigma[_key(n)]) * torch.randn_like(p) for n, p in self.net.named_parameters()}
+
+    def forward(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        if sample:
+            return functional_call(self.net, self.sample_weights(), (x,))
+        return self.net(x)
+
+    def kl(self) -> torch.Tensor:
+        """Mean per-weight KL(q || p) between diagonal Gaussians (0 when q equals p)."""
+        total, count = 0.0, 0
+        for n, mu in self.net.named_parameters():
+            k = _key(n)
+            total = (
+                total + gaussian_kl(mu, self.log_sigma[k], getattr(self, f"prior_mean__{k}"), self.prior_sigma).sum()
+            )
+            count += mu.numel()
+        return total / count
+
+
+def gaussian_kl(mu_q: torch.Tensor, log_sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: float) -> torch.Tensor:
+    """Element-wise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2))."""
+    var_q = torch.exp(2 * log_sigma_q)
+    return math.log(sigma_p) - log_sigma_q + (var_q + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class PrototypeHead(nn.Module):
+    """Task-specific layers. Its own parameters are the meta-learned *initialisation*; per task the
+    prototypes come from the support, and everything is adapted by the inner loop (functional_call)."""
+
+    def __init__(self, cfg: SegModelConfig):
+        super().__init__()
+        c = cfg.emb
+        self.n_fg, self.n_bg = cfg.n_fg, cfg.n_bg
+        self.fg = nn.Parameter(torch.zeros(cfg.n_fg, c))  # placeholders, replaced per task
+        self.bg = nn.Parameter(torch.zeros(cfg.n_bg, c))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.conv = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) embeddings -> (N, H, W) foreground logits."""
+        f = F.normalize(feats, dim=1)
+        s_fg = torch.einsum("nchw,kc->nkhw", f, F.normalize(self.fg, dim=1))
+        s_bg = torch.einsum("nchw,kc->nkhw", f, F.normalize(self.bg, dim=1))
+        t = 0.1  # soft-max over prototypes
+        d = t * (torch.logsumexp(s_fg / t, 1) - torch.logsumexp(s_bg / t, 1))
+        return torch.exp(self.log_scale) * d + self.bias + self.conv(feats)[:, 0]
+
+    def init_params(self, feats: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Meta-learned init for scale/bias/conv, prototypes from the support embeddings."""
+        params = dict(self.named_parameters())
+        fg_feats = feats.permute(0, 2, 3, 1)[mask > 0.5]
+        bg_feats = feats.permute(0, 2, 3, 1)[mask <= 0.5]
+        params["fg"] = prototypes(fg_feats, self.n_fg, fallback=bg_feats)
+        params["bg"] = prototypes(bg_feats, self.n_bg, fallback=fg_feats)
+        return params
+
+    def apply(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return functional_call(self, params, (feats,))
+
+
+def prototypes(x: torch.Tensor, k: int, fallback: torch.Tensor, iters: int = 5, max_points: int = 4096) -> torch.Tensor:
+    """k cosine k-means centroids of (P, C) features (differentiable through the means)."""
+    if x.shape[0] == 0:  # e.g. augmentation moved the structure out of view: keep the graph intact
+        x = fallback.mean(0, keepdim=True)
+    if x.shape[0] > max_points:
+        idx = torch.linspace(0, x.shape[0] - 1, max_points, device=x.device).long()
+        x = x[idx]
+    xn = F.normalize(x, dim=1)
+    with torch.no_grad():
+        # farthest-point seeding from the mean: deterministic and spread out
+        centres = [F.normalize(xn.mean(0), dim=0)]
+        for _ in range(1, min(k, x.shape[0])):
+            sim = torch.stack([xn @ c for c in centres], 1).max(1).values
+            centres.append(xn[torch.argmin(sim)])
+        c = torch.stack(centres)
+        for _ in range(iters):
+            assign = (xn @ c.T).argmax(1)
+            c = torch.stack([xn[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(c.shape[0])])
+            c = F.normalize(c, dim=1)
+        assign = (xn @ c.T).argmax(1)
+    protos = [x[assign == j].mean(0) for j in range(c.shape[0]) if (assign == j).any()]
+    out = torch.stack(protos)
+    if out.shape[0] < k:  # pad with repeats so the parameter shape is fixed
+        out = out[torch.arange(k, device=out.device) % out.shape[0]]
+    return out
+
+
+class FewShotSegModel(nn.Module):
+    """Encoder + head + the Meta-SGD per-parameter inner-loop learning rates (log-space)."""
+
+    def __init__(self, cfg: SegModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or SegModelConfig()
+        self.encoder = VariationalEncoder(self.cfg)
+        self.head = PrototypeHead(self.cfg)
+        c = self.cfg.emb
+        shapes = {
+            "fg": (1, c),
+            "bg": (1, c),
+            "log_scale": (),
+            "bias": (),
+            "conv.weight": (1, c, 3, 3),
+            "conv.bias": (1,),
+        }
+        init = {"fg": -1.0, "bg": -1.0, "log_scale": -2.0, "bias": -1.0, "conv.weight": -3.0, "conv.bias": -2.0}
+        self.log_lr = nn.ParameterDict({_key(k): nn.Parameter(torch.full(s, init[k])) for k, s in shapes.items()})
+
+    def lrs(self) -> dict[str, torch.Tensor]:
+        return {k.replace("__", "."): torch.exp(v) for k, v in self.log_lr.items()}
+
+    def embed(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        return self.encoder(x, sample=sample)

@@ -1,0 +1,34 @@
+"""The meta-objective L_meta = sum_i [L_task_i + lambda * KL(q(theta; alpha) || p(theta))].
+
+The KL is the mean per-weight KL of the encoder's mean-field posterior against its prior
+(see `VariationalEncoder.kl`), so `lambda` does not scale with the network's size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from monailabel_metaapp.core.episodes import Episode
+from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
+from monailabel_metaapp.core.networks import FewShotSegModel
+
+
+def task_loss(
+    model: FewShotSegModel, ep: Episode, inner_steps: int, first_order: bool = False, sample: bool = True
+) -> torch.Tensor:
+    """Query loss after adapting the head on the support: one task's L_task_i."""
+    n_s = ep.x_support.shape[0]
+    feats = model.embed(torch.cat([ep.x_support, ep.x_query]), sample=sample)
+    f_s, f_q = feats[:n_s], feats[n_s:]
+    params = model.head.init_params(f_s, ep.y_support)
+    params = inner_adapt(model.head, params, model.lrs(), f_s, ep.y_support, inner_steps, create_graph=not first_order)
+    return seg_loss(model.head.apply(f_q, params), ep.y_query)
+
+
+def meta_objective(
+    model: FewShotSegModel, episodes: list[Episode], lambda_kl: float, inner_steps: int, first_order: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over tasks of [L_task_i + lambda * KL]; returns the loss and its parts for logging."""
+    task = torch.stack([task_loss(model, ep, inner_steps, first_order) for ep in episodes]).mean()
+    kl = model.encoder.kl() if lambda_kl > 0 else torch.zeros((), device=task.device)
+    return task + lambda_kl * kl, {"task": float(task.detach()), "kl": float(kl.detach())}

@@ -1,0 +1,52 @@
+"""TaskConfig of the few-shot segmentation model: one service shared by its infer, its quick
+adaptation ("train") and its full meta-training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+
+from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
+from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
+from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.trainers.meta_train import MetaTrain
+from monailabel_metaapp.lib.trainers.quick_adapt import QuickAdapt
+
+logger = logging.getLogger(__name__)
+
+
+class FewShotSeg(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        datastore, studies = kwargs["datastore"], kwargs["studies"]
+        self.store_dir = Path(conf.get("store_dir") or Path(studies) / ".metaapp")
+        self.site_model = self.store_dir / "model" / "metaseg.pt"
+        model = conf.get("model") or (str(self.site_model) if self.site_model.exists() else str(DEFAULT_SEG_WEIGHTS))
+        names = {n: v for v, n in label_names(studies).items()}
+        self.service = SegService(
+            datastore,
+            self.store_dir,
+            model,
+            device=conf.get("device", "auto"),
+            steps=int(conf.get("adapt_steps", 5)),
+            default_names=names,
+        )
+        self.path = model
+        logger.info("few-shot segmentation: model %s on %s, heads in %s", model, self.service.device, self.store_dir)
+
+    def infer(self) -> dict:
+        return {self.name: FewShotSegInfer(self.service)}
+
+    def trainer(self) -> dict:
+        return {
+            self.name: QuickAdapt(self.service),
+            f"{self.name}_metatrain": MetaTrain(self.conf_studies, self.site_model, self.path),
+        }
+
+    @property
+    def conf_studies(self) -> str:
+        return str(self.kwargs["studies"])

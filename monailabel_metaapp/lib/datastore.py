@@ -1,0 +1,93 @@
+"""A LocalDatastore that checks a label *before* storing it, so a bad upload never replaces a
+good label: unknown image -> 404; unreadable file, geometry mismatch, empty mask, non-integer
+values or no named structure -> 422 with the reason."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.core.volume import read_image, same_geometry
+from monailabel_metaapp.lib.label_names import named_values, split_named
+
+logger = logging.getLogger(__name__)
+
+
+def image_header(path: str) -> sitk.Image:
+    """Geometry of an image without reading its voxels (a DICOM folder is read whole)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return read_image(path)
+    img = sitk.Image([int(s) for s in reader.GetSize()][:3] + [1] * (3 - reader.GetDimension()), sitk.sitkUInt8)
+    if reader.GetDimension() == 3:
+        img.SetSpacing(reader.GetSpacing())
+        img.SetOrigin(reader.GetOrigin())
+        img.SetDirection(reader.GetDirection())
+    else:
+        return read_image(path)
+    return img
+
+
+class ValidatingDatastore(LocalDatastore):
+    def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_names = default_names or {}
+
+    def check_label(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, Any]:
+        """Validate; returns {"named": {name: value}, "unnamed": [values]} or raises HTTPException."""
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: nothing was stored")
+        try:
+            lbl = read_image(label_filename)
+        except VolumeError as e:
+            raise HTTPException(status_code=422, detail=f"label for {image_id}: {e}; nothing was stored") from e
+        image = image_header(self.get_image_uri(image_id))
+        if not same_geometry(lbl, image):
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"label for {image_id} does not lie on its image grid: label size {lbl.GetSize()}, spacing "
+                    f"{np.round(lbl.GetSpacing(), 3).tolist()}, origin {np.round(lbl.GetOrigin(), 2).tolist()}; "
+                    f"image size "
+                    f"{image.GetSize()}, spacing {np.round(image.GetSpacing(), 3).tolist()}, origin "
+                    f"{np.round(image.GetOrigin(), 2).tolist()}; nothing was stored"
+                ),
+            )
+        arr = sitk.GetArrayViewFromImage(lbl)
+        values = np.unique(arr)
+        if np.any(values != np.round(values)) or np.any(values < 0):
+            raise HTTPException(status_code=422, detail=f"label for {image_id} holds non-integer or negative values")
+        values = [int(v) for v in values if v > 0]
+        if not values:
+            raise HTTPException(
+                status_code=422, detail=f"label for {image_id} is empty (no voxel > 0); nothing was stored"
+            )
+        named, unnamed = split_named(values, named_values(label_info, self.default_names))
+        if not named:
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"label for {image_id}: values {values} have no structure name; send label_info "
+                    '[{"name": ..., "idx": value}] (as 3D Slicer does) or label_names {name: value}; nothing was stored'
+                ),
+            )
+        if unnamed:
+            logger.warning("label for %s: values %s have no name and are ignored", image_id, unnamed)
+        return {"named": named, "unnamed": unnamed}
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        label_info = dict(label_info or {})
+        if label_tag == "final":
+            label_info["metaapp"] = self.check_label(image_id, label_filename, label_info)
+        elif image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: nothing was stored")
+        return super().save_label(image_id, label_filename, label_tag, label_info)

@@ -1,0 +1,148 @@
+"""Versioned, atomically written store of adapted heads, one per structure.
+
+Layout under the store folder:
+  registry.json              structures: value, current version, labels learned from, state, times
+  <slug>/v0003.pt            a head's parameters (plain state_dict, weights_only-loadable)
+A restart reloads every head; `rollback` points a structure back at an earlier version.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from monailabel_metaapp.core.adaptation import Head
+from monailabel_metaapp.core.checkpoint import atomic_write, save_json
+
+READY, QUEUED, ADAPTING, FAILED, NEW = "ready", "queued", "adapting", "failed", "no head yet"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "structure"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class HeadStore:
+    """Thread-safe: the adaptation worker writes while inference threads read."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._heads: dict[str, Head] = {}
+        reg = self.folder / "registry.json"
+        import json
+
+        self.registry: dict[str, dict] = json.loads(reg.read_text())["structures"] if reg.exists() else {}
+        for name, rec in self.registry.items():
+            if rec.get("version"):
+                self._heads[name] = self._load(name, rec["version"])
+            if rec.get("state") in (QUEUED, ADAPTING):  # interrupted by a restart
+                rec["state"] = READY if rec.get("version") else NEW
+
+    # -- structures -------------------------------------------------------------------------
+    def ensure(self, name: str, value: int | None = None) -> dict:
+        """Register a structure. Its output value is `value` when free and 1..255 (results are uint8,
+        as Slicer asks), else the next free one; a never-seen name gets the next free value."""
+        with self._lock:
+            if name not in self.registry:
+                used = {r["value"] for r in self.registry.values()}
+                if value is None or value in used or not 0 < value < 256:
+                    value = next(v for v in range(1, 256) if v not in used)
+                self.registry[name] = {
+                    "value": int(value),
+                    "version": 0,
+                    "versions": [],
+                    "n_labels": 0,
+                    "state": NEW,
+                    "updated": now_iso(),
+                }
+                self._save_registry()
+            return self.registry[name]
+
+    def set_state(self, name: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            rec = self.ensure(name)
+            rec["state"] = state
+            rec["updated"] = now_iso()
+            if error:
+                rec["error"] = error
+            else:
+                rec.pop("error", None)
+            self._save_registry()
+
+    def labels(self) -> dict[str, int]:
+        """name -> output label value, for every structure known."""
+        with self._lock:
+            return {n: r["value"] for n, r in sorted(self.registry.items(), key=lambda kv: kv[1]["value"])}
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {
+                n: {k: r[k] for k in ("value", "version", "n_labels", "state", "updated") if k in r}
+                | ({"error": r["error"]} if "error" in r else {})
+                for n, r in self.registry.items()
+            }
+
+    # -- heads ------------------------------------------------------------------------------
+    def heads(self) -> dict[str, Head]:
+        """A consistent copy of the live heads (each swapped in whole, never half-written)."""
+        with self._lock:
+            return dict(self._heads)
+
+    def publish(self, name: str, head: Head) -> int:
+        """Write the head as a new version, then make it live."""
+        with self._lock:
+            rec = self.ensure(name)
+            version = max(rec["versions"], default=0) + 1
+            path = self._path(name, version)
+            weights = head.state_dict()
+            atomic_write(path, lambda p: torch.save(weights, p))
+            # a save that arrived during this adaptation has queued the structure again: keep saying so
+            rec.update(
+                version=version,
+                n_labels=head.n_labels,
+                state=QUEUED if rec.get("state") == QUEUED else READY,
+                updated=now_iso(),
+                adapt_seconds=round(head.seconds, 3),
+            )
+            rec["versions"].append(version)
+            rec.setdefault("n_labels_by_version", {})[str(version)] = head.n_labels
+            rec.pop("error", None)
+            self._heads[name] = head
+            self._save_registry()
+            return version
+
+    def rollback(self, name: str, version: int | None = None) -> int:
+        """Make an earlier version live again (default: the one before the current)."""
+        with self._lock:
+            if name not in self.registry:
+                raise KeyError(f"unknown structure {name!r}")
+            rec = self.registry[name]
+            older = [v for v in rec["versions"] if v < rec["version"]]
+            target = version if version is not None else (max(older) if older else None)
+            if target is None or target not in rec["versions"]:
+                raise ValueError(f"{name!r} has no version {target} to roll back to (versions: {rec['versions']})")
+            head = self._load(name, target)
+            self._heads[name] = head
+            rec.update(version=target, n_labels=head.n_labels, state=READY, updated=now_iso())
+            self._save_registry()
+            return target
+
+    def _path(self, name: str, version: int) -> Path:
+        return self.folder / slug(name) / f"v{version:04d}.pt"
+
+    def _load(self, name: str, version: int) -> Head:
+        params = torch.load(self._path(name, version), map_location="cpu", weights_only=True)
+        n = self.registry.get(name, {}).get("n_labels_by_version", {}).get(str(version), 0)
+        return Head(params=params, n_labels=int(n), seconds=0.0)
+
+    def _save_registry(self) -> None:
+        save_json(self.folder / "registry.json", {"structures": self.registry})

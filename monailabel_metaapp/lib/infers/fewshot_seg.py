@@ -1,0 +1,53 @@
+"""Few-shot segmentation infer task: every structure with an adapted head, in one label map."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import SimpleITK as sitk
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.service import SegService
+
+
+class FewShotSegInfer(InferTask):
+    def __init__(self, service: SegService):
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=None,
+            dimension=3,
+            description="Meta-learned few-shot segmentation: any structure, learned from 1-5 saved labels",
+            config={"structures": []},
+        )
+        self.service = service
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["labels"] = self.service.heads.labels()  # grows as annotators name new structures
+        info["structures"] = self.service.heads.snapshot()
+        return info
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        structures = request.get("structures") or None
+        if isinstance(structures, str):
+            structures = [s.strip() for s in structures.split(",") if s.strip()]
+        path = request.get("image") or ""
+        if not isinstance(path, str) or not os.path.exists(path):
+            raise HTTPException(status_code=404, detail=f"image not found in the datastore: {path or '(unknown id)'}")
+        try:
+            img, params = self.service.infer(path, structures)
+        except VolumeError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+        except KeyError as e:
+            raise HTTPException(status_code=400, detail=str(e.args[0])) from e
+        ext = request.get("result_extension") or ".nii.gz"
+        out = tempfile.NamedTemporaryFile(suffix=ext if ext.startswith(".") else f".{ext}", delete=False).name
+        sitk.WriteImage(img, out, useCompression=True)
+        return out, params

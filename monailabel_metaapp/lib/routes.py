@@ -1,0 +1,74 @@
+"""HTTP routes the app adds to MONAI Label's server.
+
+* `POST /train/{model}` for a quick-adapt model is answered in-process (queue the head
+  adaptation, reply at once) instead of MONAI Label's training subprocess; other models fall
+  through to the stock route.
+* `GET /metaapp/structures`, `POST /metaapp/structures/{name}/rollback[?version=N]`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+
+
+def install(app: FastAPI, services: dict) -> None:
+    """services: quick-adapt model name -> SegService."""
+    router = APIRouter()
+
+    @router.post("/train/{model}", include_in_schema=False)
+    async def quick_train(model: str, request: Request):
+        service = services.get(model)
+        if service is None:  # not ours: hand over to MONAI Label's own /train/{model}
+            return await _stock(app, request)
+        names = service.adapt_all()
+        return {
+            "id": str(uuid.uuid4()),
+            "status": "QUEUED",
+            "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model": model,
+            "adapting": names,
+        }
+
+    @router.get("/metaapp/structures", summary="Adapted heads: version, labels learned from, state")
+    async def structures():
+        return {m: s.heads.snapshot() for m, s in services.items()}
+
+    @router.post("/metaapp/structures/{name}/rollback", summary="Make an earlier head version live again")
+    async def rollback(name: str, version: int | None = None, model: str | None = None):
+        service = services.get(model) if model else next(iter(services.values()))
+        if service is None:
+            raise HTTPException(404, f"unknown model {model!r}")
+        try:
+            v = service.heads.rollback(name, version)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from e
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from e
+        return {"structure": name, "version": v}
+
+    app.include_router(router)
+    # our /train/{model} must win over MONAI Label's: move the new routes to the front
+    ours = app.router.routes[-len(router.routes) :]
+    del app.router.routes[-len(router.routes) :]
+    app.router.routes[0:0] = ours
+
+
+async def _stock(app: FastAPI, request: Request):
+    from monailabel.endpoints.train import run_model
+
+    params = None
+    body = await request.body()
+    if body:
+        import json
+
+        params = json.loads(body)
+    q = request.query_params
+    return run_model(
+        request.path_params["model"],
+        params,
+        q.get("run_sync", "false").lower() == "true",
+        q.get("enqueue", "false").lower() == "true",
+    )

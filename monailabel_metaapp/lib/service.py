@@ -1,0 +1,185 @@
+"""The app's segmentation runtime: one meta-trained encoder, one adapted head per structure.
+
+The encoder is frozen in the app, so a study's embeddings never change: they are cached, and
+adaptation after a save only re-reads the new label and runs a few head steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from monailabel_metaapp.core.adaptation import Head, SegAdapter, probabilities_to_labels
+from monailabel_metaapp.core.checkpoint import load_model, pick_device
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
+from monailabel_metaapp.lib.adapt_queue import AdaptQueue
+from monailabel_metaapp.lib.heads import HeadStore
+from monailabel_metaapp.lib.label_names import named_values, split_named
+
+logger = logging.getLogger(__name__)
+
+
+class StudyCache:
+    """LRU of (slices, geometry, embeddings) per image file, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make) -> tuple:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        item = make()
+        with self._lock:
+            self._items[key] = item
+            while (
+                sum(i[2].numel() * i[2].element_size() for i in self._items.values()) > self.max_bytes
+                and len(self._items) > 1
+            ):
+                self._items.popitem(last=False)
+        return item
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class SegService:
+    def __init__(
+        self,
+        datastore,
+        store_dir: str | Path,
+        model_path: str | None = None,
+        device: str = "auto",
+        steps: int = 5,
+        cache_mb: int = 2048,
+        default_names: dict[str, int] | None = None,
+    ):
+        self.datastore = datastore
+        self.device = pick_device(device)
+        self.model_path = model_path
+        self.adapter = SegAdapter(load_model(model_path), self.device, steps=steps)
+        self.default_names = default_names or {}
+        self.heads = HeadStore(Path(store_dir) / "heads")
+        for name, value in self.default_names.items():
+            self.heads.ensure(name, value)
+        self.cache = StudyCache(cache_mb * 2**20)
+        self._infer_lock = threading.Lock()
+        self.queue = AdaptQueue(self._adapt, self.heads.set_state)
+
+    # -- study preparation ------------------------------------------------------------------
+    def study(self, path: str) -> tuple[torch.Tensor, SliceGeometry, torch.Tensor]:
+        """Slices, geometry and (half-precision, CPU) embeddings of one image, cached by file + mtime."""
+        key = (os.path.realpath(path), os.path.getmtime(path))
+
+        def make():
+            stack, geom = to_slices(read_image(path), self.adapter.size)
+            feats = self.adapter.embed(stack).to("cpu", torch.float16)
+            return stack, geom, feats
+
+        return self.cache.get(key, make)
+
+    # -- labels in the datastore ------------------------------------------------------------
+    def label_structures(self, image_id: str) -> dict[str, int]:
+        """name -> value of the named structures in an image's final label."""
+        info = self.datastore.get_label_info(image_id, "final") or {}
+        checked = info.get("metaapp")
+        if checked:
+            return dict(checked["named"])
+        names = named_values(info, self.default_names)
+        path = self.datastore.get_label_uri(image_id, "final")
+        values = [int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(path))) if v > 0]
+        return split_named(values, names)[0]
+
+    def labelled_structures(self) -> dict[str, list[tuple[str, int]]]:
+        """structure name -> [(image id, value)] over every final label in the datastore."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for image_id in sorted(self.datastore.get_labeled_images()):
+            try:
+                for name, value in self.label_structures(image_id).items():
+                    out.setdefault(name, []).append((image_id, value))
+            except VolumeError as e:
+                logger.warning("skipping the label of %s: %s", image_id, e)
+        return out
+
+    # -- adaptation -------------------------------------------------------------------------
+    def on_label_saved(self, image_id: str) -> dict:
+        """Called on PUT /datastore/label: queue adaptation of each structure in it, reply at once."""
+        info = self.datastore.get_label_info(image_id, "final") or {}
+        checked = info.get("metaapp") or {"named": self.label_structures(image_id), "unnamed": []}
+        for name in checked["named"]:
+            self.heads.ensure(name, checked["named"][name] if name not in self.heads.registry else None)
+        queued = self.queue.submit(sorted(checked["named"]))
+        return {"adapting": queued, "ignored_values": checked.get("unnamed", [])}
+
+    def adapt_all(self) -> list[str]:
+        """Queue every structure that has labels (POST /train quick adaptation, start-up sync)."""
+        names = sorted(self.labelled_structures())
+        for n in names:
+            self.heads.ensure(n)
+        return self.queue.submit(names)
+
+    def sync(self) -> list[str]:
+        """At start-up: adapt structures whose head is missing or learned from fewer labels than exist."""
+        snap = self.heads.snapshot()
+        stale = [
+            n
+            for n, items in self.labelled_structures().items()
+            if snap.get(n, {}).get("version", 0) == 0 or snap[n].get("n_labels") != len(items)
+        ]
+        for n in stale:
+            self.heads.ensure(n)
+        return self.queue.submit(stale)
+
+    def _adapt(self, name: str) -> None:
+        items = self.labelled_structures().get(name, [])
+        if not items:
+            raise VolumeError(f"no final label holds {name!r}")
+        stacks, masks, feats = [], [], []
+        for image_id, value in items:
+            stack, geom, f = self.study(self.datastore.get_image_uri(image_id))
+            lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, self.adapter.size)
+            stacks.append(stack)
+            masks.append(lbl == value)
+            feats.append(f.float())
+        head = self.adapter.adapt(stacks, masks, feats=feats)
+        version = self.heads.publish(name, head)
+        logger.info("adapted %s from %d label(s) in %.2f s -> version %d", name, len(items), head.seconds, version)
+
+    # -- inference --------------------------------------------------------------------------
+    def infer(self, path: str, structures: list[str] | None = None) -> tuple[sitk.Image, dict]:
+        """Label image on the original grid + result parameters (names, versions, timing)."""
+        t0 = time.perf_counter()
+        stack, geom, feats = self.study(path)
+        live = self.heads.heads()
+        labels = self.heads.labels()
+        names = [n for n in (structures or labels) if n in live]
+        if structures:
+            unknown = [n for n in structures if n not in labels]
+            if unknown:
+                raise KeyError(f"unknown structure(s) {unknown}; known: {sorted(labels)}")
+        params: dict = {"label_names": {n: labels[n] for n in names}, "head_versions": {}}
+        if not names:
+            out = np.zeros(sitk.GetArrayViewFromImage(geom.reference).shape, np.uint8)
+            params["message"] = "no structure has an adapted head yet: save a label to teach one"
+        else:
+            heads: list[Head] = [live[n] for n in names]
+            probs = self.adapter.predict(stack, heads, feats=feats.float())
+            out = probabilities_to_labels(stack_to_original(probs, geom), [labels[n] for n in names])
+            snap = self.heads.snapshot()
+            params["head_versions"] = {n: snap[n]["version"] for n in names}
+        img = sitk.GetImageFromArray(out)
+        img.CopyInformation(geom.reference)
+        params["latencies"] = {"total": round(time.perf_counter() - t0, 3)}
+        return img, params

@@ -1,0 +1,94 @@
+"""MONAI Label app: meta-learned few-shot segmentation that adapts on every saved label.
+
+Layout follows MONAI Label's radiology sample app: this file wires `lib/configs/*` (one
+TaskConfig per model) into infer, train, active-learning and scoring tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from monailabel_metaapp import __version__
+from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib.configs.fewshot_seg import FewShotSeg
+from monailabel_metaapp.lib.datastore import ValidatingDatastore
+
+logger = logging.getLogger(__name__)
+
+
+class MetaApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.configs = {"fewshot_seg": FewShotSeg()}
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monailabel_metaapp",
+            description="Meta-learned few-shot segmentation: learns a structure from 1-5 labels, adapts on every save",
+            version=__version__,
+        )
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        names = {n: v for v, n in label_names(self.studies).items()}
+        return ValidatingDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            default_names=names,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for name, cfg in self.configs.items():
+            cfg.init(
+                name,
+                os.path.join(self.app_dir, "model"),
+                self.conf,
+                None,
+                datastore=self._datastore,
+                studies=self.studies,
+            )
+            infers.update(cfg.infer())
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        trainers: dict[str, TrainTask] = {}
+        for cfg in self.configs.values():
+            trainers.update(cfg.trainer())
+        return trainers
+
+    def seg_services(self) -> dict[str, Any]:
+        return {name: cfg.service for name, cfg in self.configs.items()}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        from monailabel.app import app as fastapi_app
+
+        from monailabel_metaapp.lib import routes
+
+        routes.install(fastapi_app, self.seg_services())
+        for service in self.seg_services().values():
+            queued = service.sync()
+            if queued:
+                logger.info("adapting heads from existing labels: %s", queued)
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict:
+        super().on_save_label(image_id, label_id)
+        return {"metaapp": {name: s.on_label_saved(image_id) for name, s in self.seg_services().items()}}
+
+    def info(self) -> dict:
+        meta = super().info()
+        meta["metaapp"] = {
+            name: {"device": str(s.device), "model": s.model_path, "structures": s.heads.snapshot()}
+            for name, s in self.seg_services().items()
+        }
+        return meta

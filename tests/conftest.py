@@ -1,0 +1,96 @@
+"""Shared fixtures: real data from ../shared/datasets (skipped with a reason when absent) and
+the project's own sample studies."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monailabel_metaapp.devserver import Server
+from monailabel_metaapp.shared_data import cmr_view, shared_datasets
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    root = shared_datasets()
+    if root is None:
+        pytest.skip("../shared/datasets is absent (a fresh clone has no real data beside it)")
+    return root
+
+
+def _materialise(folder: Path) -> Path:
+    """Replace symlinks by copies so the app can write labels next to them (in a temp dir only)."""
+    for p in list(folder.rglob("*")):
+        if p.is_symlink():
+            real = p.resolve()
+            p.unlink()
+            shutil.copy(real, p)
+    return folder
+
+
+@pytest.fixture
+def cmr_store(shared, tmp_path) -> Path:
+    """A writable datastore of 6 real cardiac MRI studies, 2 of them labelled."""
+    d = cmr_view(tmp_path / "cmr", [26, 27, 28, 29, 30, 31])
+    for i in (28, 29, 30, 31):
+        (d / "labels" / "final" / f"cmr_{i}.nii.gz").unlink()
+    return _materialise(d)
+
+
+@pytest.fixture(scope="session")
+def cmr_readonly(shared, tmp_path_factory) -> Path:
+    return cmr_view(tmp_path_factory.mktemp("cmr_ro"), list(range(1, 9)))
+
+
+@pytest.fixture(scope="session")
+def samples_src(tmp_path_factory) -> Path:
+    """sample_studies/ as the project's script builds it (rebuilt into a temp dir: never touched)."""
+    from monailabel_metaapp.samples import build_samples
+
+    out = tmp_path_factory.mktemp("samples") / "sample_studies"
+    build_samples(out)
+    return out
+
+
+@pytest.fixture
+def sample_store(samples_src, tmp_path) -> Path:
+    dst = tmp_path / "sample_studies"
+    shutil.copytree(samples_src, dst, ignore=shutil.ignore_patterns(".metaapp", "datastore_v2.json", ".lock"))
+    return dst
+
+
+# -- a real MONAI Label server on 127.0.0.1 ---------------------------------------------------
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers = []
+
+    def _start(studies: Path, conf: dict | None = None) -> Server:
+        s = Server(studies, tmp_path / f"server{len(servers)}.log", conf).start()
+        servers.append(s)
+        return s
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+def slicer_client_module():
+    """The 3D Slicer plugin's client module, as the monailabel wheel installs it."""
+    path = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
+    if not path.exists():
+        pytest.fail(f"the Slicer plugin client is missing at {path}: is monailabel installed in this venv?")
+    spec = importlib.util.spec_from_file_location("slicer_monailabel_client", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
