@@ -23,7 +23,7 @@ import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from monailabel_metaapp.core.adaptation import Head, SegAdapter, dice, probabilities_to_labels
+from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, Head, SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import augment, image_files, label_names, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
@@ -156,7 +156,7 @@ def evaluate_seg(
     protocol: str = "volume",
     seed: int = 0,
     device: str = "auto",
-    steps: int = 5,
+    steps: int = DEFAULT_ADAPT_STEPS,
 ) -> dict:
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=steps)

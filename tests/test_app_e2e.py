@@ -82,24 +82,26 @@ def test_new_structure_name_from_monailabel_client_and_auto_update(sample_store,
     ids = sorted(p.name.split(".")[0] for p in refs.iterdir())
     a, b = ids[0], ids[1]
     ref_file = next(refs.glob(f"{b}.*"))
-    # "ventricles" = the CSF class (value 3), under a name the app has never seen
-    label = _one_structure_label(next(refs.glob(f"{a}.*")), 3, tmp_path / "new.nii.gz", new_value=7)
+    # "cerebral white matter" = the white-matter class (value 2), under a name the app has never seen
+    label = _one_structure_label(next(refs.glob(f"{a}.*")), 2, tmp_path / "new.nii.gz", new_value=7)
     info_before = client.info()
-    assert "ventricles" not in info_before["models"]["fewshot_seg"]["labels"]
-    client.save_label(a, str(label), params={"label_info": [{"name": "ventricles", "idx": 7}]})
-    st = server.wait_ready(ventricles=1)
-    value = st["ventricles"]["value"]
-    assert value not in {s["value"] for n, s in st.items() if n != "ventricles"}, "a new name gets a free value"
-    assert "ventricles" in client.info()["models"]["fewshot_seg"]["labels"]
+    assert "cerebral white matter" not in info_before["models"]["fewshot_seg"]["labels"]
+    client.save_label(a, str(label), params={"label_info": [{"name": "cerebral white matter", "idx": 7}]})
+    st = server.wait_ready(cerebral_white_matter=1)
+    value = st["cerebral white matter"]["value"]
+    assert value not in {s["value"] for n, s in st.items() if n != "cerebral white matter"}, (
+        "a new name gets a free value"
+    )
+    assert "cerebral white matter" in client.info()["models"]["fewshot_seg"]["labels"]
     res, params = client.infer("fewshot_seg", b, {})
-    d = _dice_of(res, ref_file, 3, params["label_names"]["ventricles"])
+    d = _dice_of(res, ref_file, 2, params["label_names"]["cerebral white matter"])
     assert d > 0.4, f"new structure learned from one label: Dice {d:.3f} on {b}"
 
     # Slicer's Auto-Update: POST /train/fewshot_seg adapts the heads, it does not start a retrain
     status = client.train_start("fewshot_seg", {})
-    assert status["status"] == "QUEUED" and "ventricles" in status["adapting"]
-    st = server.wait_ready(ventricles=2)
-    assert st["ventricles"]["n_labels"] == 1
+    assert status["status"] == "QUEUED" and "cerebral white matter" in status["adapting"]
+    st = server.wait_ready(cerebral_white_matter=2)
+    assert st["cerebral white matter"]["n_labels"] == 1
 
 
 def test_bad_inputs_are_refused_and_nothing_is_lost(cmr_store, shared, start_server, tmp_path):

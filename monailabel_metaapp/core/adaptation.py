@@ -15,6 +15,8 @@ from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.inner_loop import inner_adapt
 from monailabel_metaapp.core.networks import FewShotSegModel
 
+DEFAULT_ADAPT_STEPS = 10  # inner-loop steps at test time (meta-training uses 3 on one slice)
+
 
 @dataclass
 class Head:
@@ -31,11 +33,19 @@ class Head:
 class SegAdapter:
     """Wraps a model for embedding, head adaptation and prediction (no gradients into the encoder)."""
 
-    def __init__(self, model: FewShotSegModel, device: str | torch.device = "cpu", steps: int = 5, chunk: int = 16):
+    def __init__(
+        self,
+        model: FewShotSegModel,
+        device: str | torch.device = "cpu",
+        steps: int = DEFAULT_ADAPT_STEPS,
+        chunk: int = 16,
+        max_slices: int = 24,
+    ):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.steps = steps
         self.chunk = chunk
+        self.max_slices = max_slices
 
     @property
     def size(self) -> int:
@@ -70,8 +80,11 @@ class SegAdapter:
         """Adapt a head from k (image stack, binary mask stack) pairs; `feats` reuses cached embeddings."""
         t0 = time.perf_counter()
         fs, ms = [], []
+        per_study = max(4, self.max_slices // max(1, len(stacks)))  # bounded cost whatever k is
         for i, (stack, mask) in enumerate(zip(stacks, masks)):
             idx = self.support_slices(mask)
+            if len(idx) > per_study:
+                idx = [idx[j] for j in np.linspace(0, len(idx) - 1, per_study).round().astype(int)]
             f = feats[i][idx].to(self.device) if feats is not None and feats[i] is not None else self.embed(stack, idx)
             fs.append(f)
             ms.append(mask[idx].float().to(self.device))

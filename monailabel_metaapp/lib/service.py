@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from monailabel_metaapp.core.adaptation import Head, SegAdapter, probabilities_to_labels
+from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, Head, SegAdapter, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
@@ -62,7 +62,7 @@ class SegService:
         store_dir: str | Path,
         model_path: str | None = None,
         device: str = "auto",
-        steps: int = 5,
+        steps: int = DEFAULT_ADAPT_STEPS,
         cache_mb: int = 2048,
         default_names: dict[str, int] | None = None,
     ):

@@ -9,6 +9,7 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS
 from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
@@ -32,7 +33,7 @@ class FewShotSeg(TaskConfig):
             self.store_dir,
             model,
             device=conf.get("device", "auto"),
-            steps=int(conf.get("adapt_steps", 5)),
+            steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
         )
         self.path = model
