@@ -68,15 +68,35 @@ class SegService:
     ):
         self.datastore = datastore
         self.device = pick_device(device)
+        self.site_model = Path(store_dir) / "model" / "metaseg.pt"  # written by the meta-train task
         self.model_path = model_path
+        self._model_stamp = self._stamp()
         self.adapter = SegAdapter(load_model(model_path), self.device, steps=steps)
+        self._model_lock = threading.Lock()
         self.default_names = default_names or {}
         self.heads = HeadStore(Path(store_dir) / "heads")
         for name, value in self.default_names.items():
             self.heads.ensure(name, value)
         self.cache = StudyCache(cache_mb * 2**20)
-        self._infer_lock = threading.Lock()
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
+
+    def _stamp(self) -> float | None:
+        return self.site_model.stat().st_mtime if self.site_model.exists() else None
+
+    def refresh_model(self) -> bool:
+        """Switch to newly meta-trained site weights: new encoder, so drop embeddings, re-adapt every head."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._model_stamp:
+            return False
+        with self._model_lock:
+            if stamp == self._model_stamp:
+                return False
+            self.adapter = SegAdapter(load_model(self.site_model), self.device, steps=self.adapter.steps)
+            self.model_path, self._model_stamp = str(self.site_model), stamp
+            self.cache.clear()
+        logger.info("new meta-trained weights %s: re-adapting every head", self.site_model)
+        self.adapt_all()
+        return True
 
     # -- study preparation ------------------------------------------------------------------
     def study(self, path: str) -> tuple[torch.Tensor, SliceGeometry, torch.Tensor]:
@@ -143,6 +163,7 @@ class SegService:
         return self.queue.submit(stale)
 
     def _adapt(self, name: str) -> None:
+        self.refresh_model()
         items = self.labelled_structures().get(name, [])
         if not items:
             raise VolumeError(f"no final label holds {name!r}")
@@ -161,6 +182,7 @@ class SegService:
     def infer(self, path: str, structures: list[str] | None = None) -> tuple[sitk.Image, dict]:
         """Label image on the original grid + result parameters (names, versions, timing)."""
         t0 = time.perf_counter()
+        self.refresh_model()
         stack, geom, feats = self.study(path)
         live = self.heads.heads()
         labels = self.heads.labels()

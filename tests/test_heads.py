@@ -1,0 +1,67 @@
+"""The head store and the label-naming rules the app relies on (no server needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from monailabel_metaapp.core.adaptation import Head
+from monailabel_metaapp.lib.heads import HeadStore
+from monailabel_metaapp.lib.label_names import named_values, split_named
+
+
+def _head(v: float, n: int) -> Head:
+    return Head(params={"bias": torch.tensor(v), "fg": torch.full((2, 4), v)}, n_labels=n, seconds=0.1)
+
+
+def test_versions_restart_and_rollback(tmp_path):
+    store = HeadStore(tmp_path)
+    store.ensure("liver", 1)
+    assert store.publish("liver", _head(1.0, 1)) == 1
+    assert store.publish("liver", _head(2.0, 2)) == 2
+    assert store.heads()["liver"].params["bias"].item() == 2.0
+    # a restart sees the same live head and its label count
+    again = HeadStore(tmp_path)
+    assert again.snapshot()["liver"]["version"] == 2 and again.snapshot()["liver"]["n_labels"] == 2
+    assert again.heads()["liver"].params["bias"].item() == 2.0
+    # rollback to the previous version, then a bad version and an unknown structure
+    assert again.rollback("liver") == 1
+    assert again.heads()["liver"].params["bias"].item() == 1.0 and again.snapshot()["liver"]["n_labels"] == 1
+    with pytest.raises(ValueError):
+        again.rollback("liver", 7)
+    with pytest.raises(KeyError):
+        again.rollback("spleen")
+    # files are plain state_dicts and no temporary file is left behind
+    assert torch.load(tmp_path / "liver" / "v0002.pt", weights_only=True)["bias"].item() == 2.0
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert json.loads((tmp_path / "registry.json").read_text())["structures"]["liver"]["version"] == 1
+
+
+def test_output_values_fit_uint8_and_new_names_get_free_values(tmp_path):
+    store = HeadStore(tmp_path)
+    store.ensure("lv myocardium", 200)
+    store.ensure("lv blood pool", 500)  # too large for a uint8 result: gets a free value
+    store.ensure("rv", 200)  # taken: gets a free value
+    values = store.labels()
+    assert values["lv myocardium"] == 200
+    assert len(set(values.values())) == 3 and all(0 < v < 256 for v in values.values())
+
+
+def test_interrupted_adaptation_is_not_reported_as_running_after_restart(tmp_path):
+    store = HeadStore(tmp_path)
+    store.ensure("liver", 1)
+    store.publish("liver", _head(1.0, 1))
+    store.set_state("liver", "adapting")
+    assert HeadStore(tmp_path).snapshot()["liver"]["state"] == "ready"
+
+
+def test_label_names_from_slicer_monailabel_and_labels_json():
+    defaults = {"liver": 1, "spleen": 2}
+    assert named_values({"label_info": [{"name": "tumour", "idx": 3}]}, defaults) == {"tumour": 3}
+    assert named_values({"label_info": [{"name": "tumour", "id": 4}]}, defaults) == {"tumour": 4}  # OHIF
+    assert named_values({"label_names": {"kidney": 5}}, defaults) == {"kidney": 5}
+    assert named_values({"params": {"label_names": {"kidney": 5}}}, defaults) == {"kidney": 5}
+    assert named_values({}, defaults) == defaults
+    assert split_named([1, 2, 9], defaults) == ({"liver": 1, "spleen": 2}, [9])
