@@ -2,7 +2,7 @@
 beside the same flow in stock MONAI Label (a BasicTrainTask fine-tune started by POST /train, as
 Slicer's Auto-Update does), in one script on one machine.
 
-    python benchmarks/adapt_latency.py [--repeats 5] [--out benchmarks/results/adapt_latency.json]
+    python benchmarks/adapt_latency.py [--repeats 5] [--slices 40] [--out benchmarks/results/adapt_latency.json]
 
 Needs ../shared/datasets (real cardiac MRI); writes JSON + PNG."""
 
@@ -30,21 +30,38 @@ from monailabel_metaapp.devserver import Server, free_port  # noqa: E402
 from monailabel_metaapp.shared_data import cmr_view, shared_datasets  # noqa: E402
 
 
-def build_store(root: Path) -> tuple[Path, str, Path, str]:
-    """6 real cardiac studies; 2 labelled. Returns (store, save-target id, its label file, query id)."""
+def resample_slices(img: sitk.Image, slices: int, nearest: bool) -> sitk.Image:
+    """Same field of view, `slices` slices along z (the issue's ~256x256x40 volume from 8 mm cardiac stacks)."""
+    size, spacing = list(img.GetSize()), list(img.GetSpacing())
+    new_spacing = [spacing[0], spacing[1], spacing[2] * size[2] / slices]
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    return sitk.Resample(
+        img, [size[0], size[1], slices], sitk.Transform(), interp, img.GetOrigin(), new_spacing, img.GetDirection()
+    )
+
+
+def build_store(root: Path, slices: int | None = None) -> tuple[Path, str, Path, str]:
+    """6 real cardiac studies; 2 labelled. Returns (store, save-target id, its label file, query id).
+    With `slices`, every image and label is resampled along z to that many slices."""
     shared = shared_datasets()
     ids = [21, 30, 12, 5, 20, 28]  # 21 (the save target) is the thickest stack among them
     store = cmr_view(root / "store", ids)
     for p in list(store.rglob("*.nii.gz")):
         real = p.resolve()
         p.unlink()
-        shutil.copy(real, p)
+        if slices:
+            img = sitk.ReadImage(str(real))
+            sitk.WriteImage(resample_slices(img, slices, nearest="labels" in p.parts), str(p), useCompression=True)
+        else:
+            shutil.copy(real, p)
     for i in ids[2:]:
         (store / "labels" / "final" / f"cmr_{i:02d}.nii.gz").unlink()
     lbl = sitk.ReadImage(str(shared / "cmr_bssfp" / "label_21.nii.gz"))
     arr = (sitk.GetArrayFromImage(lbl) == 500).astype(np.uint8)
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(lbl)
+    if slices:
+        out = resample_slices(out, slices, nearest=True)
     label = root / "label_21.nii.gz"
     sitk.WriteImage(out, str(label), useCompression=True)
     (store / "labels" / "final" / "cmr_21.nii.gz").unlink()
@@ -86,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stock-epochs", type=int, default=1)
+    ap.add_argument("--slices", type=int, default=40, help="resample the 13-19 slice cardiac stacks to this many")
     ap.add_argument("--out", default="benchmarks/results/adapt_latency.json")
     a = ap.parse_args()
     if shared_datasets() is None:
@@ -93,9 +111,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    store, image_id, label, query = build_store(root)
+    store, image_id, label, query = build_store(root, a.slices)
     meta = measure_metaapp(store, image_id, label, query, a.repeats, root / "metaapp.log")
-    stock_store, _, _, _ = build_store(root / "stock")
+    stock_store, _, _, _ = build_store(root / "stock", a.slices)
     stock = measure_stock_flow(stock_store, image_id, label, free_port(), root / "stock.log", epochs=a.stock_epochs)
     med = {k: statistics.median(v) for k, v in meta.items() if isinstance(v, list) and k != "volume_size"}
     ratios = {
@@ -109,7 +127,8 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         },
-        "volume": {"id": image_id, "size_xyz": meta["volume_size"]},
+        "volume": {"id": image_id, "size_xyz": meta["volume_size"], "resampled_to_slices": a.slices},
+        "command": "python " + " ".join(sys.argv),
         "metaapp": meta,
         "metaapp_median": med,
         "stock": stock,

@@ -59,6 +59,14 @@ def _evaluate(a: argparse.Namespace) -> None:
     run_from_args(a)
 
 
+def _simulate_al(a: argparse.Namespace) -> None:
+    from monailabel_metaapp.simulate_al import simulate_al
+
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    r = simulate_al(a.studies, a.structure, strategies, a.budget, a.repeats, a.eval_studies, a.pool, a.seed, a.out)
+    print(json.dumps({k: {m: v[m] for m in v if m != "curve"} for k, v in r["summary"].items()}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metaapp", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("simulate-al", help="active-learning curves through the app's REST API")
+    s.add_argument("--studies", required=True, help="datastore folder whose final labels are the references")
+    s.add_argument("--structure", required=True, help="name (from labels.json) or label value")
+    s.add_argument("--strategies", default="all", help="comma list, e.g. random,first,hybrid; all = every one")
+    s.add_argument("--budget", type=int, default=8, help="labels per run, the shared random start included")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--eval-studies", type=int, default=5, help="held-out studies Dice is measured on")
+    s.add_argument("--pool", type=int, default=0, help="limit the pool to this many studies (0 = all the rest)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="benchmarks/results/active_learning.json")
+    s.set_defaults(func=_simulate_al)
     return p
 
 

@@ -71,3 +71,15 @@ class Server:
                 return st
             time.sleep(poll)
         raise TimeoutError(f"heads not ready: {self.structures()}\n{self.log_tail()}")
+
+    def wait_scores(self, timeout: float = 300, model: str = "fewshot_seg") -> dict:
+        """Wait until no head is adapting and the active-learning scores are fresh (one full pass done)."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            meta = requests.get(f"{self.url}/info/", timeout=10).json()["metaapp"][model]
+            busy = any(s["state"] in ("queued", "adapting") for s in meta["structures"].values())
+            al = meta["activelearning"]
+            if not busy and al["state"] == "idle" and not al["pending"] and al["passes"] > 0:
+                return al
+            time.sleep(0.3)
+        raise TimeoutError(f"active-learning scores not refreshed in {timeout} s:\n{self.log_tail()}")

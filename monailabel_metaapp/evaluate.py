@@ -99,7 +99,7 @@ def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> t
         pick = [idx_all[rng.randrange(len(idx_all))] for _ in range(4)]
         x = torch.cat([with_context(stacks[j], [i], model.cfg.context) for j, i in pick]).to(ad.device)
         y = torch.stack([masks[j][i].float() for j, i in pick]).to(ad.device)
-        loss = seg_loss(model.head.apply(model.embed(x), params), y)
+        loss = seg_loss(model.head.logits(model.embed(x), params), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -12,7 +12,11 @@ from typing import Any
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 from monailabel_metaapp import __version__
 from monailabel_metaapp.core.episodes import label_names
@@ -66,6 +70,23 @@ class MetaApp(MONAILabelApp):
             trainers.update(cfg.trainer())
         return trainers
 
+    def init_strategies(self) -> dict[str, Strategy]:
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}  # stock, for comparison
+        for cfg in self.configs.values():
+            strategies.update(cfg.strategy())
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        methods: dict[str, ScoringMethod] = {}
+        for cfg in self.configs.values():
+            methods.update(cfg.scoring_method())
+        return methods
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label would start a scoring subprocess on every "Next Sample"; ours refresh in-process, in
+        the background, after each adaptation, so this only nudges them."""
+        return {m: self._scoring_methods[m]({}) for m in ([method] if method else self._scoring_methods)}
+
     def seg_services(self) -> dict[str, Any]:
         return {name: cfg.service for name, cfg in self.configs.items()}
 
@@ -75,11 +96,12 @@ class MetaApp(MONAILabelApp):
 
         from monailabel_metaapp.lib import routes
 
-        routes.install(fastapi_app, self.seg_services())
-        for service in self.seg_services().values():
-            queued = service.sync()
+        routes.install(fastapi_app, self.seg_services(), self._strategies)
+        for cfg in self.configs.values():
+            queued = cfg.service.sync()
             if queued:
                 logger.info("adapting heads from existing labels: %s", queued)
+            cfg.scores.start()
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
         super().on_save_label(image_id, label_id)
@@ -88,7 +110,12 @@ class MetaApp(MONAILabelApp):
     def info(self) -> dict:
         meta = super().info()
         meta["metaapp"] = {
-            name: {"device": str(s.device), "model": s.model_path, "structures": s.heads.snapshot()}
-            for name, s in self.seg_services().items()
+            name: {
+                "device": str(cfg.service.device),
+                "model": cfg.service.model_path,
+                "structures": cfg.service.heads.snapshot(),
+                "activelearning": cfg.scores.status(),
+            }
+            for name, cfg in self.configs.items()
         }
         return meta

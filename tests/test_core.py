@@ -40,7 +40,36 @@ def test_inner_loop_changes_only_task_specific_parameters():
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(v, enc_before[k]), f"encoder tensor {k} changed in the inner loop"
     # the adapted head fits the support better than its initialisation
-    assert seg_loss(model.head.apply(feats, p1), y) < seg_loss(model.head.apply(feats, p0), y)
+    assert seg_loss(model.head.logits(feats, p1), y) < seg_loss(model.head.logits(feats, p0), y)
+
+
+def test_adaptation_and_prediction_run_concurrently_on_one_model():
+    """The app adapts in one thread while inference and scoring predict in others, on the same head."""
+    import threading
+
+    from monailabel_metaapp.core.adaptation import SegAdapter
+
+    torch.manual_seed(0)
+    adapter = SegAdapter(FewShotSegModel(SMALL), steps=5)
+    x, y = _toy_task(4)
+    stack = x[:, 1]
+    head = adapter.adapt([stack], [y > 0])
+    errors: list[BaseException] = []
+
+    def run(fn):
+        try:
+            for _ in range(15):
+                fn()
+        except BaseException as e:  # noqa: BLE001 - any failure in a thread fails the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(lambda: adapter.adapt([stack], [y > 0]),))]
+    threads += [threading.Thread(target=run, args=(lambda: adapter.predict(stack, [head]),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def test_learned_rates_and_encoder_receive_meta_gradients():

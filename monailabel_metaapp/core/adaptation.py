@@ -112,7 +112,8 @@ class SegAdapter:
         out = []
         for h in heads:
             params = {k: v.to(self.device) for k, v in h.params.items()}
-            logits = torch.cat([self.model.head.apply(feats[i : i + 32], params) for i in range(0, feats.shape[0], 32)])
+            chunks = [self.model.head.logits(feats[i : i + 32], params) for i in range(0, feats.shape[0], 32)]
+            logits = torch.cat(chunks)
             out.append(torch.sigmoid(logits).cpu())
         return torch.stack(out)
 

@@ -1,6 +1,6 @@
 """The inner loop: adapt only the task-specific head, with Meta-SGD per-parameter learning rates.
 
-The loop is written functionally (`PrototypeHead.apply` = `torch.func.functional_call`), so the
+The loop is written functionally (`PrototypeHead.logits` is a pure function of its parameters), so the
 outer loop can differentiate through it (second order) into the encoder, the head's
 initialisation and the learned rates.
 """
@@ -38,7 +38,7 @@ def inner_adapt(
     """`steps` gradient steps on the support: theta' = theta - lr (element-wise) * grad."""
     names = list(params)
     for _ in range(steps):
-        loss = seg_loss(head.apply(feats, params), mask, weight)
+        loss = seg_loss(head.logits(feats, params), mask, weight)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
         params = {n: params[n] - lrs[n] * g for n, g in zip(names, grads)}
     return params

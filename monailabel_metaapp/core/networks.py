@@ -104,7 +104,7 @@ def _key(name: str) -> str:
 
 class PrototypeHead(nn.Module):
     """Task-specific layers. Its own parameters are the meta-learned *initialisation*; per task the
-    prototypes come from the support, and everything is adapted by the inner loop (functional_call)."""
+    prototypes come from the support, and everything is adapted by the inner loop (`logits`)."""
 
     def __init__(self, cfg: SegModelConfig):
         super().__init__()
@@ -119,13 +119,8 @@ class PrototypeHead(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) embeddings -> (N, H, W) foreground logits."""
-        f = F.normalize(feats, dim=1)
-        s_fg = torch.einsum("nchw,kc->nkhw", f, F.normalize(self.fg, dim=1))
-        s_bg = torch.einsum("nchw,kc->nkhw", f, F.normalize(self.bg, dim=1))
-        t = 0.1  # soft-max over prototypes
-        d = t * (torch.logsumexp(s_fg / t, 1) - torch.logsumexp(s_bg / t, 1))
-        return torch.exp(self.log_scale) * d + self.bias + self.conv(feats)[:, 0]
+        """(N, C, H, W) embeddings -> (N, H, W) foreground logits, with the module's own parameters."""
+        return self.logits(feats, dict(self.named_parameters()))
 
     def init_params(self, feats: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Meta-learned init for scale/bias/conv, prototypes from the support embeddings."""
@@ -136,8 +131,18 @@ class PrototypeHead(nn.Module):
         params["bg"] = prototypes(bg_feats, self.n_bg, fallback=fg_feats)
         return params
 
-    def apply(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        return functional_call(self, params, (feats,))
+    @staticmethod
+    def logits(feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head as a pure function of `params`: the inner loop differentiates through it, and the
+        app's adaptation, inference and scoring threads call it at once (torch.func.functional_call
+        would swap the shared module's parameters in place, which is not thread-safe)."""
+        f = F.normalize(feats, dim=1)
+        s_fg = torch.einsum("nchw,kc->nkhw", f, F.normalize(params["fg"], dim=1))
+        s_bg = torch.einsum("nchw,kc->nkhw", f, F.normalize(params["bg"], dim=1))
+        t = 0.1  # soft-max over prototypes
+        d = t * (torch.logsumexp(s_fg / t, 1) - torch.logsumexp(s_bg / t, 1))
+        conv = F.conv2d(feats, params["conv.weight"], params["conv.bias"], padding=1)
+        return torch.exp(params["log_scale"]) * d + params["bias"] + conv[:, 0]
 
 
 def prototypes(x: torch.Tensor, k: int, fallback: torch.Tensor, iters: int = 5, max_points: int = 4096) -> torch.Tensor:

@@ -22,7 +22,7 @@ def task_loss(
     f_s, f_q = feats[:n_s], feats[n_s:]
     params = model.head.init_params(f_s, ep.y_support)
     params = inner_adapt(model.head, params, model.lrs(), f_s, ep.y_support, inner_steps, create_graph=not first_order)
-    return seg_loss(model.head.apply(f_q, params), ep.y_query)
+    return seg_loss(model.head.logits(f_q, params), ep.y_query)
 
 
 def meta_objective(

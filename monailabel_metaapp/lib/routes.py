@@ -3,7 +3,11 @@
 * `POST /train/{model}` for a quick-adapt model is answered in-process (queue the head
   adaptation, reply at once) instead of MONAI Label's training subprocess; other models fall
   through to the stock route.
+* `POST /scoring/metaapp_al` queues the in-process refresh of active-learning scores (the stock route
+  would start a subprocess with its own copy of the model).
 * `GET /metaapp/structures`, `POST /metaapp/structures/{name}/rollback[?version=N]`.
+* `GET /metaapp/activelearning/{strategy}[?structure=NAME&client_id=ID]`: the whole ranking a strategy
+  would pick from, with scores (for team leads; "Next Sample" returns its first row).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import uuid
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 
-def install(app: FastAPI, services: dict) -> None:
-    """services: quick-adapt model name -> SegService."""
+def install(app: FastAPI, services: dict, strategies: dict | None = None) -> None:
+    """services: quick-adapt model name -> SegService; strategies: name -> Strategy (ranked ones listed)."""
     router = APIRouter()
+    strategies = strategies or {}
 
     @router.post("/train/{model}", include_in_schema=False)
     async def quick_train(model: str, request: Request):
@@ -47,7 +52,28 @@ def install(app: FastAPI, services: dict) -> None:
             raise HTTPException(404, str(e.args[0])) from e
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
+        service.notify(name)
         return {"structure": name, "version": v}
+
+    @router.post("/scoring/{method}", include_in_schema=False)
+    async def scoring(method: str, request: Request):
+        from monailabel.interfaces.utils.app import app_instance
+
+        task = app_instance()._scoring_methods.get(method)
+        if task is None or not hasattr(task, "scores"):  # not ours: MONAI Label's own route
+            return await _stock(app, request, "scoring")
+        return task({})
+
+    @router.get("/metaapp/activelearning/{strategy}", summary="The ranking a strategy picks from, with scores")
+    async def ranking(strategy: str, structure: str | None = None, client_id: str | None = None):
+        from monailabel.interfaces.utils.app import app_instance
+
+        task = strategies.get(strategy)
+        if task is None or not hasattr(task, "rank"):
+            ranked = sorted(n for n, t in strategies.items() if hasattr(t, "rank"))
+            raise HTTPException(404, f"no ranked strategy {strategy!r}; ranked strategies: {ranked}")
+        request = {"strategy": strategy, "structure": structure, "client_id": client_id}
+        return {"strategy": strategy, "ranking": task.rank(request, app_instance().datastore())}
 
     app.include_router(router)
     # our /train/{model} must win over MONAI Label's: move the new routes to the front
@@ -56,8 +82,8 @@ def install(app: FastAPI, services: dict) -> None:
     app.router.routes[0:0] = ours
 
 
-async def _stock(app: FastAPI, request: Request):
-    from monailabel.endpoints.train import run_model
+async def _stock(app: FastAPI, request: Request, kind: str = "train"):
+    from monailabel.endpoints import scoring, train
 
     params = None
     body = await request.body()
@@ -66,7 +92,9 @@ async def _stock(app: FastAPI, request: Request):
 
         params = json.loads(body)
     q = request.query_params
-    return run_model(
+    if kind == "scoring":
+        return scoring.run_method(request.path_params["method"], params, q.get("run_sync", "false").lower() == "true")
+    return train.run_model(
         request.path_params["model"],
         params,
         q.get("run_sync", "false").lower() == "true",

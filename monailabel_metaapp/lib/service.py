@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,19 @@ class SegService:
             self.heads.ensure(name, value)
         self.cache = StudyCache(cache_mb * 2**20)
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
+        self.listeners: list[Callable[[str], None]] = []  # called with a structure name after each publish
+
+    @property
+    def model_id(self) -> str:
+        """Which encoder embeddings come from: scores and caches computed under another one are stale."""
+        return f"{self.model_path}@{self._model_stamp}"
+
+    def notify(self, name: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name)
+            except Exception:
+                logger.exception("listener failed after %s changed", name)
 
     def _stamp(self) -> float | None:
         return self.site_model.stat().st_mtime if self.site_model.exists() else None
@@ -176,6 +190,7 @@ class SegService:
             feats.append(f.float())
         head = self.adapter.adapt(stacks, masks, feats=feats)
         version = self.heads.publish(name, head)
+        self.notify(name)
         logger.info("adapted %s from %d label(s) in %.2f s -> version %d", name, len(items), head.seconds, version)
 
     # -- inference --------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS
 from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_SECONDS, Diversity, Hybrid, Uncertainty
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
+from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
 from monailabel_metaapp.lib.service import SegService
 from monailabel_metaapp.lib.trainers.meta_train import MetaTrain
 from monailabel_metaapp.lib.trainers.quick_adapt import QuickAdapt
@@ -36,6 +38,8 @@ class FewShotSeg(TaskConfig):
             steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
         )
+        self.scores = ALScores(self.service)  # started by the app once start-up adaptation is queued
+        self.lease = float(conf.get("al_lease_seconds", DEFAULT_LEASE_SECONDS))
         self.path = model
         logger.info("few-shot segmentation: model %s on %s, heads in %s", model, self.service.device, self.store_dir)
 
@@ -47,6 +51,16 @@ class FewShotSeg(TaskConfig):
             self.name: QuickAdapt(self.service),
             f"{self.name}_metatrain": MetaTrain(self.conf_studies, self.site_model, self.path),
         }
+
+    def strategy(self) -> dict:
+        return {
+            "uncertainty": Uncertainty(lease_seconds=self.lease),
+            "diversity": Diversity(lease_seconds=self.lease),
+            "hybrid": Hybrid(lease_seconds=self.lease),
+        }
+
+    def scoring_method(self) -> dict:
+        return {"metaapp_al": ALScoring(self.scores)}
 
     @property
     def conf_studies(self) -> str:

@@ -1,0 +1,142 @@
+"""Active-learning strategies that use the meta-learned model's own knowledge.
+
+All three read only the cached scores of `lib/scoring/al_scores.py` (no model call on the request
+path), never return a labelled study, nor one that another annotator (client id) was served within
+the lease (MONAI Label records `strategy.{name}.{ts, client_id}` in the image info on every pick).
+
+* `uncertainty` - the study the adapted heads are least sure about (1 - soft self-Dice; a study
+  where a head sees nothing counts as most uncertain; not yet scored = not yet seen = uncertain).
+* `diversity` - k-center greedy in the shared encoder's space: the study farthest from every
+  labelled or served study (with nothing labelled yet: the most representative one).
+* `hybrid` - diversity among the more uncertain half: informative and not redundant.
+
+A request may name structures (`{"structure": "liver"}` or `{"structures": [...]}`) to rank by
+those heads only; otherwise the mean over every live head is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from monailabel_metaapp.core.selection import farthest_first
+from monailabel_metaapp.lib.scoring.al_scores import KEY
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 600.0  # a served study stays reserved for its annotator this long
+
+
+def requested_structures(request: dict) -> list[str] | None:
+    s = request.get("structures") or request.get("structure")
+    if not s:
+        return None
+    return [x.strip() for x in s.split(",")] if isinstance(s, str) else [str(x) for x in s]
+
+
+def served_to_others(info: dict, client_id: str | None, now: float, lease: float) -> bool:
+    for rec in (info.get("strategy") or {}).values():
+        if isinstance(rec, dict) and rec.get("client_id") != client_id and now - rec.get("ts", 0) < lease:
+            return True
+    return False
+
+
+class MetaStrategy(Strategy):
+    """Shared eligibility and the ranking API (`rank` is also served at GET /metaapp/activelearning)."""
+
+    def __init__(self, description: str, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        super().__init__(description)
+        self.lease = lease_seconds
+
+    def candidates(self, request: dict, datastore: Datastore) -> tuple[list[str], list[str]]:
+        """(eligible unlabelled studies, studies already covered: labelled or served to others)."""
+        now, client = time.time(), request.get("client_id")
+        unlabelled = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        eligible, covered = [], list(datastore.get_labeled_images())
+        for image_id in sorted(unlabelled):
+            if served_to_others(datastore.get_image_info(image_id), client, now, self.lease):
+                covered.append(image_id)
+            else:
+                eligible.append(image_id)
+        return eligible, covered
+
+    def rank(self, request: dict, datastore: Datastore) -> list[dict]:
+        eligible, covered = self.candidates(request, datastore)
+        return self.order(eligible, covered, request, datastore)
+
+    def order(self, eligible: list[str], covered: list[str], request: dict, datastore: Datastore) -> list[dict]:
+        raise NotImplementedError
+
+    def __call__(self, request, datastore: Datastore):
+        ranked = self.rank(request, datastore)
+        if not ranked:
+            return None
+        best = ranked[0]
+        logger.info("%s: selected %s (%s)", request.get("strategy"), best["id"], best)
+        return dict(best)
+
+
+def uncertainty_of(info: dict, structures: list[str] | None) -> float | None:
+    u = (info.get(KEY) or {}).get("uncertainty") or {}
+    vals = [v for n, v in u.items() if structures is None or n in structures]
+    return sum(vals) / len(vals) if vals else None
+
+
+class Uncertainty(MetaStrategy):
+    def __init__(self, **kw):
+        super().__init__("Study the adapted heads are least sure about (meta-learned model)", **kw)
+
+    def order(self, eligible, covered, request, datastore):
+        structures = requested_structures(request)
+        rows = []
+        for i in eligible:
+            u = uncertainty_of(datastore.get_image_info(i), structures)
+            rows.append({"id": i, "score": 1.0 if u is None else round(u, 5), "scored": u is not None})
+        return sorted(rows, key=lambda r: (-r["score"], r["id"]))
+
+
+def descriptors(ids: list[str], datastore: Datastore) -> tuple[list[str], torch.Tensor]:
+    have, vecs = [], []
+    for i in ids:
+        d = (datastore.get_image_info(i).get(KEY) or {}).get("descriptor")
+        if d:
+            have.append(i)
+            vecs.append(torch.tensor(d))
+    return have, (torch.stack(vecs) if vecs else torch.zeros(0, 0))
+
+
+def diversity_order(eligible: list[str], covered: list[str], datastore: Datastore) -> list[dict]:
+    ids, cand = descriptors(eligible, datastore)
+    _, anchors = descriptors(covered, datastore)
+    rows = []
+    if ids:
+        dist = torch.cdist(cand, anchors).min(1).values if anchors.numel() else torch.zeros(len(ids))
+        for j in farthest_first(cand, anchors):
+            rows.append({"id": ids[j], "score": round(float(dist[j]), 5), "scored": True})
+    rows += [{"id": i, "score": 0.0, "scored": False} for i in eligible if i not in ids]
+    return rows
+
+
+class Diversity(MetaStrategy):
+    def __init__(self, **kw):
+        super().__init__("Study farthest from everything labelled, in the shared encoder's space", **kw)
+
+    def order(self, eligible, covered, request, datastore):
+        return diversity_order(eligible, covered, datastore)
+
+
+class Hybrid(MetaStrategy):
+    def __init__(self, **kw):
+        super().__init__("Most diverse study among the more uncertain half", **kw)
+        self._uncertainty = Uncertainty()
+
+    def order(self, eligible, covered, request, datastore):
+        by_u = self._uncertainty.order(eligible, covered, request, datastore)
+        top = [r["id"] for r in by_u[: max(1, (len(by_u) + 1) // 2)]]
+        u = {r["id"]: r["score"] for r in by_u}
+        head = [dict(r, uncertainty=u[r["id"]]) for r in diversity_order(top, covered, datastore)]
+        return head + [r for r in by_u if r["id"] not in top]

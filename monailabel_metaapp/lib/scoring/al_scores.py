@@ -1,0 +1,135 @@
+"""Background scoring for active learning: after every adaptation, each study's uncertainty
+under the live heads and its encoder descriptor are refreshed in a worker thread and stored in
+the datastore's image info (key `metaapp_al`), so that "Next Sample" only reads cached numbers.
+
+The worker yields to adaptation (it waits while heads are being adapted) and restarts its pass
+when a newer head is published, so scores never hold up the annotator's save -> better model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from monailabel_metaapp.core.selection import soft_dice_uncertainty, study_descriptor
+
+logger = logging.getLogger(__name__)
+
+KEY = "metaapp_al"
+
+
+class ALScores:
+    """Keeps `image info[metaapp_al]` = {"model", "descriptor", "uncertainty": {name: u},
+    "head_versions": {name: v}, "ts"} up to date for every study."""
+
+    def __init__(self, service):
+        self.service = service
+        self.datastore = service.datastore
+        self._dirty = threading.Event()
+        self._idle = threading.Event()
+        self._lock = threading.Lock()
+        self._stats: dict[str, Any] = {"passes": 0, "last_pass_s": None, "scored": 0, "state": "idle"}
+        self._thread = threading.Thread(target=self._loop, name="metaapp-al-scores", daemon=True)
+        service.listeners.append(lambda name: self.trigger())
+
+    def start(self) -> ALScores:
+        if not self._thread.is_alive():
+            self._thread.start()
+        self.trigger()
+        return self
+
+    def trigger(self) -> None:
+        """Ask for a refresh (cheap, never blocks): called after every head publish or rollback."""
+        self._idle.clear()
+        self._dirty.set()
+
+    def wait_fresh(self, timeout: float) -> bool:
+        """Block until every study is scored under the live heads (tests, simulation)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.service.queue.wait_idle(max(0.0, deadline - time.monotonic())) and self._idle.wait(0.05):
+                if self.service.queue.idle() and not self._dirty.is_set():
+                    return True
+        return False
+
+    def status(self) -> dict:
+        with self._lock:
+            return dict(self._stats, pending=self._dirty.is_set())
+
+    # -- worker -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            t0 = time.perf_counter()
+            self._set(state="scoring")
+            try:
+                complete = self._pass()
+            except Exception:  # keep serving with the last scores
+                logger.exception("active-learning scoring pass failed")
+                complete = True
+            if complete:
+                with self._lock:
+                    self._stats.update(passes=self._stats["passes"] + 1, last_pass_s=round(time.perf_counter() - t0, 2))
+            if not self._dirty.is_set():
+                self._set(state="idle")
+                self._idle.set()
+
+    def _set(self, **kw) -> None:
+        with self._lock:
+            self._stats.update(kw)
+
+    def _pass(self) -> bool:
+        """Score every study that is stale; False when interrupted by a newer head."""
+        scored = 0
+        labelled_ids = set(self.datastore.get_labeled_images())
+        for image_id in sorted(self.datastore.list_images()):
+            self.service.queue.wait_idle(3600)  # adaptation first: it is what the annotator waits for
+            if self._dirty.is_set():
+                return False
+            heads = self.service.heads.heads()
+            versions = {n: v["version"] for n, v in self.service.heads.snapshot().items() if n in heads}
+            old = self.datastore.get_image_info(image_id).get(KEY) or {}
+            labelled = image_id in labelled_ids
+            same_model = old.get("model") == self.service.model_id
+            if same_model and "descriptor" in old and (labelled or old.get("head_versions") == versions):
+                continue
+            try:
+                new = self.score(image_id, heads, versions, need_uncertainty=not labelled)
+            except Exception as e:  # a broken study must not stop the others
+                logger.warning("cannot score %s: %s", image_id, e)
+                continue
+            self.datastore.update_image_info(image_id, {KEY: new})
+            scored += 1
+        self._set(scored=scored)
+        return True
+
+    def score(self, image_id: str, heads: dict, versions: dict, need_uncertainty: bool = True) -> dict:
+        stack, _geom, feats = self.service.study(self.datastore.get_image_uri(image_id))
+        out: dict[str, Any] = {
+            "model": self.service.model_id,
+            "descriptor": [round(float(x), 5) for x in study_descriptor(feats)],
+            "uncertainty": {},
+            "head_versions": versions,
+            "ts": int(time.time()),
+        }
+        if need_uncertainty and heads:
+            names = sorted(heads)
+            probs = self.service.adapter.predict(stack, [heads[n] for n in names], feats=feats.float())
+            out["uncertainty"] = {n: round(soft_dice_uncertainty(p), 5) for n, p in zip(names, probs)}
+        return out
+
+
+class ALScoring(ScoringMethod):
+    """`POST /scoring/metaapp_al`: queue a refresh of every study's active-learning scores."""
+
+    def __init__(self, scores: ALScores):
+        super().__init__("Refresh uncertainty and encoder descriptors of every study (in the background)")
+        self.scores = scores
+
+    def __call__(self, request, datastore=None) -> dict:
+        self.scores.trigger()
+        return {"queued": True, **self.scores.status()}
