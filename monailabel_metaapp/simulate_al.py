@@ -198,10 +198,12 @@ def simulate_al(
                 curve, picked = run_one(work / f"r{r}_{strategy}", setup, pool, held, start, strategy, bar)
                 curves.setdefault(strategy, []).append(curve)
                 with (work / "picks.jsonl").open("a") as f:
-                    f.write(json.dumps({"repeat": r, "strategy": strategy, "picks": picked, "dice": curve}) + "\n")
+                    rec = {"repeat": r, "strategy": strategy, "held_out": held, "picks": picked, "dice": curve}
+                    f.write(json.dumps(rec) + "\n")
     finally:
         bar.close()
     result = summarise(curves, budget)
+    picks = [json.loads(x) for x in (work / "picks.jsonl").read_text().splitlines()]
     result["settings"] = {
         "studies": str(studies),
         "structure": name,
@@ -211,11 +213,12 @@ def simulate_al(
         "repeats": repeats,
         "eval_studies": eval_studies,
         "pool_size": pool_size or "all",
+        "held_out": sorted({h for x in picks for h in x["held_out"]}),
         "seed": seed,
         "start": "one random pool study per repeat, the same for every strategy",
         "minutes": round((time.time() - t_start) / 60, 1),
     }
-    result["picks"] = [json.loads(x) for x in (work / "picks.jsonl").read_text().splitlines()]
+    result["picks"] = picks
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

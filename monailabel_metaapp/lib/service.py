@@ -80,7 +80,7 @@ class SegService:
             self.heads.ensure(name, value)
         self.cache = StudyCache(cache_mb * 2**20)
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
-        self.listeners: list[Callable[[str], None]] = []  # called with a structure name after each publish
+        self.listeners: list[Callable[[str], None]] = []  # called with a structure name as its head changes
 
     @property
     def model_id(self) -> str:
@@ -189,8 +189,10 @@ class SegService:
             masks.append(lbl == value)
             feats.append(f.float())
         head = self.adapter.adapt(stacks, masks, feats=feats)
-        version = self.heads.publish(name, head)
+        # listeners first: the scorer then waits for this adaptation to end, so a client that sees the
+        # new version never sees the old scores marked fresh
         self.notify(name)
+        version = self.heads.publish(name, head)
         logger.info("adapted %s from %d label(s) in %.2f s -> version %d", name, len(items), head.seconds, version)
 
     # -- inference --------------------------------------------------------------------------

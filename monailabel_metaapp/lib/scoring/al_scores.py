@@ -29,7 +29,6 @@ class ALScores:
         self.service = service
         self.datastore = service.datastore
         self._dirty = threading.Event()
-        self._idle = threading.Event()
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {"passes": 0, "last_pass_s": None, "scored": 0, "state": "idle"}
         self._thread = threading.Thread(target=self._loop, name="metaapp-al-scores", daemon=True)
@@ -43,17 +42,7 @@ class ALScores:
 
     def trigger(self) -> None:
         """Ask for a refresh (cheap, never blocks): called after every head publish or rollback."""
-        self._idle.clear()
         self._dirty.set()
-
-    def wait_fresh(self, timeout: float) -> bool:
-        """Block until every study is scored under the live heads (tests, simulation)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.service.queue.wait_idle(max(0.0, deadline - time.monotonic())) and self._idle.wait(0.05):
-                if self.service.queue.idle() and not self._dirty.is_set():
-                    return True
-        return False
 
     def status(self) -> dict:
         with self._lock:
@@ -63,9 +52,9 @@ class ALScores:
     def _loop(self) -> None:
         while True:
             self._dirty.wait()
+            self._set(state="scoring")  # before clearing: a poller never sees idle + not pending mid-pass
             self._dirty.clear()
             t0 = time.perf_counter()
-            self._set(state="scoring")
             try:
                 complete = self._pass()
             except Exception:  # keep serving with the last scores
@@ -76,7 +65,6 @@ class ALScores:
                     self._stats.update(passes=self._stats["passes"] + 1, last_pass_s=round(time.perf_counter() - t0, 2))
             if not self._dirty.is_set():
                 self._set(state="idle")
-                self._idle.set()
 
     def _set(self, **kw) -> None:
         with self._lock:
