@@ -48,14 +48,23 @@ def _meta_train(a: argparse.Namespace) -> None:
         seed=a.seed,
         checkpoint_seconds=a.checkpoint_seconds,
     )
-    mcfg = SegModelConfig(size=a.size, context=a.context)
-    summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
+    if a.task == "cls":
+        from monailabel_metaapp.core.cls_metatrain import meta_train_cls
+
+        if a.init or a.exclude:
+            raise ValueError("--init and --exclude are for --task seg")
+        summary = meta_train_cls(a.studies, a.out, cfg, None, a.n_way, a.k_shot, device=a.device, fresh=a.fresh)
+    else:
+        mcfg = SegModelConfig(size=a.size, context=a.context)
+        summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
     print(json.dumps(summary, indent=2, default=str))
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from monailabel_metaapp.evaluate import run_from_args
-
+    if a.task == "cls":
+        from monailabel_metaapp.evaluate_cls import run_from_args
+    else:
+        from monailabel_metaapp.evaluate import run_from_args
     run_from_args(a)
 
 
@@ -91,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unlabelled", action="store_true", help="drop labels (self-supervised tasks only)")
     s.set_defaults(func=_bank)
 
-    s = sub.add_parser("meta-train", help="episodic meta-training of the few-shot segmentation model")
-    s.add_argument("--studies", nargs="+", required=True, help="datastore folders, or one .npz bank")
+    s = sub.add_parser("meta-train", help="episodic meta-training of the few-shot segmentation or classification model")
+    s.add_argument("--task", choices=["seg", "cls"], default="seg")
+    s.add_argument(
+        "--studies",
+        nargs="+",
+        required=True,
+        help="seg: datastore folders or .npz banks; cls: MedMNIST-layout .npz files and/or seg banks (regions)",
+    )
+    s.add_argument("--n-way", type=int, default=2, help="cls: classes per episode")
+    s.add_argument("--k-shot", type=int, default=5, help="cls: support examples per class")
     s.add_argument("--out", required=True, help="weights file to write (checkpointed, resumable)")
     s.add_argument("--init", help="start from these weights (the prior is centred on them)")
     s.add_argument("--minutes", type=float, default=10.0)
@@ -112,14 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_meta_train)
 
     s = sub.add_parser("evaluate", help="few-shot evaluation with baselines")
-    s.add_argument("task", choices=["seg"])
-    s.add_argument("--studies", required=True)
+    s.add_argument("task", choices=["seg", "cls"])
+    s.add_argument("--studies", help="seg: datastore folder with final labels")
+    s.add_argument("--npz", help="cls: MedMNIST-layout file (train_/test_ images and labels)")
+    s.add_argument("--steps", type=int, default=20, help="cls: inner-loop steps of the head")
     s.add_argument("--shots", default="1,3,5")
     s.add_argument("--labels", help='JSON {"name": value}; default: every non-zero value')
     s.add_argument("--model", help="weights (default: the shipped checkpoint)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--queries", type=int, default=8)
-    s.add_argument("--baselines", default="scratch,finetune,proto")
+    s.add_argument("--baselines", default=None, help="seg: scratch,finetune,proto (default); cls: scratch,linear")
     s.add_argument("--scratch-seconds", type=float, default=150.0)
     s.add_argument("--protocol", choices=["volume", "oracle"], default="volume")
     s.add_argument("--seed", type=int, default=0)

@@ -283,6 +283,8 @@ def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:
 
 
 def run_from_args(a) -> None:
+    if not a.studies:
+        raise ValueError("evaluate seg needs --studies DIR (a datastore folder with final labels)")
     res = evaluate_seg(
         a.studies,
         [int(s) for s in str(a.shots).split(",")],
@@ -290,7 +292,7 @@ def run_from_args(a) -> None:
         a.model,
         a.repeats,
         a.queries,
-        a.baselines.split(","),
+        [b for b in (a.baselines if a.baselines is not None else "scratch,finetune,proto").split(",") if b],
         a.scratch_seconds,
         a.protocol,
         a.seed,

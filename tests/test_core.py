@@ -13,8 +13,9 @@ from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import EpisodeSampler, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, meta_train
-from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig, gaussian_kl
+from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
+from monailabel_metaapp.core.variational import gaussian_kl
 
 SMALL = SegModelConfig(size=64, features=(8, 8, 16, 16, 32, 8), emb=8)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 
 DEFAULT_SEG_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "metaseg.pt"
@@ -39,7 +40,7 @@ def sidecar(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
-def save_model(model: FewShotSegModel, path: str | Path, info: dict | None = None) -> None:
+def save_model(model: FewShotSegModel | FewShotClsModel, path: str | Path, info: dict | None = None) -> None:
     """Weights first, sidecar second: a sidecar always describes weights that exist."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda p: torch.save(state, p))
@@ -51,6 +52,14 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     path = Path(path) if path else DEFAULT_SEG_WEIGHTS
     meta = json.loads(sidecar(path).read_text()) if sidecar(path).exists() else {}
     model = FewShotSegModel(SegModelConfig.from_dict(meta.get("config", {})))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def load_cls_model(path: str | Path, device: str | torch.device = "cpu") -> FewShotClsModel:
+    """Rebuild a few-shot classifier from its weights + sidecar."""
+    meta = json.loads(sidecar(path).read_text()) if sidecar(path).exists() else {}
+    model = FewShotClsModel(ClsModelConfig.from_dict(meta.get("config", {})))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.to(device).eval()
 

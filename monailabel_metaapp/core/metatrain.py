@@ -8,8 +8,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,9 +76,6 @@ def meta_train(
     torch.manual_seed(cfg.seed + rank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state_path = Path(str(out) + ".state.pt")
-    log_path = Path(str(out) + ".log.jsonl")
-
     if init:
         model = load_model(init)
         model.encoder.set_prior_to_current()
@@ -109,6 +108,39 @@ def meta_train(
         [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler and val_sampler.by_value else []
     )
 
+    def validate() -> float:
+        if not val_eps:
+            return float("nan")
+        from monailabel_metaapp.core.objective import task_loss
+
+        losses = [
+            float(task_loss(model, ep, cfg.inner_steps, first_order=True, sample=False).detach()) for ep in val_eps
+        ]
+        return sum(losses) / len(losses)
+
+    def objective(episodes):
+        return meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
+
+    return outer_loop(model, sampler.sample, objective, validate, cfg, out, dev, rank, world, progress, fresh)
+
+
+def outer_loop(
+    model: torch.nn.Module,
+    sample: Callable[[], Any],
+    objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
+    validate: Callable[[], float],
+    cfg: MetaTrainConfig,
+    out: Path,
+    dev: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    fresh: bool = False,
+) -> dict:
+    """The outer loop shared by segmentation and classification: Adam on the shared layers, the head
+    initialisation and (Meta-SGD) the inner-loop rates; time budget, checkpoints, resume, log."""
+    state_path = Path(str(out) + ".state.pt")
+    log_path = Path(str(out) + ".log.jsonl")
     params = [p for n, p in model.named_parameters() if cfg.learned_lr or not n.startswith("log_lr")]
     if not cfg.learned_lr:
         model.log_lr.requires_grad_(False)
@@ -130,16 +162,6 @@ def meta_train(
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed}
         atomic_write(state_path, lambda p: torch.save(state, p))
 
-    def validate() -> float:
-        if not val_eps:
-            return float("nan")
-        from monailabel_metaapp.core.objective import task_loss
-
-        losses = []
-        for ep in val_eps:
-            losses.append(float(task_loss(model, ep, cfg.inner_steps, first_order=True, sample=False).detach()))
-        return sum(losses) / len(losses)
-
     budget = cfg.minutes * 60
     bar = tqdm(
         total=int(budget), unit="s", desc="meta-train", disable=not (progress and rank == 0), initial=int(elapsed)
@@ -154,8 +176,8 @@ def meta_train(
             done = bool(flag.item())
         if done:
             break
-        episodes = [sampler.sample() for _ in range(cfg.tasks_per_step)]
-        loss, parts = meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
+        episodes = [sample() for _ in range(cfg.tasks_per_step)]
+        loss, parts = objective(episodes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

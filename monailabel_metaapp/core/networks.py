@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
-from torch.func import functional_call
+
+from monailabel_metaapp.core.variational import VariationalNet, param_key
 
 
 @dataclass
@@ -47,59 +48,12 @@ class SegModelConfig:
         return cls(**known)
 
 
-class VariationalEncoder(nn.Module):
-    """BasicUNet whose weights are the posterior mean; `log_sigma` holds alpha; `prior_mean` is p's mean."""
+class VariationalEncoder(VariationalNet):
+    """The shared layers of segmentation: a 2D BasicUNet (2.5D input) under a Gaussian posterior."""
 
     def __init__(self, cfg: SegModelConfig):
-        super().__init__()
-        self.net = BasicUNet(
-            spatial_dims=2,
-            in_channels=1 + 2 * cfg.context,
-            out_channels=cfg.emb,
-            features=cfg.features,
-            dropout=0.0,
-        )
-        self.prior_sigma = cfg.prior_sigma
-        self.log_sigma = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.full_like(p, cfg.init_log_sigma)) for n, p in self.net.named_parameters()}
-        )
-        for n, p in self.net.named_parameters():
-            self.register_buffer(f"prior_mean__{_key(n)}", torch.zeros_like(p), persistent=False)
-
-    def set_prior_to_current(self) -> None:
-        """Centre the prior on the current weights (fine-tuning from a meta-trained checkpoint)."""
-        for n, p in self.net.named_parameters():
-            getattr(self, f"prior_mean__{_key(n)}").copy_(p.detach())
-
-    def sample_weights(self) -> dict[str, torch.Tensor]:
-        """One reparameterised draw theta ~ q(theta; alpha)."""
-        return {n: p + torch.exp(self.log_sigma[_key(n)]) * torch.randn_like(p) for n, p in self.net.named_parameters()}
-
-    def forward(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        if sample:
-            return functional_call(self.net, self.sample_weights(), (x,))
-        return self.net(x)
-
-    def kl(self) -> torch.Tensor:
-        """Mean per-weight KL(q || p) between diagonal Gaussians (0 when q equals p)."""
-        total, count = 0.0, 0
-        for n, mu in self.net.named_parameters():
-            k = _key(n)
-            total = (
-                total + gaussian_kl(mu, self.log_sigma[k], getattr(self, f"prior_mean__{k}"), self.prior_sigma).sum()
-            )
-            count += mu.numel()
-        return total / count
-
-
-def gaussian_kl(mu_q: torch.Tensor, log_sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: float) -> torch.Tensor:
-    """Element-wise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2))."""
-    var_q = torch.exp(2 * log_sigma_q)
-    return math.log(sigma_p) - log_sigma_q + (var_q + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
+        net = BasicUNet(spatial_dims=2, in_channels=1 + 2 * cfg.context, out_channels=cfg.emb, features=cfg.features)
+        super().__init__(net, cfg.prior_sigma, cfg.init_log_sigma)
 
 
 class PrototypeHead(nn.Module):
@@ -190,7 +144,7 @@ class FewShotSegModel(nn.Module):
             "conv.bias": (1,),
         }
         init = {"fg": -1.0, "bg": -1.0, "log_scale": -2.0, "bias": -1.0, "conv.weight": -3.0, "conv.bias": -2.0}
-        self.log_lr = nn.ParameterDict({_key(k): nn.Parameter(torch.full(s, init[k])) for k, s in shapes.items()})
+        self.log_lr = nn.ParameterDict({param_key(k): nn.Parameter(torch.full(s, init[k])) for k, s in shapes.items()})
 
     def lrs(self) -> dict[str, torch.Tensor]:
         return {k.replace("__", "."): torch.exp(v) for k, v in self.log_lr.items()}

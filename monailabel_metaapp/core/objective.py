@@ -7,10 +7,15 @@ The KL is the mean per-weight KL of the encoder's mean-field posterior against i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from monailabel_metaapp.core.cls_data import ClsEpisode
+from monailabel_metaapp.core.cls_model import FewShotClsModel
+from monailabel_metaapp.core.cls_model import adapt as cls_adapt
 from monailabel_metaapp.core.episodes import Episode
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.networks import FewShotSegModel
+from monailabel_metaapp.core.variational import VariationalNet
 
 
 def task_loss(
@@ -25,10 +30,34 @@ def task_loss(
     return seg_loss(model.head.logits(f_q, params), ep.y_query)
 
 
+def with_kl(
+    task_losses: list[torch.Tensor], encoder: VariationalNet, lambda_kl: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over tasks of [L_task_i + lambda * KL]; returns the loss and its parts for logging."""
+    task = torch.stack(task_losses).mean()
+    kl = encoder.kl() if lambda_kl > 0 else torch.zeros((), device=task.device)
+    return task + lambda_kl * kl, {"task": float(task.detach()), "kl": float(kl.detach())}
+
+
 def meta_objective(
     model: FewShotSegModel, episodes: list[Episode], lambda_kl: float, inner_steps: int, first_order: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over tasks of [L_task_i + lambda * KL]; returns the loss and its parts for logging."""
-    task = torch.stack([task_loss(model, ep, inner_steps, first_order) for ep in episodes]).mean()
-    kl = model.encoder.kl() if lambda_kl > 0 else torch.zeros((), device=task.device)
-    return task + lambda_kl * kl, {"task": float(task.detach()), "kl": float(kl.detach())}
+    """The segmentation meta-objective over a batch of episodes."""
+    return with_kl([task_loss(model, ep, inner_steps, first_order) for ep in episodes], model.encoder, lambda_kl)
+
+
+def cls_task_loss(
+    model: FewShotClsModel, ep: ClsEpisode, inner_steps: int, first_order: bool = False, sample: bool = True
+) -> torch.Tensor:
+    """Query cross-entropy after adapting the prototype-initialised linear head on the support."""
+    n_s = ep.y_support.shape[0]
+    feats = model.embed(torch.cat([ep.x_support, ep.x_query]), sample=sample)
+    params = cls_adapt(model, feats[:n_s], ep.y_support, ep.n_way, inner_steps, create_graph=not first_order)
+    return F.cross_entropy(model.head.logits(feats[n_s:], params), ep.y_query)
+
+
+def cls_meta_objective(
+    model: FewShotClsModel, episodes: list[ClsEpisode], lambda_kl: float, inner_steps: int, first_order: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The classification meta-objective: the same L_meta, with classification tasks."""
+    return with_kl([cls_task_loss(model, ep, inner_steps, first_order) for ep in episodes], model.encoder, lambda_kl)

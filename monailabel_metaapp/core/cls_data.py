@@ -1,0 +1,192 @@
+"""Classification data and episodes (plain PyTorch).
+
+Sources of N-way K-shot tasks:
+* labelled arrays in the MedMNIST layout (`{split}_images`, `{split}_labels`);
+* regions cut from segmentation studies: "which structure is this region" (one class per
+  (dataset, label value)), so any segmentation datastore also teaches the classifier;
+* self-supervised tasks from unlabelled images (UMTRA): each sampled image is its own class, its
+  support and query examples are different random augmentations of it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from monailabel_metaapp.core.episodes import Study, augment
+
+
+@dataclass
+class ClsSet:
+    """Examples as views on the model grid: images (N, V, size, size) in [0, 1], labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str
+
+    def classes(self) -> list[int]:
+        return sorted(int(c) for c in torch.unique(self.labels))
+
+
+@dataclass
+class ClsEpisode:
+    x_support: torch.Tensor  # (n_way * k, V, size, size)
+    y_support: torch.Tensor  # (n_way * k,) in 0..n_way-1
+    x_query: torch.Tensor
+    y_query: torch.Tensor
+    n_way: int
+    source: str
+
+
+def _normalise(x: np.ndarray) -> torch.Tensor:
+    """uint8 -> /255; anything else -> per-example min-max to [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    if x.dtype == np.uint8:
+        return t / 255.0
+    flat = t.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    return (t - lo.view(shape)) / (hi - lo).clamp_min(1e-6).view(shape)
+
+
+def to_views(images: np.ndarray, size: int) -> torch.Tensor:
+    """MedMNIST-style images -> (N, V, size, size) views.
+
+    2D: N x H x W, or N x H x W x C with C in (1, 3) (colour is averaged to grey): one view.
+    3D: N x D x H x W: the central axial, coronal and sagittal slices: three views."""
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        images = images.mean(-1).astype(images.dtype) if images.shape[-1] == 3 else images[..., 0]
+    if images.ndim == 3:
+        views = _normalise(images)[:, None]
+    elif images.ndim == 4:
+        v = _normalise(images)
+        d, h, w = v.shape[1:]
+        slices = [v[:, d // 2], v[:, :, h // 2], v[:, :, :, w // 2]]
+        views = torch.stack([F.interpolate(s[:, None], size=(size, size), mode="bilinear")[:, 0] for s in slices], 1)
+    else:
+        raise ValueError(f"images must be N x H x W[ x C] or N x D x H x W, got shape {images.shape}")
+    if views.shape[-2:] != (size, size):
+        n, nv = views.shape[:2]
+        views = F.interpolate(views.reshape(n * nv, 1, *views.shape[2:]), size=(size, size), mode="bilinear")
+        views = views.reshape(n, nv, size, size)
+    return views.clamp(0, 1)
+
+
+def load_medmnist(path: str | Path, split: str, size: int) -> ClsSet:
+    """One split of a MedMNIST-layout .npz, with clear errors for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    z = np.load(path)
+    keys = (f"{split}_images", f"{split}_labels")
+    missing = [k for k in keys if k not in z]
+    if missing:
+        raise ValueError(f"{path} has no {missing}; a MedMNIST-layout file has {sorted(z.files)} keys like these")
+    labels = z[keys[1]]
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise ValueError(f"{keys[1]} must be N or N x 1 (one class per image), got shape {labels.shape}")
+    images = z[keys[0]]
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{keys[0]} has {images.shape[0]} images but {keys[1]} has {labels.shape[0]} labels")
+    return ClsSet(to_views(images, size), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
+
+
+def region_set(studies: list[Study], size: int, per_class: int = 60, min_pixels: int = 40, seed: int = 0) -> ClsSet:
+    """'Which structure is this region': a square crop around one structure on one slice (with a
+    margin, so the context differs from class to class), one class per (study set, label value)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[torch.Tensor]] = {}
+    for s in studies:
+        if s.label is None:
+            continue
+        for v in s.values():
+            for z in range(s.image.shape[0]):
+                m = s.label[z] == v
+                if int(m.sum()) < min_pixels:
+                    continue
+                ys, xs = torch.nonzero(m, as_tuple=True)
+                cy, cx = int(ys.float().mean()), int(xs.float().mean())
+                half = max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 16) // 2 + 8
+                y0, x0 = max(cy - half, 0), max(cx - half, 0)
+                crop = s.image[z, y0 : cy + half, x0 : cx + half].float()[None, None] / 255.0
+                by_class.setdefault(v, []).append(F.interpolate(crop, size=(size, size), mode="bilinear")[0])
+    images, labels = [], []
+    for c, (_value, crops) in enumerate(sorted(by_class.items())):
+        for crop in rng.sample(crops, min(per_class, len(crops))):
+            images.append(crop)
+            labels.append(c)
+    if not images:
+        raise ValueError("no labelled region large enough in these studies")
+    return ClsSet(torch.stack(images), torch.tensor(labels), "regions")
+
+
+def ssl_views(image: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
+    """n random augmentations (crop-scale, rotation, gamma, noise) of one (V, size, size) example."""
+    x = image[None].expand(n, *image.shape).contiguous()
+    y = torch.zeros(n, *image.shape[1:])
+    out, _ = augment(x, y, rng, strength=2.0)
+    return out.clamp(0, 1)
+
+
+class ClsEpisodeSampler:
+    """N-way K-shot episodes from labelled sets and, with probability `ssl_fraction`, UMTRA tasks."""
+
+    def __init__(
+        self,
+        sets: list[ClsSet],
+        unlabelled: torch.Tensor | None = None,
+        n_way: int = 2,
+        k_shot: int = 5,
+        n_query: int = 10,
+        ssl_fraction: float = 0.0,
+        seed: int = 0,
+    ):
+        self.rng = random.Random(seed)
+        self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
+        need = k_shot + n_query
+        self.sets = []
+        for s in sets:
+            idx = {c: torch.nonzero(s.labels == c).flatten().tolist() for c in s.classes()}
+            idx = {c: i for c, i in idx.items() if len(i) >= need}
+            if len(idx) >= n_way:
+                self.sets.append((s, idx))
+        self.unlabelled = unlabelled
+        self.ssl_fraction = ssl_fraction if unlabelled is not None and len(unlabelled) >= n_way else 0.0
+        if not self.sets and self.ssl_fraction == 0.0:
+            raise ValueError(f"no set has {n_way} classes with {need} examples each, and no unlabelled images")
+
+    def sample(self) -> ClsEpisode:
+        if not self.sets or self.rng.random() < self.ssl_fraction:
+            return self.ssl_task()
+        return self.labelled_task()
+
+    def labelled_task(self) -> ClsEpisode:
+        s, idx = self.rng.choice(self.sets)
+        classes = self.rng.sample(sorted(idx), self.n_way)
+        xs, ys, xq, yq = [], [], [], []
+        for new, c in enumerate(classes):
+            pick = self.rng.sample(idx[c], self.k_shot + self.n_query)
+            xs.append(s.images[pick[: self.k_shot]])
+            xq.append(s.images[pick[self.k_shot :]])
+            ys += [new] * self.k_shot
+            yq += [new] * self.n_query
+        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), self.n_way, s.name)
+
+    def ssl_task(self) -> ClsEpisode:
+        assert self.unlabelled is not None
+        picks = self.rng.sample(range(len(self.unlabelled)), self.n_way)
+        xs, ys, xq, yq = [], [], [], []
+        for new, i in enumerate(picks):
+            views = ssl_views(self.unlabelled[i], self.k_shot + self.n_query, self.rng)
+            xs.append(views[: self.k_shot])
+            xq.append(views[self.k_shot :])
+            ys += [new] * self.k_shot
+            yq += [new] * self.n_query
+        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), self.n_way, "ssl")

@@ -1,0 +1,85 @@
+"""Meta-training of the few-shot classifier: the same outer loop and meta-objective as
+segmentation, on classification episodes from MedMNIST-layout files, from regions of segmentation
+studies, and from self-supervised (UMTRA) tasks on every image."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monailabel_metaapp.core.checkpoint import pick_device
+from monailabel_metaapp.core.cls_data import ClsEpisodeSampler, ClsSet, load_medmnist, region_set
+from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
+from monailabel_metaapp.core.episodes import load_bank, load_studies
+from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
+from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
+
+
+def is_medmnist(path: str | Path) -> bool:
+    return str(path).endswith(".npz") and "train_images" in np.load(path).files
+
+
+def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
+    """(train sets, validation sets, unlabelled views for SSL) from MedMNIST files, segmentation banks
+    and segmentation datastore folders."""
+    train, val, pool = [], [], []
+    for p in paths:
+        if is_medmnist(p):
+            tr = load_medmnist(p, "train", size)
+            train.append(tr)
+            pool.append(tr.images)
+            if "val_images" in np.load(p).files:
+                val.append(load_medmnist(p, "val", size))
+        else:  # a segmentation bank (`metaapp bank`) or datastore folder: regions + slices for SSL
+            studies = load_bank(p) if str(p).endswith(".npz") else load_studies([p], 160, progress=False)
+            rs = region_set(studies, size, seed=seed)
+            rs.name = f"regions:{Path(p).stem}"
+            train.append(rs)
+            slices = torch.cat([s.image.float() / 255.0 for s in studies])
+            pick = random.Random(seed).sample(range(slices.shape[0]), min(2000, slices.shape[0]))
+            pool.append(torch.nn.functional.interpolate(slices[pick][:, None], size=(size, size), mode="bilinear"))
+    return train, val, torch.cat(pool) if pool else torch.zeros(0, 1, size, size)
+
+
+def meta_train_cls(
+    paths: list[str | Path],
+    out: str | Path,
+    cfg: MetaTrainConfig | None = None,
+    model_cfg: ClsModelConfig | None = None,
+    n_way: int = 2,
+    k_shot: int = 5,
+    device: str = "auto",
+    progress: bool = True,
+    fresh: bool = False,
+) -> dict:
+    cfg = cfg or MetaTrainConfig()
+    dev = pick_device(device)
+    torch.manual_seed(cfg.seed)
+    model = FewShotClsModel(model_cfg or ClsModelConfig()).to(dev).train()
+    train, val, pool = cls_sources(paths, model.cfg.size, cfg.seed)
+    sampler = ClsEpisodeSampler(train, pool, n_way, k_shot, 10, cfg.ssl_fraction, seed=cfg.seed)
+    val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val else None
+    val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []
+
+    def to_dev(ep):
+        ep.x_support, ep.y_support = ep.x_support.to(dev), ep.y_support.to(dev)
+        ep.x_query, ep.y_query = ep.x_query.to(dev), ep.y_query.to(dev)
+        return ep
+
+    def validate() -> float:
+        if not val_eps:
+            return float("nan")
+        losses = [
+            float(cls_task_loss(model, to_dev(ep), cfg.inner_steps, True, sample=False).detach()) for ep in val_eps
+        ]
+        return sum(losses) / len(losses)
+
+    def objective(episodes):
+        return cls_meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
+
+    return outer_loop(
+        model, lambda: to_dev(sampler.sample()), objective, validate, cfg, Path(out), dev, 0, 1, progress, fresh
+    )

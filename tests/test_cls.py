@@ -1,0 +1,84 @@
+"""Few-shot classification core on real data: MedMNIST loading, episodes, adaptation, meta-training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monailabel_metaapp.core.cls_data import ClsEpisodeSampler, load_medmnist, region_set, to_views
+from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
+from monailabel_metaapp.core.episodes import load_studies
+from monailabel_metaapp.evaluate_cls import scores, support_indices
+
+SMALL = ClsModelConfig(size=28, channels=(16, 32, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def pneumonia(shared):
+    return shared / "pneumoniamnist" / "pneumoniamnist.npz"
+
+
+def test_medmnist_layouts_and_bad_files(pneumonia, tmp_path):
+    s = load_medmnist(pneumonia, "test", 28)
+    assert s.images.shape == (624, 1, 28, 28) and s.classes() == [0, 1]
+    assert 0.0 <= float(s.images.min()) and float(s.images.max()) <= 1.0
+    vol = np.random.default_rng(0).integers(0, 255, (4, 20, 24, 28), dtype=np.uint8)
+    assert to_views(vol, 28).shape == (4, 3, 28, 28), "a 3D volume is three orthogonal views"
+    rgb = np.zeros((4, 28, 28, 3), np.uint8)
+    assert to_views(rgb, 28).shape == (4, 1, 28, 28)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_images=np.zeros((3, 28, 28)), train_labels=np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="3 images but"):
+        load_medmnist(bad, "train", 28)
+    with pytest.raises(ValueError, match="no \\['test_images'"):
+        load_medmnist(bad, "test", 28)
+
+
+def test_episodes_from_medmnist_regions_and_ssl(pneumonia, cmr_readonly):
+    med = load_medmnist(pneumonia, "train", 28)
+    regions = region_set(load_studies([cmr_readonly], 160, progress=False), 28)
+    assert sorted(regions.classes()) == [0, 1, 2], "one class per cardiac structure"
+    sampler = ClsEpisodeSampler([med, regions], med.images[:50], n_way=2, k_shot=3, n_query=4, ssl_fraction=0.3)
+    sources = set()
+    for _ in range(30):
+        ep = sampler.sample()
+        sources.add(ep.source.split(":")[0])
+        assert ep.x_support.shape == (6, 1, 28, 28) and ep.x_query.shape == (8, 1, 28, 28)
+        assert sorted(ep.y_support.tolist()) == [0, 0, 0, 1, 1, 1]
+        assert sorted(ep.y_query.tolist()) == [0] * 4 + [1] * 4
+    assert sources == {"pneumoniamnist", "regions", "ssl"}
+
+
+def test_a_two_way_task_learned_from_ten_real_examples_beats_chance(pneumonia):
+    torch.manual_seed(0)
+    model = FewShotClsModel(SMALL).eval()
+    train, test = load_medmnist(pneumonia, "train", 28), load_medmnist(pneumonia, "test", 28)
+    idx = torch.from_numpy(support_indices(train.labels, 10, np.random.default_rng(0)))
+    with torch.no_grad():
+        f_s, f_t = model.embed(train.images[idx]), model.embed(test.images)
+    params = adapt(model, f_s, train.labels[idx], 2, steps=20)
+    proba = torch.softmax(model.head.logits(f_t, params), 1).detach().numpy()
+    s = scores(test.labels.numpy(), proba)
+    assert s["auc"] > 0.6 and s["bacc"] > 0.55, s
+    # the adapted head must beat its own prototype initialisation on the support
+    p0 = model.head.init_params(f_s, train.labels[idx], 2)
+    ce = torch.nn.functional.cross_entropy
+    assert ce(model.head.logits(f_s, params), train.labels[idx]) < ce(model.head.logits(f_s, p0), train.labels[idx])
+
+
+def test_cls_meta_training_lowers_the_episode_loss(pneumonia, tmp_path):
+    from monailabel_metaapp.core.checkpoint import load_cls_model
+    from monailabel_metaapp.core.cls_metatrain import meta_train_cls
+    from monailabel_metaapp.core.metatrain import MetaTrainConfig
+
+    cfg = MetaTrainConfig(minutes=5, max_steps=40, tasks_per_step=4, ssl_fraction=0.0, val_every=1000, val_tasks=8)
+    out = tmp_path / "cls.pt"
+    summary = meta_train_cls([pneumonia], out, cfg, SMALL, n_way=2, k_shot=5, device="cpu", progress=False)
+    log = [line for line in (tmp_path / "cls.pt.log.jsonl").read_text().splitlines() if '"task_loss"' in line]
+    losses = [float(line.split('"task_loss": ')[1].split(",")[0]) for line in log]
+    assert summary["steps"] == 40
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    model = load_cls_model(out)
+    assert isinstance(model, FewShotClsModel) and model.cfg.channels == SMALL.channels
+    assert torch.load(out, weights_only=True).keys() == model.state_dict().keys()
