@@ -60,6 +60,17 @@ def _meta_train(a: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _distill(a: argparse.Namespace) -> None:
+    from monailabel_metaapp.core.cls_model import ClsModelConfig
+    from monailabel_metaapp.core.distill import distill_cls
+    from monailabel_metaapp.core.metatrain import MetaTrainConfig
+
+    cfg = MetaTrainConfig(minutes=a.minutes, max_steps=a.max_steps, tasks_per_step=a.tasks_per_step, seed=a.seed)
+    student = ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(",")))
+    summary = distill_cls(a.teacher, a.studies, a.out, cfg, student, a.n_way, a.k_shot, a.device, fresh=a.fresh)
+    print(json.dumps(summary, indent=2, default=str))
+
+
 def _evaluate(a: argparse.Namespace) -> None:
     if a.task == "cls":
         from monailabel_metaapp.evaluate_cls import run_from_args
@@ -127,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-seconds", type=float, default=60.0)
     s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")
     s.set_defaults(func=_meta_train)
+
+    s = sub.add_parser("distill", help="model-aware distillation of a meta-trained classifier into a compact one")
+    s.add_argument("--teacher", required=True, help="classifier weights from `meta-train --task cls`")
+    s.add_argument("--studies", nargs="+", required=True, help="the same kinds of sources as meta-train --task cls")
+    s.add_argument("--out", required=True)
+    s.add_argument("--student-channels", default="16,32,32,32")
+    s.add_argument("--minutes", type=float, default=10.0)
+    s.add_argument("--max-steps", type=int, default=0)
+    s.add_argument("--tasks-per-step", type=int, default=4)
+    s.add_argument("--n-way", type=int, default=2)
+    s.add_argument("--k-shot", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--fresh", action="store_true")
+    s.set_defaults(func=_distill)
 
     s = sub.add_parser("evaluate", help="few-shot evaluation with baselines")
     s.add_argument("task", choices=["seg", "cls"])

@@ -82,3 +82,23 @@ def test_cls_meta_training_lowers_the_episode_loss(pneumonia, tmp_path):
     model = load_cls_model(out)
     assert isinstance(model, FewShotClsModel) and model.cfg.channels == SMALL.channels
     assert torch.load(out, weights_only=True).keys() == model.state_dict().keys()
+
+
+def test_distillation_trains_a_smaller_student_to_adapt_like_its_teacher(pneumonia, tmp_path):
+    from monailabel_metaapp.core.checkpoint import load_cls_model, save_model
+    from monailabel_metaapp.core.distill import distill_cls
+    from monailabel_metaapp.core.metatrain import MetaTrainConfig
+
+    torch.manual_seed(0)
+    teacher = FewShotClsModel(ClsModelConfig(size=28, channels=(32, 64, 64, 64)))
+    save_model(teacher, tmp_path / "teacher.pt")
+    student_cfg = ClsModelConfig(size=28, channels=(8, 16, 16, 16))
+    cfg = MetaTrainConfig(minutes=5, max_steps=40, tasks_per_step=4, ssl_fraction=0.0)
+    out = tmp_path / "student.pt"
+    distill_cls(tmp_path / "teacher.pt", [pneumonia], out, cfg, student_cfg, device="cpu", progress=False)
+    log = [line for line in (tmp_path / "student.pt.log.jsonl").read_text().splitlines() if '"task_loss"' in line]
+    losses = [float(line.split('"task_loss": ')[1].split(",")[0]) for line in log]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    student = load_cls_model(out)
+    n_student = sum(p.numel() for p in student.encoder.net.parameters())
+    assert n_student < sum(p.numel() for p in teacher.encoder.net.parameters()) / 4
