@@ -73,9 +73,9 @@ def test_cls_meta_training_lowers_the_episode_loss(pneumonia, tmp_path):
     from monailabel_metaapp.core.metatrain import MetaTrainConfig
 
     cfg = MetaTrainConfig(minutes=5, max_steps=40, tasks_per_step=4, ssl_fraction=0.0, val_every=1000, val_tasks=8)
-    out = tmp_path / "cls.pt"
+    out = tmp_path / "new_folder" / "cls.pt"  # created on demand, as `--out runs/cls.pt` would be
     summary = meta_train_cls([pneumonia], out, cfg, SMALL, n_way=2, k_shot=5, device="cpu", progress=False)
-    log = [line for line in (tmp_path / "cls.pt.log.jsonl").read_text().splitlines() if '"task_loss"' in line]
+    log = [line for line in (out.parent / "cls.pt.log.jsonl").read_text().splitlines() if '"task_loss"' in line]
     losses = [float(line.split('"task_loss": ')[1].split(",")[0]) for line in log]
     assert summary["steps"] == 40
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses

@@ -42,6 +42,16 @@ class ClsEpisode:
     n_way: int
     source: str
 
+    def to(self, device: torch.device | str) -> ClsEpisode:
+        return ClsEpisode(
+            self.x_support.to(device),
+            self.y_support.to(device),
+            self.x_query.to(device),
+            self.y_query.to(device),
+            self.n_way,
+            self.source,
+        )
+
 
 def _normalise(x: np.ndarray) -> torch.Tensor:
     """uint8 -> /255; anything else -> per-example min-max to [0, 1]."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from monailabel_metaapp.core.checkpoint import pick_device
-from monailabel_metaapp.core.cls_data import ClsEpisodeSampler, ClsSet, load_medmnist, region_set
+from monailabel_metaapp.core.cls_data import ClsEpisode, ClsEpisodeSampler, ClsSet, load_medmnist, region_set
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
 from monailabel_metaapp.core.episodes import load_bank, load_studies
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
@@ -64,22 +64,18 @@ def meta_train_cls(
     val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val else None
     val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []
 
-    def to_dev(ep):
-        ep.x_support, ep.y_support = ep.x_support.to(dev), ep.y_support.to(dev)
-        ep.x_query, ep.y_query = ep.x_query.to(dev), ep.y_query.to(dev)
-        return ep
-
     def validate() -> float:
         if not val_eps:
             return float("nan")
         losses = [
-            float(cls_task_loss(model, to_dev(ep), cfg.inner_steps, True, sample=False).detach()) for ep in val_eps
+            float(cls_task_loss(model, ep.to(dev), cfg.inner_steps, True, sample=False).detach()) for ep in val_eps
         ]
         return sum(losses) / len(losses)
 
     def objective(episodes):
         return cls_meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
 
-    return outer_loop(
-        model, lambda: to_dev(sampler.sample()), objective, validate, cfg, Path(out), dev, 0, 1, progress, fresh
-    )
+    def sample() -> ClsEpisode:
+        return sampler.sample().to(dev)
+
+    return outer_loop(model, sample, objective, validate, cfg, Path(out), dev, progress=progress, fresh=fresh)

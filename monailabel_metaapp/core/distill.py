@@ -69,10 +69,7 @@ def distill_cls(
     sampler = ClsEpisodeSampler(train, pool, n_way, k_shot, 10, cfg.ssl_fraction, seed=cfg.seed)
 
     def sample() -> ClsEpisode:
-        ep = sampler.sample()
-        ep.x_support, ep.y_support = ep.x_support.to(dev), ep.y_support.to(dev)
-        ep.x_query, ep.y_query = ep.x_query.to(dev), ep.y_query.to(dev)
-        return ep
+        return sampler.sample().to(dev)
 
     def objective(episodes):
         losses = [distill_task_loss(student, teacher, ep, cfg.inner_steps) for ep in episodes]

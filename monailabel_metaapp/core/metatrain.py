@@ -139,6 +139,7 @@ def outer_loop(
 ) -> dict:
     """The outer loop shared by segmentation and classification: Adam on the shared layers, the head
     initialisation and (Meta-SGD) the inner-loop rates; time budget, checkpoints, resume, log."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     state_path = Path(str(out) + ".state.pt")
     log_path = Path(str(out) + ".log.jsonl")
     params = [p for n, p in model.named_parameters() if cfg.learned_lr or not n.startswith("log_lr")]
