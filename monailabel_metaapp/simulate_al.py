@@ -26,19 +26,18 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import dice
-from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.core.episodes import IMAGE_SUFFIXES, image_files, label_names
 from monailabel_metaapp.devserver import Server
 
 MODEL = "fewshot_seg"
-EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def image_ids(studies: Path) -> dict[str, Path]:
+    """image id (file name without its suffix) -> file, for the images at the top of a datastore."""
     out = {}
-    for p in sorted(studies.iterdir()):
-        for e in EXTS:
-            if p.is_file() and p.name.endswith(e):
-                out[p.name[: -len(e)]] = p
+    for p in image_files(studies):
+        suffix = next(e for e in IMAGE_SUFFIXES if p.name.lower().endswith(e))
+        out[p.name[: -len(suffix)]] = p
     return out
 
 
