@@ -20,6 +20,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from monailabel_metaapp import __version__
 from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib.configs.fewshot_cls import FewShotCls
 from monailabel_metaapp.lib.configs.fewshot_seg import FewShotSeg
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 class MetaApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.configs = {"fewshot_seg": FewShotSeg()}
+        self.cls_configs = {"fewshot_cls": FewShotCls()}  # the classifier: regions come from fewshot_seg
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -62,6 +64,20 @@ class MetaApp(MONAILabelApp):
                 studies=self.studies,
             )
             infers.update(cfg.infer())
+        for name, cfg in self.cls_configs.items():
+            cfg.init(
+                name,
+                os.path.join(self.app_dir, "model"),
+                self.conf,
+                None,
+                datastore=self._datastore,
+                studies=getattr(self._datastore, "local_root", self.studies),
+                seg=self.configs["fewshot_seg"].service,
+            )
+            infers.update(cfg.infer())
+            for task in infers.values():  # the class of each segmented region rides in seg results
+                if hasattr(task, "classify_regions"):
+                    task.classify_regions = cfg.service.classify_regions
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -97,6 +113,12 @@ class MetaApp(MONAILabelApp):
         from monailabel_metaapp.lib import routes
 
         routes.install(fastapi_app, self.seg_services(), self._strategies)
+        from monailabel_metaapp.lib import cls_routes
+
+        for name, cfg in self.cls_configs.items():
+            cls_routes.install(fastapi_app, cfg.service, name)
+            if queued := cfg.service.sync():
+                logger.info("adapting classifier heads from stored class corrections: %s", queued)
         for cfg in self.configs.values():
             queued = cfg.service.sync()
             if queued:
@@ -105,7 +127,11 @@ class MetaApp(MONAILabelApp):
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
         super().on_save_label(image_id, label_id)
-        return {"metaapp": {name: s.on_label_saved(image_id) for name, s in self.seg_services().items()}}
+        reply = {name: s.on_label_saved(image_id) for name, s in self.seg_services().items()}
+        for name, cfg in self.cls_configs.items():  # label_info entries that carry a "class"
+            if classes := cfg.service.on_label_saved(image_id):
+                reply[name] = classes
+        return {"metaapp": reply}
 
     def info(self) -> dict:
         meta = super().info()
@@ -118,4 +144,6 @@ class MetaApp(MONAILabelApp):
             }
             for name, cfg in self.configs.items()
         }
+        for name, cfg in self.cls_configs.items():
+            meta["metaapp"][name] = cfg.service.status()
         return meta

@@ -77,12 +77,16 @@ def to_views(images: np.ndarray, size: int) -> torch.Tensor:
         v = _normalise(images)
         d, h, w = v.shape[1:]
         slices = [v[:, d // 2], v[:, :, h // 2], v[:, :, :, w // 2]]
-        views = torch.stack([F.interpolate(s[:, None], size=(size, size), mode="bilinear")[:, 0] for s in slices], 1)
+        views = torch.stack(
+            [F.interpolate(s[:, None], size=(size, size), mode="bilinear", antialias=True)[:, 0] for s in slices], 1
+        )
     else:
         raise ValueError(f"images must be N x H x W[ x C] or N x D x H x W, got shape {images.shape}")
     if views.shape[-2:] != (size, size):
         n, nv = views.shape[:2]
-        views = F.interpolate(views.reshape(n * nv, 1, *views.shape[2:]), size=(size, size), mode="bilinear")
+        views = F.interpolate(
+            views.reshape(n * nv, 1, *views.shape[2:]), size=(size, size), mode="bilinear", antialias=True
+        )
         views = views.reshape(n, nv, size, size)
     return views.clamp(0, 1)
 
@@ -108,6 +112,34 @@ def load_medmnist(path: str | Path, split: str, size: int) -> ClsSet:
     return ClsSet(to_views(images, size), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
 
 
+def region_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+    """A square crop of one slice (H, W) in [0, 1] around a region's mask (H, W), with a margin
+    (so the context differs from class to class), resized to (size, size)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    cy, cx = int(ys.float().mean()), int(xs.float().mean())
+    half = max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 16) // 2 + 8
+    y0, x0 = max(cy - half, 0), max(cx - half, 0)
+    crop = image[y0 : cy + half, x0 : cx + half].float()[None, None]
+    return F.interpolate(crop, size=(size, size), mode="bilinear")[0, 0]
+
+
+def region_views(
+    stack: torch.Tensor, mask: torch.Tensor, size: int, n_views: int = 3, min_pixels: int = 40
+) -> torch.Tensor:
+    """A 3D region as the classifier sees it: `region_crop`s of up to `n_views` slices of a stack
+    (S, H, W) in [0, 1], spread over the slices where it covers `min_pixels` (as `region_set`) -> (V, size, size).
+    The crops are those `region_set` meta-trains on (one slice, one example), so a region's feature
+    is the mean over a few in-distribution views. Raises ValueError for an empty region."""
+    if stack.shape != mask.shape:
+        raise ValueError(f"image stack {tuple(stack.shape)} and mask {tuple(mask.shape)} differ")
+    area = mask.flatten(1).sum(1)
+    if int(area.max()) == 0:
+        raise ValueError("the region is empty (no voxel of it on any slice)")
+    zs = torch.nonzero(area >= min(min_pixels, int(area.max()))).flatten().tolist()  # a small region: its largest
+    picks = sorted({zs[round(q * (len(zs) - 1))] for q in (0.5, 0.25, 0.75)[:n_views]})
+    return torch.stack([region_crop(stack[z], mask[z], size) for z in picks]).clamp(0, 1)
+
+
 def region_set(studies: list[Study], size: int, per_class: int = 60, min_pixels: int = 40, seed: int = 0) -> ClsSet:
     """'Which structure is this region': a square crop around one structure on one slice (with a
     margin, so the context differs from class to class), one class per (study set, label value)."""
@@ -121,12 +153,7 @@ def region_set(studies: list[Study], size: int, per_class: int = 60, min_pixels:
                 m = s.label[z] == v
                 if int(m.sum()) < min_pixels:
                     continue
-                ys, xs = torch.nonzero(m, as_tuple=True)
-                cy, cx = int(ys.float().mean()), int(xs.float().mean())
-                half = max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 16) // 2 + 8
-                y0, x0 = max(cy - half, 0), max(cx - half, 0)
-                crop = s.image[z, y0 : cy + half, x0 : cx + half].float()[None, None] / 255.0
-                by_class.setdefault(v, []).append(F.interpolate(crop, size=(size, size), mode="bilinear")[0])
+                by_class.setdefault(v, []).append(region_crop(s.image[z].float() / 255.0, m, size)[None])
     images, labels = [], []
     for c, (_value, crops) in enumerate(sorted(by_class.items())):
         for crop in rng.sample(crops, min(per_class, len(crops))):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import SimpleITK as sitk
@@ -12,6 +14,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.lib.service import SegService
+
+logger = logging.getLogger(__name__)
 
 
 class FewShotSegInfer(InferTask):
@@ -24,6 +28,10 @@ class FewShotSegInfer(InferTask):
             config={"structures": []},
         )
         self.service = service
+        # optional hook (the app sets it to the classifier's): (image path, result label, {name: value})
+        # -> {name: {"label", "score", "idx"}} or None; Slicer and OHIF list no classification models,
+        # so the class of each segmented region rides along in the result's params
+        self.classify_regions: Callable[[str, sitk.Image, dict], dict | None] | None = None
 
     def info(self) -> dict[str, Any]:
         info = super().info()
@@ -47,6 +55,14 @@ class FewShotSegInfer(InferTask):
             raise HTTPException(status_code=422, detail=str(e)) from e
         except KeyError as e:
             raise HTTPException(status_code=400, detail=str(e.args[0])) from e
+        if self.classify_regions is not None:
+            try:
+                classes = self.classify_regions(path, img, params.get("label_names") or {})
+                if classes is not None:
+                    params["classes"] = classes
+            except Exception as e:  # the segmentation must come back even if classification fails
+                logger.exception("classifying the segmented regions of %s failed", path)
+                params["classes_error"] = str(e)
         ext = request.get("result_extension") or ".nii.gz"
         out = tempfile.NamedTemporaryFile(suffix=ext if ext.startswith(".") else f".{ext}", delete=False).name
         sitk.WriteImage(img, out, useCompression=True)

@@ -1,0 +1,122 @@
+"""Versioned, atomically written store of the classifier's task-specific layers.
+
+One head per kind of example: `image` (whole images: an X-ray, a whole volume) and `region`
+(a segmented structure or a box of a 3D study). Layout under the store folder:
+  registry.json              heads: classes (row order of W), examples per class, version, state, times
+  <kind>/v0003.pt            the head's parameters {"W": (C, D), "b": (C,)} (plain, weights_only-loadable)
+A restart reloads every head.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from monailabel_metaapp.core.checkpoint import atomic_write, save_json
+from monailabel_metaapp.lib.heads import ADAPTING, FAILED, NEW, QUEUED, READY, now_iso
+
+KINDS = ("image", "region")
+NEEDS_TWO = "needs examples of 2 classes"
+__all__ = ["ADAPTING", "FAILED", "KINDS", "NEEDS_TWO", "NEW", "QUEUED", "READY", "ClsHead", "ClsHeadStore"]
+
+
+@dataclass
+class ClsHead:
+    params: dict[str, torch.Tensor]
+    classes: list[str]  # row i of W is classes[i]
+    counts: dict[str, int] = field(default_factory=dict)  # examples per class learned from
+    seconds: float = 0.0
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats @ self.params["W"].T + self.params["b"]
+
+
+class ClsHeadStore:
+    """Thread-safe: the adaptation worker publishes while inference threads read."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._heads: dict[str, ClsHead] = {}
+        reg = self.folder / "registry.json"
+        self.registry: dict[str, dict] = json.loads(reg.read_text())["heads"] if reg.exists() else {}
+        for kind in KINDS:
+            rec = self.registry.setdefault(kind, self._new())
+            if rec.get("version"):
+                self._heads[kind] = self._load(kind, rec["version"])
+            if rec.get("state") in (QUEUED, ADAPTING):  # interrupted by a restart
+                rec["state"] = READY if rec.get("version") else NEW
+
+    @staticmethod
+    def _new() -> dict:
+        return {"version": 0, "versions": [], "classes": [], "examples": {}, "state": NEW, "updated": now_iso()}
+
+    def set_state(self, kind: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            rec = self.registry.setdefault(kind, self._new())
+            rec["state"] = state
+            rec["updated"] = now_iso()
+            if error:
+                rec["error"] = error
+            else:
+                rec.pop("error", None)
+            self._save_registry()
+
+    def snapshot(self) -> dict[str, dict]:
+        """Per head: its classes, examples per class, version, state (what /info/ shows)."""
+        keys = ("version", "classes", "examples", "n_examples", "state", "updated", "adapt_seconds", "error")
+        with self._lock:
+            return {
+                kind: {k: rec[k] for k in keys if k in rec} | {"n_examples": sum(rec.get("examples", {}).values())}
+                for kind, rec in self.registry.items()
+            }
+
+    def heads(self) -> dict[str, ClsHead]:
+        with self._lock:
+            return dict(self._heads)
+
+    def publish(self, kind: str, head: ClsHead) -> int:
+        """Write the head as a new version, then make it live."""
+        with self._lock:
+            rec = self.registry.setdefault(kind, self._new())
+            version = max(rec["versions"], default=0) + 1
+            weights = {k: v.detach().cpu().contiguous() for k, v in head.params.items()}
+            atomic_write(self._path(kind, version), lambda p: torch.save(weights, p))
+            rec.update(
+                version=version,
+                classes=list(head.classes),
+                examples=dict(head.counts),
+                state=QUEUED if rec.get("state") == QUEUED else READY,
+                updated=now_iso(),
+                adapt_seconds=round(head.seconds, 4),
+            )
+            rec["versions"].append(version)
+            rec.setdefault("by_version", {})[str(version)] = {"classes": list(head.classes), "examples": head.counts}
+            rec.pop("error", None)
+            self._heads[kind] = ClsHead(weights, list(head.classes), dict(head.counts), head.seconds)
+            self._save_registry()
+            return version
+
+    def retire(self, kind: str, examples: dict[str, int], state: str) -> None:
+        """No usable head any more (a correction removed left fewer than 2 classes): stop serving it."""
+        with self._lock:
+            rec = self.registry.setdefault(kind, self._new())
+            rec.update(examples=dict(examples), state=state, updated=now_iso())
+            self._heads.pop(kind, None)
+            self._save_registry()
+
+    def _path(self, kind: str, version: int) -> Path:
+        return self.folder / kind / f"v{version:04d}.pt"
+
+    def _load(self, kind: str, version: int) -> ClsHead:
+        params = torch.load(self._path(kind, version), map_location="cpu", weights_only=True)
+        meta = self.registry[kind].get("by_version", {}).get(str(version), {})
+        return ClsHead(params, list(meta.get("classes", [])), dict(meta.get("examples", {})))
+
+    def _save_registry(self) -> None:
+        save_json(self.folder / "registry.json", {"heads": self.registry})

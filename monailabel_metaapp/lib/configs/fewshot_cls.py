@@ -1,0 +1,39 @@
+"""TaskConfig of the few-shot classifier: one service shared by its infer task, the class-correction
+routes and the class hook of the segmentation results."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+
+from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_STEPS, DEFAULT_CLS_WEIGHTS, ClsService
+from monailabel_metaapp.lib.infers.fewshot_cls import FewShotClsInfer
+
+logger = logging.getLogger(__name__)
+
+
+class FewShotCls(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        """kwargs: datastore, studies, and `seg` (the SegService whose labels and predictions give regions)."""
+        super().init(name, model_dir, conf, planner, **kwargs)
+        store_dir = Path(conf.get("store_dir") or Path(kwargs["studies"]) / ".metaapp")
+        model = conf.get("cls_model") or str(DEFAULT_CLS_WEIGHTS)
+        self.service = ClsService(
+            kwargs["datastore"],
+            store_dir,
+            model,
+            device=conf.get("device", "auto"),
+            steps=int(conf.get("cls_adapt_steps", DEFAULT_CLS_STEPS)),
+            seg=kwargs.get("seg"),
+        )
+        self.path = model
+        logger.info("few-shot classification: model %s on %s, heads in %s", model, self.service.device, store_dir)
+
+    def infer(self) -> dict:
+        return {self.name: FewShotClsInfer(self.service)}
+
+    def trainer(self) -> dict:
+        return {}  # POST /train/fewshot_cls is answered in-process (lib/cls_routes.py)
