@@ -191,3 +191,37 @@ def test_classify_correct_classify_again_through_monailabel_client(cmr_store, sh
     assert again["version"] == head["version"] and again["state"] == "ready"
     res = classify(client, "cmr_31", {"roi": roi_of(ref[31], RV)})
     assert res["prediction"][0]["label"] == "right"
+
+
+def test_image_classifier_on_chest_xrays(shared, start_server, tmp_path):
+    """Whole-image classes (PneumoniaMNIST X-rays as PNG files in a datastore): 10 corrections per class
+    through MONAILabelClient, then 40 held-out test images (20 per class) classified."""
+    z = np.load(shared / "pneumoniamnist" / "pneumoniamnist.npz")
+    names = {0: "normal", 1: "pneumonia"}
+    rng = np.random.default_rng(0)
+    store = tmp_path / "xray"
+    store.mkdir()
+    teach, test = [], []
+    for split, n, out in (("train", 10, teach), ("test", 20, test)):
+        labels = z[f"{split}_labels"].ravel()
+        for c, name in names.items():
+            for i in rng.choice(np.flatnonzero(labels == c), n, replace=False):
+                image_id = f"{split}_{i:04d}"
+                sitk.WriteImage(sitk.GetImageFromArray(z[f"{split}_images"][i]), str(store / f"{image_id}.png"))
+                out.append((image_id, name))
+    server = start_server(store)
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    with pytest.raises(MONAILabelClientException) as e:
+        classify(client, test[0][0], {})
+    assert "409" in str(e.value) and "no class examples yet" in str(e.value)
+    reply = client.train_start("fewshot_cls", {"corrections": [{"image": i, "class": c} for i, c in teach]})
+    assert reply["adapting"] == ["image"] and {s["key"] for s in reply["stored"]} == {"image"}
+    head = wait_head(server.url, "image", {"normal": 10, "pneumonia": 10})
+    assert head["classes"] == ["normal", "pneumonia"]
+    right = 0
+    for image_id, want in test:
+        res = classify(client, image_id, {})
+        assert res["kind"] == "image" and len(res["prediction"]) == 2
+        right += res["prediction"][0]["label"] == want
+    print(f"{right}/40 held-out chest X-rays classified right")
+    assert right >= 28, f"{right}/40 held-out chest X-rays classified right (chance: 20)"

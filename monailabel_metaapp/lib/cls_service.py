@@ -105,12 +105,20 @@ class ClsService:
 
     def examples(self, kind: str) -> list[tuple[str, str, dict]]:
         """(image id, key, correction) of every stored correction of this kind."""
-        return [
-            (image_id, key, rec)
-            for image_id in self.image_ids()
-            for key, rec in sorted(self.corrections(image_id).items())
-            if rec.get("kind") == kind and rec.get("class")
-        ]
+        for attempt in range(3):
+            try:
+                with self._info_lock:
+                    return [
+                        (image_id, key, rec)
+                        for image_id in self.image_ids()
+                        for key, rec in sorted(self.corrections(image_id).items())
+                        if rec.get("kind") == kind and rec.get("class")
+                    ]
+            except RuntimeError:  # another writer (active-learning scores) changed an image's info meanwhile
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
+        return []
 
     def _image_path(self, image_id: str) -> str:
         if image_id not in set(self.datastore.list_images()):
