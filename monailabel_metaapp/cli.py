@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="few-shot evaluation with baselines")
     s.add_argument("task", choices=["seg", "cls"])
-    s.add_argument("--studies", help="seg: datastore folder with final labels")
+    s.add_argument("--studies", help="seg: datastore folder with final labels; cls: one with stored class corrections")
     s.add_argument("--npz", help="cls: MedMNIST-layout file (train_/test_ images and labels)")
     s.add_argument("--steps", type=int, default=20, help="cls: inner-loop steps of the head")
     s.add_argument("--shots", default="1,3,5")

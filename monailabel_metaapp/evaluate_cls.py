@@ -1,4 +1,5 @@
-"""`metaapp evaluate cls`: few-shot classification on a MedMNIST-layout file, with baselines.
+"""`metaapp evaluate cls`: few-shot classification on a MedMNIST-layout file (`--npz`) or on the class
+corrections stored in a MONAI Label datastore folder by the app (`--studies`), with baselines.
 
 For each k and repeat, k support examples per class are drawn (seeded) from the train split; the
 whole test split is classified. Methods, all in the same run on the same supports:
@@ -6,7 +7,12 @@ whole test split is classified. Methods, all in the same run on the same support
               the learned per-parameter rates;
 * `linear`  - logistic regression on the frozen meta-learned features;
 * `scratch` - a torchvision ResNet-18 from random init trained on the support.
-Accuracy, balanced accuracy and ROC AUC (macro one-vs-rest beyond two classes)."""
+Accuracy, balanced accuracy and ROC AUC (macro one-vs-rest beyond two classes).
+
+With `--studies DIR`, the examples are the class corrections of `DIR/datastore_v2.json` (image
+info `metaapp_classes`, what `PUT /metaapp/classes/{id}` stores), seen exactly as the app sees them,
+one evaluation per head (`image`, `region`): per repeat k examples per class are the support and
+every other example is classified. The folder is only read."""
 
 from __future__ import annotations
 
@@ -149,6 +155,92 @@ def evaluate_cls(
     return {"rows": rows, "settings": settings}
 
 
+def evaluate_cls_store(
+    studies: str | Path,
+    model_path: str | Path,
+    shots: list[int],
+    repeats: int = 5,
+    baselines: list[str] | None = None,
+    seed: int = 0,
+    steps: int = DEFAULT_CLS_STEPS,
+    device: str = "auto",
+) -> dict:
+    """Few-shot evaluation on the class corrections stored in a datastore folder (read only)."""
+    import tempfile
+
+    from monailabel.config import settings as ml_settings
+
+    from monailabel_metaapp.core.episodes import label_names
+    from monailabel_metaapp.lib.cls_heads import KINDS
+    from monailabel_metaapp.lib.cls_service import ClsService
+    from monailabel_metaapp.lib.datastore import ValidatingDatastore
+
+    studies = Path(studies)
+    if not (studies / "datastore_v2.json").exists():
+        raise FileNotFoundError(f"{studies}/datastore_v2.json does not exist: not a datastore the app has served")
+    baselines = ["linear"] if baselines is None else [b for b in baselines if b != "scratch"]
+    ds = ValidatingDatastore(
+        str(studies),
+        extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        auto_reload=False,
+        read_only=True,
+        default_names={n: v for v, n in label_names(studies).items()},
+    )
+    rows, notes, sizes = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = ClsService(ds, tmp, model_path, device=device, steps=steps)
+        for kind in KINDS:
+            views, names = [], []
+            for image_id, key, rec in svc.examples(kind):
+                try:
+                    views.append(svc.views(image_id, rec))
+                    names.append(rec["class"])
+                except (LookupError, ValueError) as e:
+                    notes.append(f"{kind} {image_id} {key}: skipped ({e})")
+            classes = sorted(set(names))
+            counts = {c: names.count(c) for c in classes}
+            sizes[kind] = counts
+            if len(classes) < 2:
+                notes.append(f"{kind}: examples of {classes or 'no class'}; 2 classes are needed")
+                continue
+            feats = svc.embed(views).to(svc.device)
+            y = torch.tensor([classes.index(n) for n in names])
+            for k in shots:
+                if min(counts.values()) <= k:
+                    notes.append(f"{kind}, k={k}: a class has {min(counts.values())} examples, not more than k")
+                    continue
+                results: dict[str, list[dict]] = {}
+                for r in range(repeats):
+                    rng = np.random.default_rng(seed * 1000 + r)
+                    idx = support_indices(y, k, rng)
+                    query = np.setdiff1d(np.arange(len(y)), idx)
+                    y_s = y[idx].to(svc.device)
+                    runs = {"meta": run_meta(svc.model, feats[idx], y_s, feats[query], len(classes), steps)}
+                    if "linear" in baselines:
+                        runs["linear"] = run_linear(feats[idx], y_s, feats[query])
+                    for method, (proba, sec) in runs.items():
+                        results.setdefault(method, []).append({**scores(y[query].numpy(), proba), "seconds": sec})
+                for method, rs in results.items():
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "shots": k,
+                            "method": f"{kind} {method}",
+                            "auc_mean": float(np.mean([x["auc"] for x in rs])),
+                            "auc_std": float(np.std([x["auc"] for x in rs])),
+                            "acc_mean": float(np.mean([x["acc"] for x in rs])),
+                            "bacc_mean": float(np.mean([x["bacc"] for x in rs])),
+                            "n": len(rs),
+                            "adapt_seconds": float(np.median([x["seconds"] for x in rs])),
+                        }
+                    )
+    if not rows:
+        raise ValueError(f"nothing to evaluate in {studies}: " + "; ".join(notes or ["no class corrections stored"]))
+    settings = {"studies": str(studies), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}
+    settings.update({"baselines": baselines, "steps": steps, "device": str(svc.device), "examples": sizes})
+    return {"rows": rows, "settings": settings, "notes": notes}
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -164,7 +256,7 @@ def plot(result: dict, png: Path) -> None:
         ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=method)
     ax.set_xlabel("shots per class")
     ax.set_ylabel("ROC AUC on the test split")
-    ax.set_title(Path(result["settings"]["npz"]).name)
+    ax.set_title(Path(result["settings"].get("npz") or result["settings"]["studies"]).name)
     ax.set_xticks(result["settings"]["shots"])
     ax.grid(alpha=0.3)
     ax.legend()
@@ -174,13 +266,20 @@ def plot(result: dict, png: Path) -> None:
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
-    if not a.npz:
-        raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout)")
-    if not a.model:
-        raise ValueError("evaluate cls needs --model FILE (made by `metaapp meta-train --task cls`)")
+    if not a.npz and not a.studies:
+        raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout) or --studies DIR (stored class corrections)")
     shots = [int(s) for s in a.shots.split(",")]
-    baselines = [b for b in (a.baselines if a.baselines is not None else "scratch,linear").split(",") if b]
-    result = evaluate_cls(a.npz, a.model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
+    if a.studies:
+        from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS
+
+        baselines = [b for b in (a.baselines if a.baselines is not None else "linear").split(",") if b]
+        model = a.model or DEFAULT_CLS_WEIGHTS
+        result = evaluate_cls_store(a.studies, model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
+    else:
+        if not a.model:
+            raise ValueError("evaluate cls --npz needs --model FILE (made by `metaapp meta-train --task cls`)")
+        baselines = [b for b in (a.baselines if a.baselines is not None else "scratch,linear").split(",") if b]
+        result = evaluate_cls(a.npz, a.model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from monailabel_metaapp.cli import main as cli_main
 from monailabel_metaapp.lib.cls_heads import NEEDS_TWO
 from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS, ClsService
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
@@ -80,6 +81,26 @@ def test_service_adapts_from_stored_corrections_and_reloads(shared, tmp_path):
     assert svc2.sync() == [] and svc2.heads.snapshot()["region"]["version"] == head["version"]
     again = svc2.classify("cmr_31", region="rv blood pool")["prediction"]
     assert again == svc.classify("cmr_31", region="rv blood pool")["prediction"]
+
+    # `metaapp evaluate cls --studies DIR` reads the stored corrections (k per class support, the rest queried)
+    cli_main(
+        [
+            "evaluate",
+            "cls",
+            "--studies",
+            str(d),
+            "--shots",
+            "1,3,5",
+            "--repeats",
+            "3",
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    )
+    ev = json.loads((tmp_path / "e.json").read_text())
+    meta = {r["shots"]: r for r in ev["rows"] if r["method"] == "region meta"}
+    assert set(meta) == {1, 3} and "k=5" in " ".join(ev["notes"]), "5 shots of 5 examples leave no query"
+    assert meta[3]["auc_mean"] > 0.8 and ev["settings"]["examples"]["region"] == {"left": 5, "right": 5}, ev
 
     # a removed correction re-adapts; removing every "right" leaves no classifier
     svc2.remove("cmr_30", "rv blood pool")
