@@ -94,6 +94,7 @@ class ClsService:
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._info_lock = threading.Lock()  # read-modify-write of an image's corrections
+        self._ids: dict[str, str] = {}  # image path -> datastore id
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
 
     # -- corrections in the datastore -------------------------------------------------------
@@ -128,11 +129,14 @@ class ClsService:
     def id_of(self, path: str) -> str | None:
         """The datastore id of an image file (infer requests carry the path)."""
         real = os.path.realpath(path)
+        known = self._ids.get(real)
+        if known is not None and os.path.realpath(self.datastore.get_image_uri(known) or "") == real:
+            return known
         for image_id in self.datastore.list_images():
             uri = self.datastore.get_image_uri(image_id)
-            if uri and os.path.realpath(uri) == real:
-                return image_id
-        return None
+            if uri:
+                self._ids[os.path.realpath(uri)] = image_id
+        return self._ids.get(real)
 
     def label_structures(self, image_id: str) -> dict[str, int]:
         """name -> value of the structures in an image's final label (none without one)."""
