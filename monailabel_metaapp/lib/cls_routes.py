@@ -19,7 +19,6 @@ import uuid
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 from monailabel_metaapp.core.errors import VolumeError
-from monailabel_metaapp.lib.routes import include_first
 
 
 def _body(raw: bytes) -> dict:
@@ -83,4 +82,9 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
             stored.append(store_correction(service, str(it["image"]), it))
         return reply | {"model": model, "stored": stored, "adapting": sorted({s["kind"] for s in stored})}
 
-    include_first(app, router)  # ahead of MONAI Label's /train/{model} and ours
+    # ahead of MONAI Label's /train/{model} and the app's: move exactly what include_router added
+    before = len(app.router.routes)
+    app.include_router(router)
+    added = app.router.routes[before:]
+    del app.router.routes[before:]
+    app.router.routes[0:0] = added
