@@ -1,4 +1,4 @@
-"""`metaapp` command line: serve, samples, meta-train, bank, evaluate. Imports are per command so
+"""`metaapp` command line: serve, pacs, samples, meta-train, bank, evaluate. Imports are per command so
 `meta-train` runs on a bare GPU machine without MONAI Label installed."""
 
 from __future__ import annotations
@@ -12,6 +12,22 @@ def _serve(a: argparse.Namespace) -> None:
     from monailabel_metaapp.server import serve
 
     serve(a.studies, host=a.host, port=a.port, conf=dict(a.conf or []), build_samples=a.studies == "sample_studies")
+
+
+def _pacs(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from monailabel_metaapp.pacs.orthanc import missing, serve_with_pacs
+
+    if missing():
+        raise FileNotFoundError(missing())
+    if a.studies == "sample_studies" and not Path(a.studies).exists():
+        from monailabel_metaapp.samples import build_samples
+
+        build_samples(a.studies)
+    if not Path(a.studies).is_dir():
+        raise FileNotFoundError(f"studies folder {a.studies!r} does not exist")
+    serve_with_pacs(a.studies, a.pacs_dir, a.orthanc_port, a.port, a.modality, dict(a.conf or []))
 
 
 def _samples(a: argparse.Namespace) -> None:
@@ -97,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app conf, repeatable")
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("pacs", help="start Orthanc with the studies as DICOM, and the app against it (OHIF too)")
+    s.add_argument("--studies", default="sample_studies", help="datastore folder loaded into the PACS once")
+    s.add_argument("--pacs-dir", default=".pacs", help="Orthanc's storage and the app's local cache")
+    s.add_argument("--orthanc-port", type=int, default=8042)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--modality", default="MR", help="modality of the loaded series (and the app's search filter)")
+    s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app conf, repeatable")
+    s.set_defaults(func=_pacs)
 
     s = sub.add_parser("samples", help="build sample_studies/ from the MNI152 template bundled in nilearn")
     s.add_argument("--out", default="sample_studies")

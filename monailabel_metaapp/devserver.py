@@ -21,8 +21,10 @@ def free_port() -> int:
 class Server:
     """`metaapp serve` in a subprocess: the same path the README's command takes."""
 
-    def __init__(self, studies: Path, log: Path, conf: dict | None = None, port: int | None = None):
-        self.studies, self.log_path, self.conf = studies, Path(log), conf or {}
+    def __init__(
+        self, studies: Path | str, log: Path, conf: dict | None = None, port: int | None = None, env: dict | None = None
+    ):
+        self.studies, self.log_path, self.conf, self.env = studies, Path(log), conf or {}, env or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -32,7 +34,7 @@ class Server:
         args += ["--port", str(self.port)]
         for k, v in self.conf.items():
             args += ["--conf", k, str(v)]
-        env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while time.time() - t0 < timeout:

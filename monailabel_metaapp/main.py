@@ -42,7 +42,9 @@ class MetaApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            from monailabel_metaapp.lib.pacs import pacs_datastore
+
+            return pacs_datastore(self.studies, self.conf)
         names = {n: v for v, n in label_names(self.studies).items()}
         return ValidatingDatastore(
             self.studies,
@@ -61,7 +63,7 @@ class MetaApp(MONAILabelApp):
                 self.conf,
                 None,
                 datastore=self._datastore,
-                studies=self.studies,
+                studies=getattr(self._datastore, "local_root", self.studies),  # a PACS: its local cache
             )
             infers.update(cfg.infer())
         for name, cfg in self.cls_configs.items():
@@ -110,9 +112,10 @@ class MetaApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as fastapi_app
 
-        from monailabel_metaapp.lib import routes
+        from monailabel_metaapp.lib import ohif, routes
 
         routes.install(fastapi_app, self.seg_services(), self._strategies)
+        ohif.install(fastapi_app)
         from monailabel_metaapp.lib import cls_routes
 
         for name, cfg in self.cls_configs.items():
@@ -124,6 +127,9 @@ class MetaApp(MONAILabelApp):
             if queued:
                 logger.info("adapting heads from existing labels: %s", queued)
             cfg.scores.start()
+        if hasattr(self._datastore, "poll"):  # a PACS: SEGs stored there by others become final labels
+            self._datastore.on_label_imported = lambda image_id: self.on_save_label(image_id, image_id)
+            self._datastore.start()
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
         super().on_save_label(image_id, label_id)
@@ -146,4 +152,6 @@ class MetaApp(MONAILabelApp):
         }
         for name, cfg in self.cls_configs.items():
             meta["metaapp"][name] = cfg.service.status()
+        if hasattr(self._datastore, "poll"):
+            meta["metaapp"]["pacs"] = self._datastore.pacs_status()
         return meta

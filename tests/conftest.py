@@ -75,8 +75,8 @@ def sample_store(samples_src, tmp_path) -> Path:
 def start_server(tmp_path):
     servers = []
 
-    def _start(studies: Path, conf: dict | None = None) -> Server:
-        s = Server(studies, tmp_path / f"server{len(servers)}.log", conf).start()
+    def _start(studies: Path | str, conf: dict | None = None, env: dict | None = None) -> Server:
+        s = Server(studies, tmp_path / f"server{len(servers)}.log", conf, env=env).start()
         servers.append(s)
         return s
 

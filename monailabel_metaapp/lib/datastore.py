@@ -37,10 +37,10 @@ def image_header(path: str) -> sitk.Image:
     return img
 
 
-class ValidatingDatastore(LocalDatastore):
-    def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.default_names = default_names or {}
+class LabelChecks:
+    """The checks shared by the folder datastore and the PACS one (mixed into a LocalDatastore)."""
+
+    default_names: dict[str, int] = {}
 
     def check_label(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, Any]:
         """Validate; returns {"named": {name: value}, "unnamed": [values]} or raises HTTPException."""
@@ -83,6 +83,12 @@ class ValidatingDatastore(LocalDatastore):
         if unnamed:
             logger.warning("label for %s: values %s have no name and are ignored", image_id, unnamed)
         return {"named": named, "unnamed": unnamed}
+
+
+class ValidatingDatastore(LabelChecks, LocalDatastore):
+    def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_names = default_names or {}
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         label_info = dict(label_info or {})

@@ -75,11 +75,17 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
         request = {"strategy": strategy, "structure": structure, "client_id": client_id}
         return {"strategy": strategy, "ranking": task.rank(request, app_instance().datastore())}
 
+    include_first(app, router)  # our /train/{model} must win over MONAI Label's
+
+
+def include_first(app: FastAPI, router: APIRouter) -> None:
+    """Include a router ahead of every route already there, so its routes override MONAI Label's.
+    Moves exactly what `include_router` added (FastAPI may add one entry per router, not per route)."""
+    before = len(app.router.routes)
     app.include_router(router)
-    # our /train/{model} must win over MONAI Label's: move the new routes to the front
-    ours = app.router.routes[-len(router.routes) :]
-    del app.router.routes[-len(router.routes) :]
-    app.router.routes[0:0] = ours
+    added = app.router.routes[before:]
+    del app.router.routes[before:]
+    app.router.routes[0:0] = added
 
 
 async def _stock(app: FastAPI, request: Request, kind: str = "train"):

@@ -1,0 +1,222 @@
+"""The app against a real PACS (Debian's Orthanc + DICOMweb plugin on 127.0.0.1), through real clients:
+labels saved from Slicer become DICOM SEGs on the PACS with the image's geometry; SEGs stored there by
+another client (OHIF's export, another workstation) become final labels and adapt the heads; a PACS
+that goes down loses no label."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from conftest import slicer_client_module
+from dicomweb_client import DICOMwebClient
+from monailabel.client import MONAILabelClient
+from pydicom.dataset import Dataset
+
+from monailabel_metaapp.core.adaptation import dice
+from monailabel_metaapp.core.volume import read_image
+from monailabel_metaapp.pacs import orthanc as pacs
+from monailabel_metaapp.pacs.dicom_io import (
+    label_to_seg,
+    read_dataset,
+    seg_referenced_series,
+    seg_to_label,
+    series_to_image,
+)
+
+POLL = 2  # seconds between the app's PACS polls in these tests
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    why = pacs.missing()
+    if why:
+        pytest.skip(why)
+    o = pacs.Orthanc(tmp_path / "pacs").start()
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def loaded(orthanc, samples_src) -> dict[str, str]:
+    """The sample studies on the PACS as DICOM series, no SEG yet: image id (mni_0N) -> series UID."""
+    return pacs.load_studies(orthanc.dicomweb, samples_src, labels=False)
+
+
+@pytest.fixture
+def pacs_server(orthanc, loaded, start_server, tmp_path):
+    env = {
+        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
+        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
+    }
+    return start_server(orthanc.dicomweb, conf={"pacs_poll_seconds": POLL}, env=env)
+
+
+def _pacs_image(client: DICOMwebClient, series_uid: str, folder: Path) -> sitk.Image:
+    """The image as the PACS holds it, read independently of the app."""
+    meta = Dataset.from_json(client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in client.retrieve_series(str(meta.StudyInstanceUID), series_uid):
+        ds.save_as(str(folder / f"{ds.SOPInstanceUID}.dcm"))
+    return series_to_image(sorted(folder.glob("*.dcm")))
+
+
+def _on_grid(label_file: Path, grid: sitk.Image, value: int) -> sitk.Image:
+    """A sample label's structure `value`, as 1, resampled (physical space) onto another grid."""
+    lbl = sitk.Resample(read_image(label_file), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    out = sitk.GetImageFromArray((sitk.GetArrayFromImage(lbl) == value).astype(np.uint8))
+    out.CopyInformation(grid)
+    return out
+
+
+def _label(samples: Path, image: str) -> Path:
+    return next((samples / "labels" / "final").glob(f"{image}.*"))
+
+
+def _segs(client: DICOMwebClient, image_series: str) -> list[Dataset]:
+    out = []
+    for d in client.search_for_series(search_filters={"Modality": "SEG"}):
+        s = Dataset.from_json(d)
+        seg = client.retrieve_series(str(s.StudyInstanceUID), str(s.SeriesInstanceUID))[0]
+        if seg_referenced_series(seg) == image_series:
+            out.append(seg)
+    return out
+
+
+def _wait(predicate, timeout: float, what: str, server=None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not within {timeout} s" + (f"\n{server.log_tail()}" if server else ""))
+
+
+def _pacs_info(server) -> dict:
+    return requests.get(f"{server.url}/info/", timeout=10).json()["metaapp"]["pacs"]
+
+
+def test_slicer_label_becomes_a_seg_on_the_pacs_with_the_image_geometry(
+    orthanc, loaded, pacs_server, samples_src, tmp_path
+):
+    client = DICOMwebClient(orthanc.dicomweb)
+    image_id = loaded["mni_01"]
+    grid = _pacs_image(client, image_id, tmp_path / "img")
+    sent = _on_grid(_label(samples_src, "mni_01"), grid, 2)
+    sitk.WriteImage(sent, str(tmp_path / "wm.nrrd"))
+
+    slicer = slicer_client_module().MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+    reply = slicer.save_label(
+        image_id, str(tmp_path / "wm.nrrd"), params={"label_info": [{"name": "white matter", "idx": 1}]}
+    )
+    reply = reply if isinstance(reply, dict) else json.loads(reply)
+    assert "white matter" in reply["metaapp"]["fewshot_seg"]["adapting"]
+
+    segs = _segs(client, image_id)
+    assert len(segs) == 1, "the saved label must be stored on the PACS as one SEG referencing the image series"
+    back, names = seg_to_label(segs[0], grid)
+    assert names == {"white matter": 1}
+    a, b = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(sent)
+    assert a.shape == b.shape and int(b.sum()) > 1000
+    assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ between the label sent and the SEG read back"
+
+    st = pacs_server.wait_ready(white_matter=1)
+    assert st["white matter"]["n_labels"] == 1
+    assert _pacs_info(pacs_server)["pending_uploads"] == []
+
+
+def test_seg_stored_on_the_pacs_by_another_client_is_learned_and_newer_wins(
+    orthanc, loaded, pacs_server, samples_src, tmp_path
+):
+    """What OHIF's "Export DICOM SEG" does (STOW of a SEG that covers only the labelled frames)."""
+    client = DICOMwebClient(orthanc.dicomweb)
+    ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+    target = loaded["mni_01"]
+    reference = _on_grid(_label(samples_src, "mni_01"), _pacs_image(client, target, tmp_path / "t"), 2)
+
+    def wm_dice() -> float:
+        res, params = ml.infer("fewshot_seg", target, {})
+        value = params["label_names"].get("white matter")
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(res))
+        return 0.0 if value is None else dice(pred == value, sitk.GetArrayFromImage(reference) > 0)
+
+    before = wm_dice()
+    src = loaded["mni_02"]
+    grid = _pacs_image(client, src, tmp_path / "s")
+    full = _on_grid(_label(samples_src, "mni_02"), grid, 2)
+    partial = sitk.GetArrayFromImage(full)
+    partial[: partial.shape[0] // 3] = 0  # a correction on some slices only: the SEG holds fewer frames
+    part = sitk.GetImageFromArray(partial)
+    part.CopyInformation(grid)
+    source = [read_dataset(f) for f in sorted((tmp_path / "s").glob("*.dcm"))]
+    seg = label_to_seg(part, {"white matter": 1}, source, "a correction from another viewer")
+    assert seg.NumberOfFrames < grid.GetSize()[2]
+    t0 = time.time()
+    client.store_instances([seg])
+    st = pacs_server.wait_ready(timeout=60, white_matter=1)
+    learned_s = time.time() - t0
+    assert learned_s < 30, f"the SEG took {learned_s:.1f} s to become a head"
+    assert st["white matter"]["n_labels"] == 1
+    after = wm_dice()
+    assert after > before + 0.3, f"white matter Dice on another study: before {before:.3f}, after {after:.3f}"
+
+    # the stored final label is the SEG on the image grid
+    labelled = requests.get(f"{pacs_server.url}/datastore/label?label={src}&tag=final", timeout=30)
+    assert labelled.status_code == 200
+    (tmp_path / "final.nii.gz").write_bytes(labelled.content)
+    final = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "final.nii.gz")))
+    assert np.array_equal(final > 0, partial > 0)
+
+    # a newer SEG for the same image replaces the label (MONAI Label's own datastore would ignore it)
+    seg2 = label_to_seg(full, {"white matter": 1}, source, "a later correction")
+    client.store_instances([seg2])
+    st = pacs_server.wait_ready(timeout=60, white_matter=2)
+    assert st["white matter"]["version"] == 2
+    labelled = requests.get(f"{pacs_server.url}/datastore/label?label={src}&tag=final", timeout=30)
+    (tmp_path / "final2.nii.gz").write_bytes(labelled.content)
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "final2.nii.gz"))) > 0, sitk.GetArrayFromImage(full) > 0
+    )
+
+
+def test_pacs_down_keeps_the_label_and_uploads_it_when_back(orthanc, loaded, pacs_server, samples_src, tmp_path):
+    client = DICOMwebClient(orthanc.dicomweb)
+    image_id = loaded["mni_01"]
+    grid = _pacs_image(client, image_id, tmp_path / "img")
+    ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+    ml.infer("fewshot_seg", image_id, {})  # the image is now in the app's cache
+    sent = _on_grid(_label(samples_src, "mni_01"), grid, 3)
+    sitk.WriteImage(sent, str(tmp_path / "csf.nii.gz"))
+
+    orthanc.stop()
+    reply = ml.save_label(image_id, str(tmp_path / "csf.nii.gz"), params={"label_info": [{"name": "csf", "idx": 1}]})
+    assert "csf" in reply["metaapp"]["fewshot_seg"]["adapting"]
+    info = _wait(lambda: (i := _pacs_info(pacs_server))["reachable"] is False and i, 30, "PACS down seen", pacs_server)
+    assert info["pending_uploads"] == [image_id] and info["last_error"], info
+    pacs_server.wait_ready(csf=1)  # the app keeps learning while the PACS is down
+    res, params = ml.infer("fewshot_seg", image_id, {})
+    assert "csf" in params["label_names"]
+    r = requests.put(
+        f"{pacs_server.url}/datastore/label",
+        params={"image": "1.2.3.4.not.on.the.pacs"},
+        files={"label": ("x.nii.gz", (tmp_path / "csf.nii.gz").read_bytes())},
+        timeout=30,
+    )
+    assert r.status_code == 404 and "not on the PACS" in r.text, r.text
+
+    back = pacs.Orthanc(orthanc.folder, port=orthanc.port).start()
+    try:
+        _wait(lambda: _pacs_info(pacs_server)["pending_uploads"] == [], 60, "pending upload done", pacs_server)
+        segs = _segs(DICOMwebClient(back.dicomweb), image_id)
+        assert len(segs) == 1
+        a = sitk.GetArrayFromImage(seg_to_label(segs[0], grid)[0])
+        assert np.array_equal(a > 0, sitk.GetArrayFromImage(sent) > 0)
+        assert _pacs_info(pacs_server)["reachable"] is True
+    finally:
+        back.stop()
