@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STUDIES ?= sample_studies
 PORT ?= 8000
 
-.PHONY: serve test venv lint clean
+.PHONY: serve test pacs venv lint clean
 
 $(BIN)/metaapp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(BIN)/metaapp
 
 serve: venv  ## set up, build sample_studies/ if needed, start the server on 127.0.0.1:$(PORT)
 	$(BIN)/metaapp serve --studies $(STUDIES) --host 127.0.0.1 --port $(PORT)
+
+pacs: venv  ## Orthanc (Debian's) with sample_studies/ as DICOM on 127.0.0.1:8042, the app against it on :$(PORT)
+	$(BIN)/metaapp pacs --studies $(STUDIES) --port $(PORT)
 
 test: venv  ## lint + the whole test suite
 	$(BIN)/ruff check .

@@ -7,75 +7,23 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 import SimpleITK as sitk
-from conftest import slicer_client_module
+from conftest import on_grid, pacs_image, sample_label, slicer_client_module
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from pydicom.dataset import Dataset
 
 from monailabel_metaapp.core.adaptation import dice
-from monailabel_metaapp.core.volume import read_image
 from monailabel_metaapp.pacs import orthanc as pacs
 from monailabel_metaapp.pacs.dicom_io import (
     label_to_seg,
     read_dataset,
     seg_referenced_series,
     seg_to_label,
-    series_to_image,
 )
-
-POLL = 2  # seconds between the app's PACS polls in these tests
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    why = pacs.missing()
-    if why:
-        pytest.skip(why)
-    o = pacs.Orthanc(tmp_path / "pacs").start()
-    yield o
-    o.stop()
-
-
-@pytest.fixture
-def loaded(orthanc, samples_src) -> dict[str, str]:
-    """The sample studies on the PACS as DICOM series, no SEG yet: image id (mni_0N) -> series UID."""
-    return pacs.load_studies(orthanc.dicomweb, samples_src, labels=False)
-
-
-@pytest.fixture
-def pacs_server(orthanc, loaded, start_server, tmp_path):
-    env = {
-        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
-        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
-    }
-    return start_server(orthanc.dicomweb, conf={"pacs_poll_seconds": POLL}, env=env)
-
-
-def _pacs_image(client: DICOMwebClient, series_uid: str, folder: Path) -> sitk.Image:
-    """The image as the PACS holds it, read independently of the app."""
-    meta = Dataset.from_json(client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    for ds in client.retrieve_series(str(meta.StudyInstanceUID), series_uid):
-        ds.save_as(str(folder / f"{ds.SOPInstanceUID}.dcm"))
-    return series_to_image(sorted(folder.glob("*.dcm")))
-
-
-def _on_grid(label_file: Path, grid: sitk.Image, value: int) -> sitk.Image:
-    """A sample label's structure `value`, as 1, resampled (physical space) onto another grid."""
-    lbl = sitk.Resample(read_image(label_file), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    out = sitk.GetImageFromArray((sitk.GetArrayFromImage(lbl) == value).astype(np.uint8))
-    out.CopyInformation(grid)
-    return out
-
-
-def _label(samples: Path, image: str) -> Path:
-    return next((samples / "labels" / "final").glob(f"{image}.*"))
 
 
 def _segs(client: DICOMwebClient, image_series: str) -> list[Dataset]:
@@ -107,8 +55,8 @@ def test_slicer_label_becomes_a_seg_on_the_pacs_with_the_image_geometry(
 ):
     client = DICOMwebClient(orthanc.dicomweb)
     image_id = loaded["mni_01"]
-    grid = _pacs_image(client, image_id, tmp_path / "img")
-    sent = _on_grid(_label(samples_src, "mni_01"), grid, 2)
+    grid = pacs_image(client, image_id, tmp_path / "img")
+    sent = on_grid(sample_label(samples_src, "mni_01"), grid, 2)
     sitk.WriteImage(sent, str(tmp_path / "wm.nrrd"))
 
     slicer = slicer_client_module().MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
@@ -138,7 +86,7 @@ def test_seg_stored_on_the_pacs_by_another_client_is_learned_and_newer_wins(
     client = DICOMwebClient(orthanc.dicomweb)
     ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
     target = loaded["mni_01"]
-    reference = _on_grid(_label(samples_src, "mni_01"), _pacs_image(client, target, tmp_path / "t"), 2)
+    reference = on_grid(sample_label(samples_src, "mni_01"), pacs_image(client, target, tmp_path / "t"), 2)
 
     def wm_dice() -> float:
         res, params = ml.infer("fewshot_seg", target, {})
@@ -148,8 +96,8 @@ def test_seg_stored_on_the_pacs_by_another_client_is_learned_and_newer_wins(
 
     before = wm_dice()
     src = loaded["mni_02"]
-    grid = _pacs_image(client, src, tmp_path / "s")
-    full = _on_grid(_label(samples_src, "mni_02"), grid, 2)
+    grid = pacs_image(client, src, tmp_path / "s")
+    full = on_grid(sample_label(samples_src, "mni_02"), grid, 2)
     partial = sitk.GetArrayFromImage(full)
     partial[: partial.shape[0] // 3] = 0  # a correction on some slices only: the SEG holds fewer frames
     part = sitk.GetImageFromArray(partial)
@@ -188,10 +136,10 @@ def test_seg_stored_on_the_pacs_by_another_client_is_learned_and_newer_wins(
 def test_pacs_down_keeps_the_label_and_uploads_it_when_back(orthanc, loaded, pacs_server, samples_src, tmp_path):
     client = DICOMwebClient(orthanc.dicomweb)
     image_id = loaded["mni_01"]
-    grid = _pacs_image(client, image_id, tmp_path / "img")
+    grid = pacs_image(client, image_id, tmp_path / "img")
     ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
     ml.infer("fewshot_seg", image_id, {})  # the image is now in the app's cache
-    sent = _on_grid(_label(samples_src, "mni_01"), grid, 3)
+    sent = on_grid(sample_label(samples_src, "mni_01"), grid, 3)
     sitk.WriteImage(sent, str(tmp_path / "csf.nii.gz"))
 
     orthanc.stop()

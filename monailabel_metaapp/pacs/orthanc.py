@@ -139,9 +139,11 @@ def serve_with_pacs(
     """`metaapp pacs`: Orthanc on 127.0.0.1:orthanc_port holding `studies` as DICOM (+ SEGs of their
     labels, loaded once), and the app served on 127.0.0.1:port against it. Ctrl-C stops both."""
     import os
+    import signal
     import sys
 
     pacs_dir = Path(pacs_dir).resolve()
+    app: subprocess.Popen | None = None
     fresh = not (pacs_dir / "db").exists()
     orthanc = Orthanc(pacs_dir, port=orthanc_port).start()
     try:
@@ -158,8 +160,16 @@ def serve_with_pacs(
         for k, v in (conf or {}).items():
             args += ["--conf", k, str(v)]
         print(f"the app on http://127.0.0.1:{port} (OHIF: http://127.0.0.1:{port}/ohif/)")
-        subprocess.run(args, env=env, check=False)
+        app = subprocess.Popen(args, env=env)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a plain kill stops both servers too
+        app.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        if app is not None and app.poll() is None:
+            app.terminate()
+            try:
+                app.wait(30)
+            except subprocess.TimeoutExpired:
+                app.kill()
         orthanc.stop()

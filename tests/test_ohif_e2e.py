@@ -1,0 +1,180 @@
+"""An annotator's correction in the OHIF viewer the app serves reaches the model: headless Chromium
+(Debian's, driven by Playwright) opens a study from a real Orthanc in OHIF's segmentation mode, paints
+a structure with the brush, exports the DICOM SEG to the PACS; the app picks it up, stores it as the
+final label, adapts a head, and inference on another study finds the structure. Screenshots of each
+step go to test-artifacts/ohif/ (or $METAAPP_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import SimpleITK as sitk
+from conftest import REPO, on_grid, pacs_image, sample_label
+from dicomweb_client import DICOMwebClient
+from monailabel.client import MONAILabelClient
+from pydicom.dataset import Dataset
+
+from monailabel_metaapp.core.adaptation import dice
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (PyPI) is not installed")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def _artifacts() -> Path:
+    out = Path(os.environ.get("METAAPP_ARTIFACTS", REPO / "test-artifacts")) / "ohif"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def test_ohif_brush_correction_exported_as_seg_teaches_the_app(
+    browser, orthanc, loaded, pacs_server, samples_src, tmp_path
+):
+    shots = _artifacts()
+    client = DICOMwebClient(orthanc.dicomweb)
+    study = str(
+        Dataset.from_json(client.search_for_series(search_filters={"SeriesInstanceUID": loaded["mni_01"]})[0])[
+            "StudyInstanceUID"
+        ].value
+    )
+    other = loaded["mni_02"]
+    reference = on_grid(sample_label(samples_src, "mni_02"), pacs_image(client, other, tmp_path / "o"), None)
+    ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+
+    def brain_dice() -> float:
+        res, params = ml.infer("fewshot_seg", other, {})
+        value = params["label_names"].get("brain")
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(res))
+        return 0.0 if value is None else dice(pred == value, sitk.GetArrayFromImage(reference) > 0)
+
+    before = brain_dice()
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    outside: list[str] = []
+    page.on("request", lambda r: r.url.startswith(("http://127.0.0.1", "data:", "blob:")) or outside.append(r.url))
+    page.goto(f"{pacs_server.url}/ohif/", wait_until="networkidle", timeout=120_000)
+    page.get_by_text("mni_01").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(shots / "01_study_list.png"))
+
+    page.goto(f"{pacs_server.url}/ohif/segmentation?StudyInstanceUIDs={study}", wait_until="networkidle")
+    page.get_by_text("Confirm and Hide").click()
+    box = page.locator("[data-cy=viewport-pane]").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    for _ in range(43):  # to the middle slice
+        page.mouse.wheel(0, 100)
+        time.sleep(0.03)
+    page.screenshot(path=str(shots / "02_study_open.png"))
+
+    # a new segment named as the structure, painted with a 25 mm spherical brush on three slices
+    page.get_by_text("Add Segmentation").click()
+    row = page.locator("[data-cy=data-row]").first
+    row.hover()
+    row.locator("svg").last.click()
+    page.get_by_role("menuitem", name="Rename").click()
+    page.locator("input[type=text]").first.fill("brain")
+    page.get_by_role("button", name="Save").click()
+    page.locator("[data-cy=Brush]").click()
+    page.get_by_text("Sphere", exact=True).click()
+
+    def paint():
+        for dy in range(-160, 161, 80):
+            page.mouse.move(cx - 130, cy + dy)
+            page.mouse.down()
+            for dx in range(-130, 131, 26):
+                page.mouse.move(cx + dx, cy + dy, steps=2)
+            page.mouse.up()
+
+    paint()
+    for step in (-18, 36):
+        for _ in range(abs(step)):
+            page.mouse.wheel(0, 100 if step > 0 else -100)
+            time.sleep(0.03)
+        paint()
+    page.screenshot(path=str(shots / "03_painted.png"))
+
+    # Export DICOM SEG: the ••• menu of the segmentation (the app's OHIF fix makes it reach the PACS)
+    title = page.get_by_text("Segmentation 1").first.bounding_box()
+    page.mouse.click(title["x"] - 30, title["y"] + title["height"] / 2)
+    page.get_by_role("menuitem", name="Export & Download").hover()
+    page.get_by_role("menuitem", name="Export DICOM SEG").click()
+    page.locator("input[type=text]").first.fill("brain correction")
+    t0 = time.time()
+    page.get_by_role("button", name="Save").click()
+
+    st = pacs_server.wait_ready(timeout=60, brain=1)
+    learned_s = time.time() - t0
+    page.screenshot(path=str(shots / "04_exported.png"))
+    assert learned_s <= 30, f"the exported SEG became a head after {learned_s:.1f} s"
+    assert st["brain"]["n_labels"] == 1 and st["brain"]["version"] >= 1
+    labelled = requests.get(f"{pacs_server.url}/datastore/?output=all", timeout=30).json()
+    final = labelled["objects"][loaded["mni_01"]]["labels"]["final"]
+    assert final["info"]["pacs"]["source"] == "pacs"
+
+    after = brain_dice()
+    # the annotator's next study, run in OHIF's MONAI Label mode: the new head already segments it
+    other_study = str(
+        Dataset.from_json(client.search_for_series(search_filters={"SeriesInstanceUID": other})[0])[
+            "StudyInstanceUID"
+        ].value
+    )
+    page.goto(f"{pacs_server.url}/ohif/monai-label?StudyInstanceUIDs={other_study}", wait_until="networkidle")
+    server_box = page.locator("input[type=text]").first
+    server_box.fill(pacs_server.url + "/")
+    sb = server_box.bounding_box()
+    page.mouse.click(sb["x"] + sb["width"] + 30, sb["y"] + sb["height"] / 2)  # the panel's refresh button
+    page.locator('button[title="Run Segmentation"]').click()
+    page.wait_for_timeout(8000)
+    page.screenshot(path=str(shots / "05_next_study_in_ohif.png"))
+    (shots / "result.json").write_text(
+        json.dumps({"dice_before": before, "dice_after": after, "export_to_head_seconds": learned_s}, indent=2)
+    )
+    _overlay(pacs_server.url, ml, other, tmp_path, shots / "06_next_study_result.png")
+    assert after > before + 0.3, f"brain Dice on another study: before {before:.3f}, after {after:.3f}"
+    assert outside == [], f"the viewer reached outside 127.0.0.1: {outside}"
+
+
+def _overlay(url: str, ml: MONAILabelClient, image_id: str, tmp: Path, out: Path) -> None:
+    """The next study with the adapted head's result, as the annotator would see it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    res, _ = ml.infer("fewshot_seg", image_id, {})
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(res))
+    img_file = tmp / "next.nii.gz"
+    img_file.write_bytes(requests.get(f"{url}/datastore/image", params={"image": image_id}, timeout=60).content)
+    z = int(np.argmax(pred.reshape(pred.shape[0], -1).sum(1)))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(sitk.GetArrayFromImage(sitk.ReadImage(str(img_file)))[z], cmap="gray")
+    ax.imshow(np.ma.masked_equal(pred[z], 0), alpha=0.4, cmap="autumn")
+    ax.set_title("next study: the head learned from the OHIF correction")
+    ax.axis("off")
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
