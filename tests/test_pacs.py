@@ -168,3 +168,29 @@ def test_pacs_down_keeps_the_label_and_uploads_it_when_back(orthanc, loaded, pac
         assert _pacs_info(pacs_server)["reachable"] is True
     finally:
         back.stop()
+
+
+def test_app_starts_while_the_pacs_is_down_and_recovers(orthanc, loaded, start_server, tmp_path):
+    port, folder = orthanc.port, orthanc.folder
+    orthanc.stop()
+    env = {
+        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
+        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
+    }
+    server = start_server(orthanc.dicomweb, conf={"pacs_poll_seconds": 2}, env=env)
+    info = _wait(lambda: (i := _pacs_info(server))["reachable"] is False and i, 30, "PACS down seen", server)
+    r = requests.post(f"{server.url}/infer/fewshot_seg", params={"image": loaded["mni_03"]}, timeout=30)
+    assert r.status_code == 503 and "unreachable" in r.text, r.text
+    assert info["last_error"]
+
+    back = pacs.Orthanc(folder, port=port).start()
+    try:
+        _wait(lambda: _pacs_info(server)["reachable"] is True, 30, "PACS back", server)
+        ml = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        res, params = ml.infer("fewshot_seg", loaded["mni_03"], {})
+        assert (
+            sitk.ReadImage(res).GetSize()
+            == pacs_image(DICOMwebClient(back.dicomweb), loaded["mni_03"], tmp_path / "i").GetSize()
+        )
+    finally:
+        back.stop()

@@ -111,24 +111,28 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         self.state.update(reachable=True)
         return out
 
-    def list_images(self) -> list[str]:
+    def remote_images(self) -> list[str]:
+        """The image series on the PACS (cached for `list_ttl` s); raises PacsUnavailable."""
         if time.time() - self._images_at < self.list_ttl and self._images:
             return list(self._images)
-        try:
-            found = self._reach(self._client.search_for_series, search_filters=self._search_filter)
-        except PacsUnavailable:
-            if self._images:  # keep serving what we know; new studies appear when the PACS is back
-                return list(self._images)
-            raise
+        found = self._reach(self._client.search_for_series, search_filters=self._search_filter)
         self._images = sorted({str(Dataset.from_json(d)["SeriesInstanceUID"].value) for d in found})
         self._images_at = time.time()
         return list(self._images)
+
+    def list_images(self) -> list[str]:
+        """What the PACS holds; while it is down, what was last seen (or cached): the app keeps working
+        on those, and new studies appear when it is back."""
+        try:
+            return self.remote_images()
+        except PacsUnavailable:
+            return list(self._images) or LocalDatastore.list_images(self)
 
     def get_image_uri(self, image_id: str) -> str:
         cached = os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
         if os.path.exists(cached) and image_id in self._datastore.objects:
             return os.path.realpath(cached)
-        if image_id not in self.list_images():
+        if image_id not in self.remote_images():  # 503 while the PACS is down: the image is not cached
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not on the PACS")
         with self._lock:
             return self._reach(super().get_image_uri, image_id)
