@@ -31,6 +31,7 @@ from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from pydicom.dataset import Dataset
 
@@ -161,8 +162,10 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
     # -- writing ------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Check, keep locally, then store a final label on the PACS as a SEG (retried if it is down)."""
-        self.get_image_uri(image_id)  # 404 / 503 before anything is kept
+        image_uri = self.get_image_uri(image_id)  # 404 / 503 before anything is kept
         label_info = dict(label_info or {})
+        if label_filename.endswith(".bin"):  # raw voxels on the image grid, as OHIF's MONAI Label panels send
+            label_filename = binary_to_image(image_uri, label_filename)
         if label_tag != "final":
             return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         label_info["metaapp"] = self.check_label(image_id, label_filename, label_info)
