@@ -262,15 +262,16 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
             if have.get("state") == "pending":
                 continue  # a local save waits to be uploaded: it is the newer one
             with self._lock:
-                self._import(image_id, uid, when)
-            imported.append(image_id)
+                if self._import(image_id, uid, when):
+                    imported.append(image_id)
         self.state.update(last_poll=time.strftime("%Y-%m-%d %H:%M:%S"), segs_seen=len(self._segs))
         for image_id in imported:
             if self.on_label_imported:
                 self.on_label_imported(image_id)
         return imported
 
-    def _import(self, image_id: str, seg_uid: str, when: float) -> None:
+    def _import(self, image_id: str, seg_uid: str, when: float) -> bool:
+        """The SEG as the final label of `image_id`; False (and never retried) when it is not a usable label."""
         s = self._segs[seg_uid]
         study = s.get("study") or str(
             Dataset.from_json(
@@ -291,11 +292,12 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
                 info = None
             if info is None:
                 self._segs[seg_uid]["time"] = -1.0  # never retried
-                return
+                return False
             info["pacs"] = {"state": "stored", "seg": seg_uid, "time": when, "source": "pacs"}
             LocalDatastore.save_label(self, image_id, path, "final", info)
         self.state["imported"] += 1
         logger.info("SEG %s from the PACS is now the final label of %s: %s", seg_uid, image_id, sorted(names))
+        return True
 
     def pacs_status(self) -> dict[str, Any]:
         """What /info/ shows under metaapp.pacs (MONAI Label's status() stays the datastore stats)."""
