@@ -63,6 +63,9 @@ def _meta_train(a: argparse.Namespace) -> None:
         exclude=a.exclude,
         seed=a.seed,
         checkpoint_seconds=a.checkpoint_seconds,
+        cls_max_way=a.max_way,
+        cls_augment=a.cls_augment,
+        cls_abnormal_fraction=a.abnormal_fraction,
     )
     if a.task == "cls":
         from monailabel_metaapp.core.cls_metatrain import meta_train_cls
@@ -142,10 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--studies",
         nargs="+",
         required=True,
-        help="seg: datastore folders or .npz banks; cls: MedMNIST-layout .npz files and/or seg banks (regions)",
+        help="seg: datastore folders or .npz banks; cls: MedMNIST-layout .npz files and/or seg banks (regions); "
+        "unlabelled:FILE.npz adds only the train images of a MedMNIST file (its labels are never read)",
     )
     s.add_argument("--n-way", type=int, default=2, help="cls: classes per episode")
     s.add_argument("--k-shot", type=int, default=5, help="cls: support examples per class")
+    s.add_argument("--max-way", type=int, default=0, help="cls: episodes of n-way..max-way classes")
+    s.add_argument("--cls-augment", type=float, default=0.0, help="cls: augmentation strength of labelled tasks")
+    s.add_argument("--abnormal-fraction", type=float, default=0.0, help="cls: share of synthetic normal/abnormal tasks")
     s.add_argument("--out", required=True, help="weights file to write (checkpointed, resumable)")
     s.add_argument("--init", help="start from these weights (the prior is centred on them)")
     s.add_argument("--minutes", type=float, default=10.0)

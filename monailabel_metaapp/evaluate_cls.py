@@ -108,12 +108,14 @@ def evaluate_cls(
     steps: int = DEFAULT_CLS_STEPS,
     device: str = "auto",
     progress: bool = True,
+    query_split: str = "test",
 ) -> dict:
+    """`query_split="val"` classifies the validation split instead (for choices; the test split is for reporting)."""
     dev = pick_device(device)
     model = load_cls_model(model_path, dev)
     baselines = ["scratch", "linear"] if baselines is None else baselines
     train: ClsSet = load_medmnist(npz, "train", model.cfg.size)
-    test: ClsSet = load_medmnist(npz, "test", model.cfg.size)
+    test: ClsSet = load_medmnist(npz, query_split, model.cfg.size)
     n_way = len(train.classes())
     if train.classes() != list(range(n_way)):
         raise ValueError(f"class labels must be 0..{n_way - 1}, got {train.classes()}")
@@ -151,7 +153,9 @@ def evaluate_cls(
         )
     settings = {"npz": str(npz), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}
     settings.update({"baselines": baselines, "steps": steps, "device": str(dev), "classes": n_way})
-    settings.update({"test_examples": len(y_test), "torch_threads": torch.get_num_threads()})
+    settings.update(
+        {"query_split": query_split, "test_examples": len(y_test), "torch_threads": torch.get_num_threads()}
+    )
     return {"rows": rows, "settings": settings}
 
 

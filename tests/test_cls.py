@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 
-from monailabel_metaapp.core.cls_data import ClsEpisodeSampler, load_medmnist, region_set, to_views
+from monailabel_metaapp.core.cls_data import (
+    ClsEpisodeSampler,
+    ClsSet,
+    load_medmnist,
+    region_set,
+    synthetic_abnormal,
+    to_views,
+)
+from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX, cls_sources
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
 from monailabel_metaapp.core.episodes import load_studies
 from monailabel_metaapp.evaluate_cls import scores, support_indices
@@ -48,6 +58,61 @@ def test_episodes_from_medmnist_regions_and_ssl(pneumonia, cmr_readonly):
         assert sorted(ep.y_support.tolist()) == [0, 0, 0, 1, 1, 1]
         assert sorted(ep.y_query.tolist()) == [0] * 4 + [1] * 4
     assert sources == {"pneumoniamnist", "regions", "ssl"}
+
+
+def test_harder_episodes_more_ways_augmentation_and_synthetic_abnormal(pneumonia):
+    med = load_medmnist(pneumonia, "train", 28)
+    multi = ClsSet(med.images[:300], torch.arange(300) % 6, "six")
+    sampler = ClsEpisodeSampler(
+        [multi], med.images[:100], 2, 3, 4, ssl_fraction=0.3, max_way=5, augment=1.0, abnormal_fraction=0.3
+    )
+    ways, sources = set(), set()
+    for _ in range(60):
+        ep = sampler.sample()
+        ways.add(ep.n_way)
+        sources.add(ep.source)
+        assert ep.x_support.shape == (3 * ep.n_way, 1, 28, 28) and ep.x_query.shape == (4 * ep.n_way, 1, 28, 28)
+        assert sorted(ep.y_support.unique().tolist()) == list(range(ep.n_way))
+        assert 0.0 <= float(ep.x_query.min()) and float(ep.x_query.max()) <= 1.0
+    assert ways == {2, 3, 4, 5} and sources == {"six", "ssl", "abnormal"}
+    x = med.images[:8]
+    style = {"blobs": 2, "sigma": (0.1, 0.2), "amp": 0.4, "brighten": True}
+    y = synthetic_abnormal(x, style, random.Random(0))
+    assert y.shape == x.shape and bool((y >= x - 1e-6).all()) and float((y - x).abs().mean()) > 0.01
+    # off by default: the original 2-way tasks (and no extra random draws)
+    plain = ClsEpisodeSampler([multi], None, 2, 3, 4, seed=1)
+    assert all(plain.sample().n_way == 2 for _ in range(10))
+
+
+def test_unlabelled_source_reads_only_the_train_images(tmp_path, monkeypatch):
+    """`unlabelled:FILE` (a site's own images for self-supervised tasks) never reads a label."""
+    f = tmp_path / "site.npz"
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    np.savez(f, train_images=imgs, train_labels=np.zeros((40, 1)), val_images=imgs, val_labels=np.zeros((40, 1)))
+    real_load, read = np.load, []
+
+    class Spy:
+        def __init__(self, z):
+            self.z, self.files = z, z.files
+
+        def __getitem__(self, key):
+            read.append(key)
+            return self.z[key]
+
+        def __contains__(self, key):
+            return key in self.z.files
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.z.close()
+
+    monkeypatch.setattr(np, "load", lambda path, *a, **k: Spy(real_load(path, *a, **k)))
+    train, val, pool = cls_sources([f"{UNLABELLED_PREFIX}{f}"], 32)
+    assert train == [] and val == [] and pool.shape == (40, 1, 32, 32)
+    assert read == ["train_images"], read
 
 
 def test_a_two_way_task_learned_from_ten_real_examples_beats_chance(pneumonia):

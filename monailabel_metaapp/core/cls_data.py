@@ -5,7 +5,9 @@ Sources of N-way K-shot tasks:
 * regions cut from segmentation studies: "which structure is this region" (one class per
   (dataset, label value)), so any segmentation datastore also teaches the classifier;
 * self-supervised tasks from unlabelled images (UMTRA): each sampled image is its own class, its
-  support and query examples are different random augmentations of it.
+  support and query examples are different random augmentations of it;
+* synthetic "normal vs abnormal" tasks from unlabelled images: one class is augmented images, the
+  other different images with a smooth, textured opacity added (a style drawn per task).
 """
 
 from __future__ import annotations
@@ -112,6 +114,20 @@ def load_medmnist(path: str | Path, split: str, size: int) -> ClsSet:
     return ClsSet(to_views(images, size), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
 
 
+def load_unlabelled_images(path: str | Path, size: int, split: str = "train") -> torch.Tensor:
+    """Only the `{split}_images` array of a MedMNIST-layout .npz, as views: the labels are never
+    read (an .npz member is loaded only when indexed), so a site's unlabelled images can feed
+    self-supervised tasks."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    with np.load(path) as z:
+        key = f"{split}_images"
+        if key not in z.files:
+            raise ValueError(f"{path} has no {key}; its keys are {sorted(z.files)}")
+        return to_views(z[key], size)
+
+
 def region_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
     """A square crop of one slice (H, W) in [0, 1] around a region's mask (H, W), with a margin
     (so the context differs from class to class), resized to (size, size)."""
@@ -172,8 +188,43 @@ def ssl_views(image: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+def abnormal_style(rng: random.Random) -> dict:
+    """One task's kind of synthetic abnormality: focal or diffuse, brighter or darker, how strong."""
+    diffuse = rng.random() < 0.5
+    return {
+        "blobs": rng.randint(1, 3),
+        "sigma": (0.12, 0.3) if diffuse else (0.04, 0.1),
+        "amp": rng.uniform(0.15, 0.5),
+        "brighten": rng.random() < 0.7,
+    }
+
+
+def synthetic_abnormal(x: torch.Tensor, style: dict, rng: random.Random) -> torch.Tensor:
+    """(N, V, H, W) views in [0, 1] with a smooth opacity of `style` (`abnormal_style`) added: Gaussian
+    blobs at random places, modulated by a low-frequency texture, blended towards white or black."""
+    n, _, h, w = x.shape
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    masks = []
+    for _ in range(n):
+        m = torch.zeros(h, w)
+        for _ in range(rng.randint(1, style["blobs"])):
+            cy, cx, sg = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(*style["sigma"])
+            m = torch.maximum(m, torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sg * sg)))
+        masks.append(m)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    texture = F.interpolate(torch.rand(n, 1, 4, 4, generator=gen), size=(h, w), mode="bilinear", align_corners=False)
+    m = (torch.stack(masks)[:, None] * (0.5 + texture) * style["amp"]).clamp(0, 1)
+    x = x + m * (1 - x) if style["brighten"] else x * (1 - m)
+    return x.clamp(0, 1)
+
+
 class ClsEpisodeSampler:
-    """N-way K-shot episodes from labelled sets and, with probability `ssl_fraction`, UMTRA tasks."""
+    """N-way K-shot episodes from labelled sets and, with probability `ssl_fraction`, UMTRA tasks.
+
+    Harder tasks (all off by default): `max_way` > n_way draws n_way..max_way classes per episode;
+    `augment` > 0 augments labelled tasks (a fresh random affine, gamma and noise per example);
+    `abnormal_fraction` of the episodes are synthetic 2-way "normal vs abnormal" tasks on the
+    unlabelled images (`synthetic_abnormal`)."""
 
     def __init__(
         self,
@@ -184,9 +235,16 @@ class ClsEpisodeSampler:
         n_query: int = 10,
         ssl_fraction: float = 0.0,
         seed: int = 0,
+        max_way: int = 0,
+        augment: float = 0.0,
+        abnormal_fraction: float = 0.0,
     ):
         self.rng = random.Random(seed)
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
+        self.max_way, self.augment = max(max_way, n_way), augment
+        self.abnormal_fraction = (
+            abnormal_fraction if unlabelled is not None and len(unlabelled) >= 2 * (k_shot + n_query) else 0.0
+        )
         need = k_shot + n_query
         self.sets = []
         for s in sets:
@@ -200,13 +258,21 @@ class ClsEpisodeSampler:
             raise ValueError(f"no set has {n_way} classes with {need} examples each, and no unlabelled images")
 
     def sample(self) -> ClsEpisode:
+        if self.abnormal_fraction > 0 and self.rng.random() < self.abnormal_fraction:
+            return self.abnormal_task()
         if not self.sets or self.rng.random() < self.ssl_fraction:
             return self.ssl_task()
         return self.labelled_task()
 
+    def _ways(self, available: int) -> int:
+        if self.max_way <= self.n_way:
+            return self.n_way
+        return self.rng.randint(self.n_way, max(self.n_way, min(self.max_way, available)))
+
     def labelled_task(self) -> ClsEpisode:
         s, idx = self.rng.choice(self.sets)
-        classes = self.rng.sample(sorted(idx), self.n_way)
+        n_way = self._ways(len(idx))
+        classes = self.rng.sample(sorted(idx), n_way)
         xs, ys, xq, yq = [], [], [], []
         for new, c in enumerate(classes):
             pick = self.rng.sample(idx[c], self.k_shot + self.n_query)
@@ -214,11 +280,38 @@ class ClsEpisodeSampler:
             xq.append(s.images[pick[self.k_shot :]])
             ys += [new] * self.k_shot
             yq += [new] * self.n_query
-        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), self.n_way, s.name)
+        xs, xq = torch.cat(xs), torch.cat(xq)
+        if self.augment > 0:
+            xs, xq = self._augment(xs), self._augment(xq)
+        return ClsEpisode(xs, torch.tensor(ys), xq, torch.tensor(yq), n_way, s.name)
+
+    def _augment(self, x: torch.Tensor, strength: float | None = None) -> torch.Tensor:
+        strength = self.augment if strength is None else strength
+        out, _ = augment(x, torch.zeros(x.shape[0], *x.shape[2:]), self.rng, strength=strength)
+        return out.clamp(0, 1)
+
+    def abnormal_task(self) -> ClsEpisode:
+        """2-way: augmented unlabelled images vs *other* ones with a synthetic opacity of one style."""
+        assert self.unlabelled is not None
+        need = self.k_shot + self.n_query
+        picks = self.rng.sample(range(len(self.unlabelled)), 2 * need)
+        style = abnormal_style(self.rng)
+        abnormal = self.rng.randrange(2)  # which label is the abnormal class
+        xs, ys, xq, yq = [], [], [], []
+        for c in range(2):
+            x = self._augment(self.unlabelled[picks[c * need : (c + 1) * need]], 1.0)
+            if c == abnormal:
+                x = synthetic_abnormal(x, style, self.rng)
+            xs.append(x[: self.k_shot])
+            xq.append(x[self.k_shot :])
+            ys += [c] * self.k_shot
+            yq += [c] * self.n_query
+        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), 2, "abnormal")
 
     def ssl_task(self) -> ClsEpisode:
         assert self.unlabelled is not None
-        picks = self.rng.sample(range(len(self.unlabelled)), self.n_way)
+        n_way = self._ways(len(self.unlabelled))
+        picks = self.rng.sample(range(len(self.unlabelled)), n_way)
         xs, ys, xq, yq = [], [], [], []
         for new, i in enumerate(picks):
             views = ssl_views(self.unlabelled[i], self.k_shot + self.n_query, self.rng)
@@ -226,4 +319,4 @@ class ClsEpisodeSampler:
             xq.append(views[self.k_shot :])
             ys += [new] * self.k_shot
             yq += [new] * self.n_query
-        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), self.n_way, "ssl")
+        return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), n_way, "ssl")

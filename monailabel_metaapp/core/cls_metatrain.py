@@ -11,11 +11,36 @@ import numpy as np
 import torch
 
 from monailabel_metaapp.core.checkpoint import pick_device
-from monailabel_metaapp.core.cls_data import ClsEpisode, ClsEpisodeSampler, ClsSet, load_medmnist, region_set
+from monailabel_metaapp.core.cls_data import (
+    ClsEpisode,
+    ClsEpisodeSampler,
+    ClsSet,
+    load_medmnist,
+    load_unlabelled_images,
+    region_set,
+)
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
 from monailabel_metaapp.core.episodes import load_bank, load_studies
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
 from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
+
+UNLABELLED_PREFIX = "unlabelled:"
+
+
+def sampler_for(train: list[ClsSet], pool: torch.Tensor, cfg: MetaTrainConfig, n_way: int, k_shot: int):
+    """The meta-training episode sampler of `cfg` (shared by meta-training and distillation)."""
+    return ClsEpisodeSampler(
+        train,
+        pool,
+        n_way,
+        k_shot,
+        10,
+        cfg.ssl_fraction,
+        seed=cfg.seed,
+        max_way=cfg.cls_max_way,
+        augment=cfg.cls_augment,
+        abnormal_fraction=cfg.cls_abnormal_fraction,
+    )
 
 
 def is_medmnist(path: str | Path) -> bool:
@@ -24,10 +49,13 @@ def is_medmnist(path: str | Path) -> bool:
 
 def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
     """(train sets, validation sets, unlabelled views for SSL) from MedMNIST files, segmentation banks
-    and segmentation datastore folders."""
+    and segmentation datastore folders. `unlabelled:FILE.npz` (`UNLABELLED_PREFIX`) adds only the
+    train images of a MedMNIST-layout file to the unlabelled views: its labels are never read."""
     train, val, pool = [], [], []
     for p in paths:
-        if is_medmnist(p):
+        if str(p).startswith(UNLABELLED_PREFIX):
+            pool.append(load_unlabelled_images(str(p)[len(UNLABELLED_PREFIX) :], size))
+        elif is_medmnist(p):
             tr = load_medmnist(p, "train", size)
             train.append(tr)
             pool.append(tr.images)
@@ -60,7 +88,7 @@ def meta_train_cls(
     torch.manual_seed(cfg.seed)
     model = FewShotClsModel(model_cfg or ClsModelConfig()).to(dev).train()
     train, val, pool = cls_sources(paths, model.cfg.size, cfg.seed)
-    sampler = ClsEpisodeSampler(train, pool, n_way, k_shot, 10, cfg.ssl_fraction, seed=cfg.seed)
+    sampler = sampler_for(train, pool, cfg, n_way, k_shot)
     val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val else None
     val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []
 

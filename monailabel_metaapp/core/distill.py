@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from monailabel_metaapp.core.checkpoint import load_cls_model, pick_device
-from monailabel_metaapp.core.cls_data import ClsEpisode, ClsEpisodeSampler
-from monailabel_metaapp.core.cls_metatrain import cls_sources
+from monailabel_metaapp.core.cls_data import ClsEpisode
+from monailabel_metaapp.core.cls_metatrain import cls_sources, sampler_for
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
 from monailabel_metaapp.core.objective import with_kl
@@ -66,7 +66,7 @@ def distill_cls(
     if student.cfg.size != teacher.cfg.size:
         raise ValueError(f"student size {student.cfg.size} must equal the teacher's {teacher.cfg.size}")
     train, _, pool = cls_sources(paths, student.cfg.size, cfg.seed)
-    sampler = ClsEpisodeSampler(train, pool, n_way, k_shot, 10, cfg.ssl_fraction, seed=cfg.seed)
+    sampler = sampler_for(train, pool, cfg, n_way, k_shot)
 
     def sample() -> ClsEpisode:
         return sampler.sample().to(dev)

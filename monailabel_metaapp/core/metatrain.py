@@ -39,6 +39,10 @@ class MetaTrainConfig:
     checkpoint_seconds: float = 60.0
     val_every: int = 100
     val_tasks: int = 16
+    # classification episodes only (see `ClsEpisodeSampler`); the defaults keep the original tasks
+    cls_max_way: int = 0  # > n_way: each episode has n_way..cls_max_way classes
+    cls_augment: float = 0.0  # augmentation strength of labelled (region / MedMNIST) tasks
+    cls_abnormal_fraction: float = 0.0  # share of synthetic "normal vs abnormal" tasks
 
 
 def _dist() -> tuple[int, int]:
