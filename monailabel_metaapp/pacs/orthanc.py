@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from monailabel_metaapp.devserver import free_port
+from monailabel_metaapp.devserver import free_port, stop_process
 
 DICOMWEB_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 
@@ -89,12 +89,7 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
     def __enter__(self) -> Orthanc:
         return self.start()
@@ -166,10 +161,5 @@ def serve_with_pacs(
     except KeyboardInterrupt:
         pass
     finally:
-        if app is not None and app.poll() is None:
-            app.terminate()
-            try:
-                app.wait(30)
-            except subprocess.TimeoutExpired:
-                app.kill()
+        stop_process(app, 30)
         orthanc.stop()
