@@ -56,26 +56,14 @@ class MetaApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
+        model_dir = os.path.join(self.app_dir, "model")
+        # with a PACS, the heads and the meta-train task live in its local cache
+        shared = {"datastore": self._datastore, "studies": getattr(self._datastore, "local_root", self.studies)}
         for name, cfg in self.configs.items():
-            cfg.init(
-                name,
-                os.path.join(self.app_dir, "model"),
-                self.conf,
-                None,
-                datastore=self._datastore,
-                studies=getattr(self._datastore, "local_root", self.studies),  # a PACS: its local cache
-            )
+            cfg.init(name, model_dir, self.conf, None, **shared)
             infers.update(cfg.infer())
         for name, cfg in self.cls_configs.items():
-            cfg.init(
-                name,
-                os.path.join(self.app_dir, "model"),
-                self.conf,
-                None,
-                datastore=self._datastore,
-                studies=getattr(self._datastore, "local_root", self.studies),
-                seg=self.configs["fewshot_seg"].service,
-            )
+            cfg.init(name, model_dir, self.conf, None, seg=self.configs["fewshot_seg"].service, **shared)
             infers.update(cfg.infer())
             for task in infers.values():  # the class of each segmented region rides in seg results
                 if hasattr(task, "classify_regions"):
