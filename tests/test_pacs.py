@@ -78,6 +78,14 @@ def test_slicer_label_becomes_a_seg_on_the_pacs_with_the_image_geometry(
     assert st["white matter"]["n_labels"] == 1
     assert _pacs_info(pacs_server)["pending_uploads"] == []
 
+    r = requests.put(
+        f"{pacs_server.url}/datastore/label",
+        params={"image": "1.2.3.4.not.on.the.pacs"},
+        files={"label": ("wm.nrrd", (tmp_path / "wm.nrrd").read_bytes())},
+        timeout=30,
+    )
+    assert r.status_code == 404 and "not on the PACS" in r.text, r.text
+
 
 def test_seg_stored_on_the_pacs_by_another_client_is_learned_and_newer_wins(
     orthanc, loaded, pacs_server, samples_src, tmp_path
@@ -156,7 +164,7 @@ def test_pacs_down_keeps_the_label_and_uploads_it_when_back(orthanc, loaded, pac
         files={"label": ("x.nii.gz", (tmp_path / "csf.nii.gz").read_bytes())},
         timeout=30,
     )
-    assert r.status_code == 404 and "not on the PACS" in r.text, r.text
+    assert r.status_code == 503 and "unreachable" in r.text, r.text  # the app cannot know: it says why
 
     back = pacs.Orthanc(orthanc.folder, port=orthanc.port).start()
     try:

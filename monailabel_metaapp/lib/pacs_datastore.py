@@ -112,9 +112,9 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         self.state.update(reachable=True)
         return out
 
-    def remote_images(self) -> list[str]:
-        """The image series on the PACS (cached for `list_ttl` s); raises PacsUnavailable."""
-        if time.time() - self._images_at < self.list_ttl and self._images:
+    def remote_images(self, fresh: bool = False) -> list[str]:
+        """The image series on the PACS (cached for `list_ttl` s unless `fresh`); raises PacsUnavailable."""
+        if not fresh and time.time() - self._images_at < self.list_ttl and self._images:
             return list(self._images)
         found = self._reach(self._client.search_for_series, search_filters=self._search_filter)
         self._images = sorted({str(Dataset.from_json(d)["SeriesInstanceUID"].value) for d in found})
@@ -133,7 +133,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         cached = os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
         if os.path.exists(cached) and image_id in self._datastore.objects:
             return os.path.realpath(cached)
-        if image_id not in self.remote_images():  # 503 while the PACS is down: the image is not cached
+        if image_id not in self.remote_images(fresh=True):  # 503 while the PACS is down: it is not cached
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not on the PACS")
         with self._lock:
             return self._reach(super().get_image_uri, image_id)
