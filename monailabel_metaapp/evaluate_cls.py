@@ -98,6 +98,20 @@ def run_scratch(x_s, y_s, x_test, n_way, dev, steps: int = 150, seed: int = 0) -
     return proba.cpu().numpy(), seconds
 
 
+def summary_row(shots: int, method: str, runs: list[dict]) -> dict:
+    """One row of the results: scores over the repeats of one (shots, method)."""
+    return {
+        "shots": shots,
+        "method": method,
+        "auc_mean": float(np.mean([x["auc"] for x in runs])),
+        "auc_std": float(np.std([x["auc"] for x in runs])),
+        "acc_mean": float(np.mean([x["acc"] for x in runs])),
+        "bacc_mean": float(np.mean([x["bacc"] for x in runs])),
+        "n": len(runs),
+        "adapt_seconds": float(np.median([x["seconds"] for x in runs])),
+    }
+
+
 def evaluate_cls(
     npz: str | Path,
     model_path: str | Path,
@@ -137,20 +151,7 @@ def evaluate_cls(
                 results.setdefault((k, method), []).append({**scores(y_test, proba), "seconds": seconds})
             bar.update(1)
     bar.close()
-    rows = []
-    for (k, method), rs in results.items():
-        rows.append(
-            {
-                "shots": k,
-                "method": method,
-                "auc_mean": float(np.mean([x["auc"] for x in rs])),
-                "auc_std": float(np.std([x["auc"] for x in rs])),
-                "acc_mean": float(np.mean([x["acc"] for x in rs])),
-                "bacc_mean": float(np.mean([x["bacc"] for x in rs])),
-                "n": len(rs),
-                "adapt_seconds": float(np.median([x["seconds"] for x in rs])),
-            }
-        )
+    rows = [summary_row(k, method, rs) for (k, method), rs in results.items()]
     settings = {"npz": str(npz), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}
     settings.update({"baselines": baselines, "steps": steps, "device": str(dev), "classes": n_way})
     settings.update(
@@ -224,20 +225,7 @@ def evaluate_cls_store(
                         runs["linear"] = run_linear(feats[idx], y_s, feats[query])
                     for method, (proba, sec) in runs.items():
                         results.setdefault(method, []).append({**scores(y[query].numpy(), proba), "seconds": sec})
-                for method, rs in results.items():
-                    rows.append(
-                        {
-                            "kind": kind,
-                            "shots": k,
-                            "method": f"{kind} {method}",
-                            "auc_mean": float(np.mean([x["auc"] for x in rs])),
-                            "auc_std": float(np.std([x["auc"] for x in rs])),
-                            "acc_mean": float(np.mean([x["acc"] for x in rs])),
-                            "bacc_mean": float(np.mean([x["bacc"] for x in rs])),
-                            "n": len(rs),
-                            "adapt_seconds": float(np.median([x["seconds"] for x in rs])),
-                        }
-                    )
+                rows += [{"kind": kind, **summary_row(k, f"{kind} {m}", rs)} for m, rs in results.items()]
     if not rows:
         raise ValueError(f"nothing to evaluate in {studies}: " + "; ".join(notes or ["no class corrections stored"]))
     settings = {"studies": str(studies), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}
