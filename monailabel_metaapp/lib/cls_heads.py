@@ -9,15 +9,12 @@ A restart reloads every head.
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from monailabel_metaapp.core.checkpoint import atomic_write, save_json
-from monailabel_metaapp.lib.heads import ADAPTING, FAILED, NEW, QUEUED, READY, now_iso
+from monailabel_metaapp.lib.heads import ADAPTING, FAILED, NEW, QUEUED, READY, VersionedStore, now_iso
 
 KINDS = ("image", "region")
 NEEDS_TWO = "needs examples of 2 classes"
@@ -35,37 +32,16 @@ class ClsHead:
         return feats @ self.params["W"].T + self.params["b"]
 
 
-class ClsHeadStore:
-    """Thread-safe: the adaptation worker publishes while inference threads read."""
+class ClsHeadStore(VersionedStore):
+    registry_key = "heads"
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._heads: dict[str, ClsHead] = {}
-        reg = self.folder / "registry.json"
-        self.registry: dict[str, dict] = json.loads(reg.read_text())["heads"] if reg.exists() else {}
-        for kind in KINDS:
-            rec = self.registry.setdefault(kind, self._new())
-            if rec.get("version"):
-                self._heads[kind] = self._load(kind, rec["version"])
-            if rec.get("state") in (QUEUED, ADAPTING):  # interrupted by a restart
-                rec["state"] = READY if rec.get("version") else NEW
+        super().__init__(folder, names=KINDS)
 
-    @staticmethod
-    def _new() -> dict:
-        return {"version": 0, "versions": [], "classes": [], "examples": {}, "state": NEW, "updated": now_iso()}
-
-    def set_state(self, kind: str, state: str, error: str | None = None) -> None:
-        with self._lock:
-            rec = self.registry.setdefault(kind, self._new())
-            rec["state"] = state
-            rec["updated"] = now_iso()
-            if error:
-                rec["error"] = error
-            else:
-                rec.pop("error", None)
-            self._save_registry()
+    def _record(self, kind: str) -> dict:
+        return self.registry.setdefault(
+            kind, {"version": 0, "versions": [], "classes": [], "examples": {}, "state": NEW, "updated": now_iso()}
+        )
 
     def snapshot(self) -> dict[str, dict]:
         """Per head: its classes, examples per class, version, state (what /info/ shows)."""
@@ -76,17 +52,12 @@ class ClsHeadStore:
                 for kind, rec in self.registry.items()
             }
 
-    def heads(self) -> dict[str, ClsHead]:
-        with self._lock:
-            return dict(self._heads)
-
     def publish(self, kind: str, head: ClsHead) -> int:
         """Write the head as a new version, then make it live."""
         with self._lock:
-            rec = self.registry.setdefault(kind, self._new())
-            version = max(rec["versions"], default=0) + 1
+            rec = self._record(kind)
             weights = {k: v.detach().cpu().contiguous() for k, v in head.params.items()}
-            atomic_write(self._path(kind, version), lambda p: torch.save(weights, p))
+            version = self._write_version(kind, rec, weights)
             rec.update(
                 version=version,
                 classes=list(head.classes),
@@ -95,7 +66,6 @@ class ClsHeadStore:
                 updated=now_iso(),
                 adapt_seconds=round(head.seconds, 4),
             )
-            rec["versions"].append(version)
             rec.setdefault("by_version", {})[str(version)] = {"classes": list(head.classes), "examples": head.counts}
             rec.pop("error", None)
             self._heads[kind] = ClsHead(weights, list(head.classes), dict(head.counts), head.seconds)
@@ -105,7 +75,7 @@ class ClsHeadStore:
     def retire(self, kind: str, examples: dict[str, int], state: str) -> None:
         """No usable head any more (a correction removed left fewer than 2 classes): stop serving it."""
         with self._lock:
-            rec = self.registry.setdefault(kind, self._new())
+            rec = self._record(kind)
             rec.update(examples=dict(examples), state=state, updated=now_iso())
             self._heads.pop(kind, None)
             self._save_registry()
@@ -117,6 +87,3 @@ class ClsHeadStore:
         params = torch.load(self._path(kind, version), map_location="cpu", weights_only=True)
         meta = self.registry[kind].get("by_version", {}).get(str(version), {})
         return ClsHead(params, list(meta.get("classes", [])), dict(meta.get("examples", {})))
-
-    def _save_registry(self) -> None:
-        save_json(self.folder / "registry.json", {"heads": self.registry})

@@ -8,6 +8,7 @@ A restart reloads every head; `rollback` points a structure back at an earlier v
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -29,23 +30,67 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class HeadStore:
-    """Thread-safe: the adaptation worker writes while inference threads read."""
+class VersionedStore:
+    """Heads written atomically as numbered versions, with a JSON registry beside them; reloaded on
+    restart. Thread-safe: the adaptation worker writes while inference threads read. Subclasses
+    say how a record starts (`_record`), where a version lives (`_path`) and how it loads (`_load`)."""
 
-    def __init__(self, folder: str | Path):
+    registry_key = "structures"
+
+    def __init__(self, folder: str | Path, names: tuple[str, ...] = ()):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._heads: dict[str, Head] = {}
+        self._heads: dict = {}
         reg = self.folder / "registry.json"
-        import json
-
-        self.registry: dict[str, dict] = json.loads(reg.read_text())["structures"] if reg.exists() else {}
+        self.registry: dict[str, dict] = json.loads(reg.read_text())[self.registry_key] if reg.exists() else {}
+        for name in names:
+            self._record(name)
         for name, rec in self.registry.items():
             if rec.get("version"):
                 self._heads[name] = self._load(name, rec["version"])
             if rec.get("state") in (QUEUED, ADAPTING):  # interrupted by a restart
                 rec["state"] = READY if rec.get("version") else NEW
+
+    def _record(self, name: str) -> dict:
+        raise NotImplementedError
+
+    def _path(self, name: str, version: int) -> Path:
+        raise NotImplementedError
+
+    def _load(self, name: str, version: int):
+        raise NotImplementedError
+
+    def set_state(self, name: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            rec = self._record(name)
+            rec["state"] = state
+            rec["updated"] = now_iso()
+            if error:
+                rec["error"] = error
+            else:
+                rec.pop("error", None)
+            self._save_registry()
+
+    def heads(self) -> dict:
+        """A consistent copy of the live heads (each swapped in whole, never half-written)."""
+        with self._lock:
+            return dict(self._heads)
+
+    def _write_version(self, name: str, rec: dict, weights: dict[str, torch.Tensor]) -> int:
+        """Write `weights` as the next version of `name` (atomically) and list it in its record."""
+        version = max(rec["versions"], default=0) + 1
+        atomic_write(self._path(name, version), lambda p: torch.save(weights, p))
+        rec["versions"].append(version)
+        return version
+
+    def _save_registry(self) -> None:
+        save_json(self.folder / "registry.json", {self.registry_key: self.registry})
+
+
+class HeadStore(VersionedStore):
+    def _record(self, name: str) -> dict:
+        return self.ensure(name)
 
     # -- structures -------------------------------------------------------------------------
     def ensure(self, name: str, value: int | None = None) -> dict:
@@ -67,17 +112,6 @@ class HeadStore:
                 self._save_registry()
             return self.registry[name]
 
-    def set_state(self, name: str, state: str, error: str | None = None) -> None:
-        with self._lock:
-            rec = self.ensure(name)
-            rec["state"] = state
-            rec["updated"] = now_iso()
-            if error:
-                rec["error"] = error
-            else:
-                rec.pop("error", None)
-            self._save_registry()
-
     def labels(self) -> dict[str, int]:
         """name -> output label value, for every structure known."""
         with self._lock:
@@ -92,19 +126,11 @@ class HeadStore:
             }
 
     # -- heads ------------------------------------------------------------------------------
-    def heads(self) -> dict[str, Head]:
-        """A consistent copy of the live heads (each swapped in whole, never half-written)."""
-        with self._lock:
-            return dict(self._heads)
-
     def publish(self, name: str, head: Head) -> int:
         """Write the head as a new version, then make it live."""
         with self._lock:
             rec = self.ensure(name)
-            version = max(rec["versions"], default=0) + 1
-            path = self._path(name, version)
-            weights = head.state_dict()
-            atomic_write(path, lambda p: torch.save(weights, p))
+            version = self._write_version(name, rec, head.state_dict())
             # a save that arrived during this adaptation has queued the structure again: keep saying so
             rec.update(
                 version=version,
@@ -113,7 +139,6 @@ class HeadStore:
                 updated=now_iso(),
                 adapt_seconds=round(head.seconds, 3),
             )
-            rec["versions"].append(version)
             rec.setdefault("n_labels_by_version", {})[str(version)] = head.n_labels
             rec.pop("error", None)
             self._heads[name] = head
@@ -143,6 +168,3 @@ class HeadStore:
         params = torch.load(self._path(name, version), map_location="cpu", weights_only=True)
         n = self.registry.get(name, {}).get("n_labels_by_version", {}).get(str(version), 0)
         return Head(params=params, n_labels=int(n), seconds=0.0)
-
-    def _save_registry(self) -> None:
-        save_json(self.folder / "registry.json", {"structures": self.registry})
