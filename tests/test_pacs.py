@@ -66,7 +66,7 @@ def test_slicer_label_becomes_a_seg_on_the_pacs_with_the_image_geometry(
     reply = reply if isinstance(reply, dict) else json.loads(reply)
     assert "white matter" in reply["metaapp"]["fewshot_seg"]["adapting"]
 
-    segs = _segs(client, image_id)
+    segs = _wait(lambda: _segs(client, image_id), 30, "the SEG on the PACS", pacs_server)
     assert len(segs) == 1, "the saved label must be stored on the PACS as one SEG referencing the image series"
     back, names = seg_to_label(segs[0], grid)
     assert names == {"white matter": 1}

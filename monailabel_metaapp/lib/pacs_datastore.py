@@ -87,6 +87,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         self._images_at = 0.0
         self._segs: dict[str, dict] = {}  # SEG series uid -> {"image", "time", "study"}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a save to upload: poll now
         self._thread: threading.Thread | None = None
         self.state: dict[str, Any] = {
             "url": client.base_url,
@@ -161,7 +162,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
 
     # -- writing ------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Check, keep locally, then store a final label on the PACS as a SEG (retried if it is down)."""
+        """Check and keep locally; the poller then stores it on the PACS as a SEG (retried while it is down)."""
         image_uri = self.get_image_uri(image_id)  # 404 / 503 before anything is kept
         label_info = dict(label_info or {})
         if label_filename.endswith(".bin"):  # raw voxels on the image grid, as OHIF's MONAI Label panels send
@@ -172,7 +173,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         label_info["pacs"] = {"state": "pending", "source": "client"}
         with self._lock:
             label_id = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
-            self._upload(image_id)
+        self._wake.set()  # the poller uploads it now: the save's reply does not wait for the PACS
         return label_id
 
     def _upload(self, image_id: str) -> bool:
@@ -210,6 +211,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _run(self) -> None:
         down = False
@@ -226,7 +228,8 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
             except Exception as e:  # keep polling: one bad SEG must not stop the others
                 logger.exception("PACS poll failed")
                 self.state["last_error"] = f"{type(e).__name__}: {e}"
-            self._stop.wait(self.poll_seconds)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
 
     def poll(self) -> list[str]:
         """One pass: upload pending labels, then import newer SEGs. Returns the image ids imported."""
