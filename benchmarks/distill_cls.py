@@ -167,7 +167,7 @@ def main() -> None:
             "params": n_params(model),
             "rows": ev["rows"],
             "timing": timings(model, test.images, test.labels),
-            "meta_train": summaries.get(name),
+            "meta_train": summaries.get(name) or json.loads(Path(f"{path}.json").read_text()),
         }
     result["settings"] = {"shots": shots, "repeats": a.repeats, "minutes_per_student": a.minutes, "threads": a.threads}
     result["settings"]["episodes"] = {

@@ -83,6 +83,8 @@ def main() -> None:
     baselines = [b for b in a.baselines.split(",") if b]
     shots = [int(s) for s in a.shots.split(",")]
     result = evaluate_cls(npz, model, shots, a.repeats, baselines, query_split=a.split)
+    if train_summary is None and Path(f"{model}.json").exists():  # --model: what its training wrote
+        train_summary = json.loads(Path(f"{model}.json").read_text())
     result["meta_train"] = {"sources": sources_desc, "summary": train_summary}
     result["meta_train"]["excluded"] = "pneumoniamnist labels" if a.ssl_target else "pneumoniamnist"
     result["meta_train"]["episodes"] = {

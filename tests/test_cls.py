@@ -147,6 +147,19 @@ def test_cls_meta_training_lowers_the_episode_loss(pneumonia, tmp_path):
     model = load_cls_model(out)
     assert isinstance(model, FewShotClsModel) and model.cfg.channels == SMALL.channels
     assert torch.load(out, weights_only=True).keys() == model.state_dict().keys()
+    # the head: one linear layer on blocks 1+2 and one on every block, probabilities averaged
+    x = load_medmnist(pneumonia, "val", 28).images[:6]
+    with torch.no_grad():
+        f = model.embed(x)
+    assert f.shape == (6, 16 + 32 + 32 + 32) and model.head.view_dims[0] == list(range(16, 80))
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    params = adapt(model, f, y, 2, steps=5)
+    assert params["W0"].shape == (2, 64) and params["W1"].shape == (2, 112) and model.head.matches(params)
+    p_views = [
+        torch.softmax(f[:, d] @ params[f"W{i}"].T + params[f"b{i}"], 1) for i, d in enumerate(model.head.view_dims)
+    ]
+    assert torch.allclose(torch.softmax(model.head.logits(f, params), 1), (p_views[0] + p_views[1]) / 2, atol=1e-5)
+    assert not model.head.matches({"W": params["W0"], "b": params["b0"]}), "a head of another model is stale"
 
 
 def test_distillation_trains_a_smaller_student_to_adapt_like_its_teacher(pneumonia, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -81,6 +82,15 @@ def test_service_adapts_from_stored_corrections_and_reloads(shared, tmp_path):
     assert svc2.sync() == [] and svc2.heads.snapshot()["region"]["version"] == head["version"]
     again = svc2.classify("cmr_31", region="rv blood pool")["prediction"]
     assert again == svc.classify("cmr_31", region="rv blood pool")["prediction"]
+
+    # a head written by another classifier model (the app's weights changed) is re-adapted at start-up
+    from monailabel_metaapp.lib.cls_heads import ClsHead
+
+    old = ClsHead({"W": torch.zeros(2, 64), "b": torch.zeros(2)}, ["left", "right"], {"left": 5, "right": 5})
+    svc2.heads.publish("region", old)
+    svc3 = ClsService(ds2, tmp_path / "store", DEFAULT_CLS_WEIGHTS, device="cpu")
+    assert svc3.sync() == ["region"] and svc3.queue.wait_idle(60)
+    assert svc3.classify("cmr_31", region="rv blood pool")["prediction"][0]["label"] == "right"
 
     # `metaapp evaluate cls --studies DIR` reads the stored corrections (k per class support, the rest queried)
     cli_main(

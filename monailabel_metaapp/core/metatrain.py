@@ -172,7 +172,7 @@ def outer_loop(
         total=int(budget), unit="s", desc="meta-train", disable=not (progress and rank == 0), initial=int(elapsed)
     )
     last_ckpt, ema, t_prev = time.time(), None, time.time()
-    log = open(log_path, "a") if rank == 0 else None
+    log = open(log_path, "a", buffering=1) if rank == 0 else None
     while True:
         done = elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps)
         if world > 1:  # every rank must stop on the same step, or the gradient all-reduce would hang

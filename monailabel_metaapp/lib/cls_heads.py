@@ -3,7 +3,8 @@
 One head per kind of example: `image` (whole images: an X-ray, a whole volume) and `region`
 (a segmented structure or a box of a 3D study). Layout under the store folder:
   registry.json              heads: classes (row order of W), examples per class, version, state, times
-  <kind>/v0003.pt            the head's parameters {"W": (C, D), "b": (C,)} (plain, weights_only-loadable)
+  <kind>/v0003.pt            the head's parameters {"W0": (C, D0), "b0": (C,), "W1": ...} (plain,
+                             weights_only-loadable; rows in the order of `classes`)
 A restart reloads every head.
 """
 
@@ -24,12 +25,9 @@ __all__ = ["ADAPTING", "FAILED", "KINDS", "NEEDS_TWO", "NEW", "QUEUED", "READY",
 @dataclass
 class ClsHead:
     params: dict[str, torch.Tensor]
-    classes: list[str]  # row i of W is classes[i]
+    classes: list[str]  # row i of every W is classes[i]
     counts: dict[str, int] = field(default_factory=dict)  # examples per class learned from
     seconds: float = 0.0
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats @ self.params["W"].T + self.params["b"]
 
 
 class ClsHeadStore(VersionedStore):

@@ -325,12 +325,14 @@ class ClsService:
         return self.queue.submit([k for k in KINDS if self.examples(k)])
 
     def sync(self) -> list[str]:
-        """At start-up: adapt the heads whose stored corrections differ from what they learned from."""
-        snap = self.heads.snapshot()
+        """At start-up: adapt the heads whose stored corrections differ from what they learned from,
+        or that another classifier model made (the app's weights changed)."""
+        snap, live = self.heads.snapshot(), self.heads.heads()
         stale = []
         for kind in KINDS:
             counts = dict(Counter(rec["class"] for _, _, rec in self.examples(kind)))
-            if counts and counts != snap.get(kind, {}).get("examples"):
+            foreign = kind in live and not self.model.head.matches(live[kind].params)
+            if counts and (foreign or counts != snap.get(kind, {}).get("examples")):
                 stale.append(kind)
         return self.queue.submit(stale)
 
@@ -377,8 +379,8 @@ class ClsService:
         return head, int(rec.get("version", 0))
 
     def predict(self, head: ClsHead, views: list[torch.Tensor]) -> list[list[dict]]:
-        feats = self.embed(views).to(head.params["W"].device)
-        probs = torch.softmax(head.logits(feats.to(head.params["W"].dtype)), 1)
+        w = head.params["W0"]
+        probs = torch.softmax(self.model.head.logits(self.embed(views).to(w.device, w.dtype), head.params), 1)
         return [
             sorted(
                 ({"idx": i, "label": c, "score": round(float(p[i]), 4)} for i, c in enumerate(head.classes)),
