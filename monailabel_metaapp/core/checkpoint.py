@@ -60,7 +60,13 @@ def load_cls_model(path: str | Path, device: str | torch.device = "cpu") -> FewS
     """Rebuild a few-shot classifier from its weights + sidecar."""
     meta = json.loads(sidecar(path).read_text()) if sidecar(path).exists() else {}
     model = FewShotClsModel(ClsModelConfig.from_dict(meta.get("config", {})))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "log_lr.W" in state:
+        raise ValueError(
+            f"{path} is a classifier from before the two-head design (one head on the last block): "
+            "meta-train it again with `metaapp meta-train --task cls` (see the model card's command)"
+        )
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
