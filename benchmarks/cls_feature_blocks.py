@@ -33,21 +33,15 @@ from sklearn.metrics import roc_auc_score
 from monailabel_metaapp.core.checkpoint import load_cls_model
 from monailabel_metaapp.core.cls_data import ClsSet, load_medmnist, region_set
 from monailabel_metaapp.core.episodes import load_studies
+from monailabel_metaapp.evaluate_cls import embed
 from monailabel_metaapp.shared_data import cmr_view, shared_datasets
 
 
-@torch.no_grad()
-def block_features(model, images: torch.Tensor) -> list[torch.Tensor]:
-    """Globally averaged output of every conv block, (N, C_b) each (first view)."""
-    net = model.encoder.net
-    out: list[list[torch.Tensor]] = []
-    for i in range(0, len(images), 512):
-        x, feats = images[i : i + 512, :1], []
-        for b in range(len(net) // 2):
-            x = net[2 * b + 1](net[2 * b](x))
-            feats.append(x.mean((2, 3)))
-        out.append(feats)
-    return [torch.cat([o[b] for o in out]).numpy() for b in range(len(out[0]))]
+def block_features(model, images: torch.Tensor) -> list[np.ndarray]:
+    """Globally averaged output of every conv block, (N, C_b) each: the model's own embedding
+    (which concatenates them), split back per block."""
+    feats = embed(model, images, torch.device("cpu")).numpy()
+    return np.split(feats, np.cumsum(model.cfg.channels)[:-1], axis=1)
 
 
 def _unit(z: np.ndarray) -> np.ndarray:
