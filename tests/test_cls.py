@@ -18,7 +18,7 @@ from monailabel_metaapp.core.cls_data import (
 )
 from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX, cls_sources
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
-from monailabel_metaapp.core.episodes import load_studies
+from monailabel_metaapp.core.episodes import load_studies, split_validation
 from monailabel_metaapp.evaluate_cls import scores, support_indices
 
 SMALL = ClsModelConfig(size=28, channels=(16, 32, 32, 32))
@@ -115,6 +115,16 @@ def test_unlabelled_source_reads_only_the_train_images(tmp_path, monkeypatch):
     assert read == ["train_images"], read
 
 
+def test_classification_validation_regions_come_from_held_out_studies(cmr_readonly):
+    studies = load_studies([cmr_readonly], 160, progress=False)
+    train_studies, val_studies = split_validation(studies, seed=0)
+    assert len(val_studies) == 1 and not {s.name for s in val_studies} & {s.name for s in train_studies}
+    train, val, _ = cls_sources([cmr_readonly], 28)
+    assert len(val) == 1 and val[0].classes() == [0, 1, 2], "a validation loss even without a MedMNIST file"
+    assert torch.equal(val[0].images, region_set(val_studies, 28).images)
+    assert torch.equal(train[0].images, region_set(train_studies, 28).images)
+
+
 def test_a_two_way_task_learned_from_ten_real_examples_beats_chance(pneumonia):
     torch.manual_seed(0)
     model = FewShotClsModel(SMALL).eval()
@@ -155,8 +165,13 @@ def test_cls_meta_training_lowers_the_episode_loss(pneumonia, tmp_path):
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     params = adapt(model, f, y, 2, steps=5)
     assert params["W0"].shape == (2, 64) and params["W1"].shape == (2, 112) and model.head.matches(params)
+    # features centred on the support mean (fixed by the inner loop), each block scaled to unit length
+    assert torch.equal(params["mu"], f.mean(0))
+    z = model.head.normalise(f, params)
+    for b in model.cfg.block_slices():
+        assert torch.allclose(z[:, b].norm(dim=1), torch.ones(6), atol=1e-5)
     p_views = [
-        torch.softmax(f[:, d] @ params[f"W{i}"].T + params[f"b{i}"], 1) for i, d in enumerate(model.head.view_dims)
+        torch.softmax(z[:, d] @ params[f"W{i}"].T + params[f"b{i}"], 1) for i, d in enumerate(model.head.view_dims)
     ]
     assert torch.allclose(torch.softmax(model.head.logits(f, params), 1), (p_views[0] + p_views[1]) / 2, atol=1e-5)
     assert not model.head.matches({"W": params["W0"], "b": params["b0"]}), "a head of another model is stale"

@@ -20,7 +20,7 @@ from monailabel_metaapp.core.cls_data import (
     region_set,
 )
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
-from monailabel_metaapp.core.episodes import load_bank, load_studies
+from monailabel_metaapp.core.episodes import load_bank, load_studies, split_validation
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
 from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
 
@@ -49,7 +49,8 @@ def is_medmnist(path: str | Path) -> bool:
 
 def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
     """(train sets, validation sets, unlabelled views for SSL) from MedMNIST files, segmentation banks
-    and segmentation datastore folders. `unlabelled:FILE.npz` (`UNLABELLED_PREFIX`) adds only the
+    and segmentation datastore folders (their validation regions come from held-out studies,
+    `split_validation`, as in segmentation meta-training). `unlabelled:FILE.npz` (`UNLABELLED_PREFIX`) adds only the
     train images of a MedMNIST-layout file to the unlabelled views: its labels are never read."""
     train, val, pool = [], [], []
     for p in paths:
@@ -63,9 +64,13 @@ def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list
                 val.append(load_medmnist(p, "val", size))
         else:  # a segmentation bank (`metaapp bank`) or datastore folder: regions + slices for SSL
             studies = load_bank(p) if str(p).endswith(".npz") else load_studies([p], 160, progress=False)
-            rs = region_set(studies, size, seed=seed)
+            train_studies, val_studies = split_validation(studies, seed)
+            rs = region_set(train_studies, size, seed=seed)
             rs.name = f"regions:{Path(p).stem}"
             train.append(rs)
+            vs = region_set(val_studies, size, seed=seed) if val_studies else None
+            if vs is not None and len(vs.classes()) >= 2:
+                val.append(vs)
             slices = torch.cat([s.image.float() / 255.0 for s in studies])
             pick = random.Random(seed).sample(range(slices.shape[0]), min(2000, slices.shape[0]))
             pool.append(torch.nn.functional.interpolate(slices[pick][:, None], size=(size, size), mode="bilinear"))

@@ -115,6 +115,15 @@ def load_bank(path: str | Path) -> list[Study]:
     ]
 
 
+def split_validation(studies: list[Study], seed: int) -> tuple[list[Study], list[Study]]:
+    """(train, validation) studies: one labelled study in eight (at least one, from four labelled
+    studies on) is held out of meta-training for its validation loss; whole studies, so that no
+    slice of a validation study is trained on."""
+    labelled = [s for s in studies if s.label is not None]
+    val = random.Random(seed).sample(labelled, max(1, len(labelled) // 8)) if len(labelled) >= 4 else []
+    return [s for s in studies if s not in val], val
+
+
 def with_context(stack: torch.Tensor, idx: list[int], context: int) -> torch.Tensor:
     """Slices idx of a (S, H, W) stack with `context` neighbours each side as channels (edge-clamped)."""
     s = stack.shape[0]

@@ -41,11 +41,12 @@ def inner_adapt(
     create_graph: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = seg_loss,
 ) -> dict[str, torch.Tensor]:
-    """`steps` gradient steps on the support: theta' = theta - lr (element-wise) * grad.
+    """`steps` gradient steps on the support: theta' = theta - lr (element-wise) * grad, for the
+    parameters that have a learned rate (others, such as a support statistic, stay as they are).
     Segmentation heads use `seg_loss`; classification heads pass `F.cross_entropy`."""
-    names = list(params)
+    names = [n for n in params if n in lrs]
     for _ in range(steps):
         loss = loss_fn(head.logits(feats, params), target)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
-        params = {n: params[n] - lrs[n] * g for n, g in zip(names, grads)}
+        params = {**params, **{n: params[n] - lrs[n] * g for n, g in zip(names, grads)}}
     return params

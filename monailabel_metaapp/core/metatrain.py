@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model
-from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies
+from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies, split_validation
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
 
@@ -95,10 +94,8 @@ def meta_train(
         if folders:
             bank += load_studies(folders, model.cfg.size, progress=progress and rank == 0)
 
-    rng = random.Random(cfg.seed)
+    train_studies, val_studies = split_validation(bank, cfg.seed)
     labelled = [s for s in bank if s.label is not None]
-    val_studies = rng.sample(labelled, max(1, len(labelled) // 8)) if len(labelled) >= 4 else []
-    train_studies = [s for s in bank if s not in val_studies]
     exclude = set(cfg.exclude)
     sampler = EpisodeSampler(
         train_studies, model.cfg.context, exclude, cfg.ssl_fraction, device=dev, seed=cfg.seed + 1000 * rank
@@ -172,7 +169,7 @@ def outer_loop(
         total=int(budget), unit="s", desc="meta-train", disable=not (progress and rank == 0), initial=int(elapsed)
     )
     last_ckpt, ema, t_prev = time.time(), None, time.time()
-    log = open(log_path, "a", buffering=1) if rank == 0 else None
+    log = open(log_path, "a" if step else "w", buffering=1) if rank == 0 else None  # a resumed run appends
     while True:
         done = elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps)
         if world > 1:  # every rank must stop on the same step, or the gradient all-reduce would hang
@@ -206,8 +203,8 @@ def outer_loop(
             "task_loss": round(parts["task"], 4),
             "kl": round(parts["kl"], 4),
         }
-        if step % cfg.val_every == 0:
-            rec["val_loss"] = round(validate(), 4)
+        if step % cfg.val_every == 0 and not math.isnan(val := validate()):
+            rec["val_loss"] = round(val, 4)
         bar.set_postfix(loss=f"{ema:.3f}", **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
         if log:
             log.write(json.dumps(rec) + "\n")
@@ -218,9 +215,9 @@ def outer_loop(
     final_val = validate()
     checkpoint()
     if log:
-        log.write(
-            json.dumps({"step": step, "seconds": round(elapsed, 1), "val_loss": round(final_val, 4), "final": True})
-            + "\n"
-        )
+        final = {"step": step, "seconds": round(elapsed, 1), "final": True}
+        if not math.isnan(final_val):  # no validation studies: no validation loss, not NaN in the log
+            final["val_loss"] = round(final_val, 4)
+        log.write(json.dumps(final) + "\n")
         log.close()
     return {"steps": step, "minutes": elapsed / 60, "train_loss_ema": ema, "val_loss": final_val, "out": str(out)}
