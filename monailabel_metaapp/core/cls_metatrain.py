@@ -50,8 +50,9 @@ def is_medmnist(path: str | Path) -> bool:
 def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
     """(train sets, validation sets, unlabelled views for SSL) from MedMNIST files, segmentation banks
     and segmentation datastore folders (their validation regions come from held-out studies,
-    `split_validation`, as in segmentation meta-training). `unlabelled:FILE.npz` (`UNLABELLED_PREFIX`) adds only the
-    train images of a MedMNIST-layout file to the unlabelled views: its labels are never read."""
+    `split_validation`, as in segmentation meta-training). `unlabelled:FILE.npz`
+    (`UNLABELLED_PREFIX`) adds only the train images of a MedMNIST-layout file to the unlabelled
+    views: its labels are never read."""
     train, val, pool = [], [], []
     for p in paths:
         if str(p).startswith(UNLABELLED_PREFIX):

@@ -8,8 +8,8 @@ under a Gaussian posterior (`VariationalNet`), and small task-specific layers.
 * head (`ProtoLinearHead`): each block's features are centred on the support's mean and scaled to
   unit length (`block_norm`, SimpleShot's CL2N per block), so that every block weighs the same in
   the distances whatever its scale; then one linear layer per feature level (`head_views`: blocks
-  1+2, and all blocks), each initialised from class prototypes (Proto-MAML: W_c = 2 p_c, b_c = -|p_c|^2, the
-  nearest prototype in Euclidean distance) and adapted with Meta-SGD per-parameter rates; the
+  1+2, and all blocks), each initialised from class prototypes (Proto-MAML: W_c = 2 p_c,
+  b_c = -|p_c|^2, the nearest prototype in Euclidean distance) and adapted with Meta-SGD per-parameter rates; the
   prediction averages their class probabilities. Why: the last, coarsest block transfers worst to
   a modality meta-training never saw (chest X-rays, 5-shot AUC 0.82 from it alone against 0.92
   from blocks 1+2), the first blocks alone cannot tell the cardiac structures apart (0.76-0.77),
@@ -107,6 +107,7 @@ class ProtoLinearHead(nn.Module):
         self.view_dims, self.blocks = view_dims, blocks
 
     def normalise(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The features the linear layers see (unchanged without `blocks`)."""
         if not self.blocks:
             return feats
         z = feats - params["mu"]

@@ -121,7 +121,8 @@ def split_validation(studies: list[Study], seed: int) -> tuple[list[Study], list
     slice of a validation study is trained on."""
     labelled = [s for s in studies if s.label is not None]
     val = random.Random(seed).sample(labelled, max(1, len(labelled) // 8)) if len(labelled) >= 4 else []
-    return [s for s in studies if s not in val], val
+    held_out = {id(s) for s in val}  # by identity: two sources may name studies alike
+    return [s for s in studies if id(s) not in held_out], val
 
 
 def with_context(stack: torch.Tensor, idx: list[int], context: int) -> torch.Tensor:
