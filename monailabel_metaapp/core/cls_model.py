@@ -3,13 +3,14 @@ under a Gaussian posterior (`VariationalNet`), and small task-specific layers.
 
 * encoder: four MONAI `Convolution` blocks (conv, instance norm, PReLU) with max-pooling; the
   embedding is the global average of every block's output, concatenated. A 2D image is one view;
-  a 3D volume (or region of interest) is three views, its central axial, coronal and sagittal
-  slices, whose features are averaged.
+  a 3D volume is three views, its central axial, coronal and sagittal slices, and a region of
+  interest (box or mask) crops of up to three of its axial slices; the views' features are averaged.
 * head (`ProtoLinearHead`): each block's features are centred on the support's mean and scaled to
   unit length (`block_norm`, SimpleShot's CL2N per block), so that every block weighs the same in
   the distances whatever its scale; then one linear layer per feature level (`head_views`: blocks
   1+2, and all blocks), each initialised from class prototypes (Proto-MAML: W_c = 2 p_c,
-  b_c = -|p_c|^2, the nearest prototype in Euclidean distance) and adapted with Meta-SGD per-parameter rates; the
+  b_c = -|p_c|^2, the nearest prototype in Euclidean distance) and adapted with Meta-SGD rates (one
+  per feature for W, shared across classes, one for b); the
   prediction averages their class probabilities. Why: the last, coarsest block transfers worst to
   a modality meta-training never saw (chest X-rays, 5-shot AUC 0.82 from it alone against 0.92
   from blocks 1+2), the first blocks alone cannot tell the cardiac structures apart (0.76-0.77),
