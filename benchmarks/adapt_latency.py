@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stock_flow import measure_stock_flow  # noqa: E402
 
 from monailabel_metaapp.devserver import Server, free_port  # noqa: E402
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets  # noqa: E402
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, shared_datasets  # noqa: E402
 
 
 def resample_slices(img: sitk.Image, slices: int, nearest: bool) -> sitk.Image:
@@ -106,8 +106,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=40, help="resample the 13-19 slice cardiac stacks to this many")
     ap.add_argument("--out", default="benchmarks/results/adapt_latency.json")
     a = ap.parse_args()
-    if shared_datasets() is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    require_shared_datasets()
     root = Path(tempfile.mkdtemp())
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

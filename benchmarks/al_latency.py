@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from monailabel_metaapp.devserver import Server
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
 
 def main() -> None:
@@ -25,8 +25,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/al_latency.json")
     a = ap.parse_args()
-    if shared_datasets() is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    require_shared_datasets()
     root = Path(tempfile.mkdtemp())
     store = cmr_view(root / "store")
     for p in sorted((store / "labels" / "final").iterdir())[2:]:  # 2 labelled studies, 33 to choose from

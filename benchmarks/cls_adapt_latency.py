@@ -35,7 +35,7 @@ from monailabel_metaapp.core.cls_model import adapt
 from monailabel_metaapp.devserver import Server
 from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS, ClsService
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
-from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 
 def xray_store(root: Path, out: Path) -> list[tuple[str, str]]:
@@ -119,9 +119,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/cls_adapt_latency.json")
     a = ap.parse_args()
-    root = shared_datasets()
-    if root is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    root = require_shared_datasets()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
     result: dict = {"command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine()}

@@ -34,7 +34,7 @@ from monailabel_metaapp.core.checkpoint import load_cls_model
 from monailabel_metaapp.core.cls_data import ClsSet, load_medmnist, region_set
 from monailabel_metaapp.core.episodes import load_studies
 from monailabel_metaapp.evaluate_cls import embed
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
 
 def block_features(model, images: torch.Tensor) -> list[np.ndarray]:
@@ -75,9 +75,7 @@ def main() -> None:
     ap.add_argument("--supports", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/cls_feature_blocks.json")
     a = ap.parse_args()
-    root = shared_datasets()
-    if root is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    root = require_shared_datasets()
     torch.set_num_threads(2)
     npz = root / "pneumoniamnist" / "pneumoniamnist.npz"
     shots = [int(k) for k in a.shots.split(",")]

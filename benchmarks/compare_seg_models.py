@@ -20,7 +20,7 @@ import torch
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.volume import label_slices, read_image, stack_to_original, to_slices
-from monailabel_metaapp.shared_data import CMR_STRUCTURES, shared_datasets
+from monailabel_metaapp.shared_data import CMR_STRUCTURES, require_shared_datasets
 
 
 def main() -> None:
@@ -30,9 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/compare_seg_models.json")
     a = ap.parse_args()
-    root = shared_datasets()
-    if root is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    root = require_shared_datasets()
     torch.set_num_threads(2)
     cmr = root / "cmr_bssfp"
     rng = random.Random(a.seed)

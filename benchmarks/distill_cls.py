@@ -32,7 +32,7 @@ from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, a
 from monailabel_metaapp.core.distill import distill_cls
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import DEFAULT_CLS_STEPS, evaluate_cls
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets, totalseg_view
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
 
 
 def n_params(model: FewShotClsModel) -> int:
@@ -120,9 +120,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="skip training: evaluate the students in --work")
     ap.add_argument("--out", default="benchmarks/results/distill_cls.json")
     a = ap.parse_args()
-    root = shared_datasets()
-    if root is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    root = require_shared_datasets()
     torch.set_num_threads(a.threads)
     t0 = time.time()
     work, out = Path(a.work), Path(a.out)

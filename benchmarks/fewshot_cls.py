@@ -31,7 +31,7 @@ from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX, meta_train_
 from monailabel_metaapp.core.cls_model import ClsModelConfig
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import evaluate_cls, plot
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets, totalseg_view
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
 
 
 def main() -> None:
@@ -53,9 +53,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=["test", "val"], help="the PneumoniaMNIST split classified")
     ap.add_argument("--baselines", default="scratch,linear")
     a = ap.parse_args()
-    root = shared_datasets()
-    if root is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    root = require_shared_datasets()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

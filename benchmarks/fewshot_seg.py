@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from monailabel_metaapp.evaluate import evaluate_seg, plot_rows
-from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 TEST_IDS = list(range(26, 36))
 
@@ -33,8 +33,7 @@ def main() -> None:
     ap.add_argument("--scratch-seconds", type=float, default=150.0)
     ap.add_argument("--out", default="benchmarks/results/fewshot_seg.json")
     a = ap.parse_args()
-    if shared_datasets() is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    require_shared_datasets()
     models = Path(a.models)
     shots = [int(s) for s in a.shots.split(",")]
     store = cmr_view(Path(tempfile.mkdtemp()) / "cmr_test", TEST_IDS)

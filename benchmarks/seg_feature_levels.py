@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import load_studies, with_context
 from monailabel_metaapp.core.networks import prototypes
-from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 LEVELS = ["upcat_4", "upcat_3", "upcat_2", "upcat_1", "final_conv"]
 
@@ -76,8 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     if len(a.models) != len(a.values):
         raise SystemExit("--models and --values must pair up")
-    if shared_datasets() is None:
-        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    require_shared_datasets()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
     names = {v: k for k, v in CMR_STRUCTURES.items()}

@@ -21,6 +21,14 @@ def shared_datasets() -> Path | None:
     return p if p.is_dir() else None
 
 
+def require_shared_datasets() -> Path:
+    """`shared_datasets()` for the benchmarks, which need real data: exits with why when absent."""
+    root = shared_datasets()
+    if root is None:
+        raise SystemExit("../shared/datasets is absent: this benchmark needs real data")
+    return root
+
+
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if not dst.exists():

@@ -23,6 +23,7 @@ under a Gaussian posterior (`VariationalNet`), and small task-specific layers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -123,7 +124,10 @@ class ProtoLinearHead(nn.Module):
         return params
 
     def logits(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = self.normalise(feats, params)
+        return self.linear_logits(self.normalise(feats, params), params)
+
+    def linear_logits(self, z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`logits` on features already normalised (the inner loop normalises the support once)."""
         probs = [
             F.softmax(z[:, dims] @ params[f"W{i}"].T + params[f"b{i}"], 1) for i, dims in enumerate(self.view_dims)
         ]
@@ -172,8 +176,13 @@ def adapt(
     create_graph: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Prototype init + Meta-SGD steps of the head on support features (the encoder is untouched)."""
-    params = model.head.init_params(feats, labels, n_way)
+    head = model.head
+    params = head.init_params(feats, labels, n_way)
     if not create_graph:
         params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    # the support mean has no learned rate, so the normalised support is the same at every step
+    z = head.normalise(feats, params)
+    z = z if create_graph else z.detach()
+    linear = SimpleNamespace(logits=head.linear_logits)
     with torch.enable_grad():
-        return inner_adapt(model.head, params, model.lrs(), feats, labels, steps, create_graph, loss_fn=F.cross_entropy)
+        return inner_adapt(linear, params, model.lrs(), z, labels, steps, create_graph, loss_fn=F.cross_entropy)
