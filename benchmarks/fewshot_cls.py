@@ -6,6 +6,7 @@ slices), then evaluate on PneumoniaMNIST with the `scratch` (ResNet-18) and `lin
         [--max-way 5] [--augment 1] [--abnormal-fraction 0.3]   # harder episodes
         [--ssl-target]   # + SSL tasks on PneumoniaMNIST's train IMAGES (labels never read)
         [--split val]    # classify the val split (for choices) instead of the test split
+        [--lambda-kl 0] [--fixed-lr]   # ablations of the meta-objective's KL term and learned rates
 
 Variants:
 * strict (default): no PneumoniaMNIST at all in meta-training;
@@ -49,7 +50,10 @@ def main() -> None:
     ap.add_argument("--abnormal-fraction", type=float, default=0.0, help="share of synthetic normal/abnormal tasks")
     ap.add_argument("--ssl-fraction", type=float, default=0.5)
     ap.add_argument("--ssl-target", action="store_true", help="add PneumoniaMNIST train images, unlabelled")
-    ap.add_argument("--channels", default="32,64,64,64")
+    ap.add_argument("--channels", default="16,32,32,32")
+    ap.add_argument("--lambda-kl", type=float, default=1e-3, help="weight of the KL term (0 turns it off)")
+    ap.add_argument("--fixed-lr", action="store_true", help="inner-loop rates fixed at their init (no Meta-SGD)")
+    ap.add_argument("--seed", type=int, default=0, help="meta-training seed (the supports do not depend on it)")
     ap.add_argument("--split", default="test", choices=["test", "val"], help="the PneumoniaMNIST split classified")
     ap.add_argument("--baselines", default="scratch,linear")
     a = ap.parse_args()
@@ -71,7 +75,13 @@ def main() -> None:
         if a.ssl_target:
             sources.append(f"{UNLABELLED_PREFIX}{npz}")
         cfg = MetaTrainConfig(
-            minutes=a.minutes, max_steps=a.max_steps, tasks_per_step=8, ssl_fraction=a.ssl_fraction, lambda_kl=1e-3
+            minutes=a.minutes,
+            max_steps=a.max_steps,
+            tasks_per_step=8,
+            ssl_fraction=a.ssl_fraction,
+            lambda_kl=a.lambda_kl,
+            learned_lr=not a.fixed_lr,
+            seed=a.seed,
         )
         cfg.cls_max_way, cfg.cls_augment, cfg.cls_abnormal_fraction = a.max_way, a.augment, a.abnormal_fraction
         mcfg = ClsModelConfig(channels=tuple(int(c) for c in a.channels.split(",")))

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", required=True, help="classifier weights from `meta-train --task cls`")
     s.add_argument("--studies", nargs="+", required=True, help="the same kinds of sources as meta-train --task cls")
     s.add_argument("--out", required=True)
-    s.add_argument("--student-channels", default="16,32,32,32")
+    s.add_argument("--student-channels", default="8,16,16,16", help="half the shipped classifier's width")
     s.add_argument("--minutes", type=float, default=10.0)
     s.add_argument("--max-steps", type=int, default=0)
     s.add_argument("--tasks-per-step", type=int, default=4)

@@ -37,7 +37,8 @@ from monailabel_metaapp.core.variational import VariationalNet, param_key
 @dataclass
 class ClsModelConfig:
     size: int = 32  # every view is resized to size x size
-    channels: tuple[int, ...] = (32, 64, 64, 64)
+    # half the width of the first design: as good on PneumoniaMNIST's val split, 1.8x faster per image
+    channels: tuple[int, ...] = (16, 32, 32, 32)
     head_views: tuple[tuple[int, ...], ...] = ((1, 2), (0, 1, 2, 3))  # blocks each linear head sees
     block_norm: bool = True  # centre each block's features on the support mean, scale to unit length
     prior_sigma: float = 0.1
