@@ -4,7 +4,7 @@ time on the same episodes; all three evaluated leave-one-dataset-out on Pneumoni
 in meta-training), with parameters, inference time per image and adaptation time.
 
     python benchmarks/distill_cls.py --teacher .cache/cls_bench/meta_cls.pt [--minutes 6]
-        [--student-channels 16,32,32,32] [--max-way 5 --augment 1 --abnormal-fraction 0.3]
+        [--student-channels 16,32,32,32 (default: half the teacher's)] [--max-way 5 --augment 1 --abnormal-fraction 0.3]
 
 The teacher is any classifier from `benchmarks/fewshot_cls.py` / `metaapp meta-train --task cls`
 (meta-trained on the same sources: cardiac MRI and CT regions + SSL). Both students get the same
@@ -29,7 +29,7 @@ from monailabel_metaapp.core.checkpoint import load_cls_model
 from monailabel_metaapp.core.cls_data import load_medmnist
 from monailabel_metaapp.core.cls_metatrain import meta_train_cls
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
-from monailabel_metaapp.core.distill import distill_cls
+from monailabel_metaapp.core.distill import distill_cls, half_width
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import DEFAULT_CLS_STEPS, evaluate_cls
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=".cache/cls_bench/meta_cls.pt")
     ap.add_argument("--minutes", type=float, default=6.0, help="meta-training budget of each student")
-    ap.add_argument("--student-channels", default="16,32,32,32")
+    ap.add_argument("--student-channels", help="default: half the teacher's width")
     ap.add_argument("--max-way", type=int, default=0)
     ap.add_argument("--augment", type=float, default=0.0)
     ap.add_argument("--abnormal-fraction", type=float, default=0.0)
@@ -128,7 +128,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())
     sources = [cmr_view(tmp / "cmr"), totalseg_view(tmp / "totalseg")]
-    student_cfg = ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(",")))
+    if a.student_channels:
+        student_cfg = ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(",")))
+    else:
+        student_cfg = half_width(load_cls_model(a.teacher, "cpu").cfg)
 
     def cfg() -> MetaTrainConfig:
         c = MetaTrainConfig(minutes=a.minutes, tasks_per_step=8, ssl_fraction=0.5, lambda_kl=1e-3)

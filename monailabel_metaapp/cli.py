@@ -85,7 +85,9 @@ def _distill(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.metatrain import MetaTrainConfig
 
     cfg = MetaTrainConfig(minutes=a.minutes, max_steps=a.max_steps, tasks_per_step=a.tasks_per_step, seed=a.seed)
-    student = ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(",")))
+    student = (
+        ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(","))) if a.student_channels else None
+    )
     summary = distill_cls(a.teacher, a.studies, a.out, cfg, student, a.n_way, a.k_shot, a.device, fresh=a.fresh)
     print(json.dumps(summary, indent=2, default=str))
 
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", required=True, help="classifier weights from `meta-train --task cls`")
     s.add_argument("--studies", nargs="+", required=True, help="the same kinds of sources as meta-train --task cls")
     s.add_argument("--out", required=True)
-    s.add_argument("--student-channels", default="8,16,16,16", help="half the shipped classifier's width")
+    s.add_argument("--student-channels", help="e.g. 8,16,16,16 (default: half the teacher's width)")
     s.add_argument("--minutes", type=float, default=10.0)
     s.add_argument("--max-steps", type=int, default=0)
     s.add_argument("--tasks-per-step", type=int, default=4)

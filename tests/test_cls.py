@@ -183,15 +183,16 @@ def test_distillation_trains_a_smaller_student_to_adapt_like_its_teacher(pneumon
     from monailabel_metaapp.core.metatrain import MetaTrainConfig
 
     torch.manual_seed(0)
-    teacher = FewShotClsModel(ClsModelConfig(size=28, channels=(32, 64, 64, 64)))
+    teacher = FewShotClsModel(ClsModelConfig(size=28, channels=(16, 32, 32, 32)))
     save_model(teacher, tmp_path / "teacher.pt")
-    student_cfg = ClsModelConfig(size=28, channels=(8, 16, 16, 16))
     cfg = MetaTrainConfig(minutes=5, max_steps=40, tasks_per_step=4, ssl_fraction=0.0)
     out = tmp_path / "student.pt"
-    distill_cls(tmp_path / "teacher.pt", [pneumonia], out, cfg, student_cfg, device="cpu", progress=False)
+    # no student config: the default student is the teacher's design at half its width
+    distill_cls(tmp_path / "teacher.pt", [pneumonia], out, cfg, None, device="cpu", progress=False)
     log = [line for line in (tmp_path / "student.pt.log.jsonl").read_text().splitlines() if '"task_loss"' in line]
     losses = [float(line.split('"task_loss": ')[1].split(",")[0]) for line in log]
     assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     student = load_cls_model(out)
+    assert student.cfg.channels == (8, 16, 16, 16) and student.cfg.size == 28
     n_student = sum(p.numel() for p in student.encoder.net.parameters())
-    assert n_student < sum(p.numel() for p in teacher.encoder.net.parameters()) / 4
+    assert n_student < sum(p.numel() for p in teacher.encoder.net.parameters()) / 3

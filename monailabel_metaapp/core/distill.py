@@ -9,6 +9,7 @@ meta-objective (KL term on the student's shared layers) and outer loop as meta-t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,11 @@ from monailabel_metaapp.core.cls_metatrain import cls_sources, sampler_for
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
 from monailabel_metaapp.core.objective import with_kl
+
+
+def half_width(teacher: ClsModelConfig) -> ClsModelConfig:
+    """The default student: the teacher's design with half its channels in every block."""
+    return replace(teacher, channels=tuple(max(1, c // 2) for c in teacher.channels))
 
 
 def distill_task_loss(
@@ -62,7 +68,7 @@ def distill_cls(
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     teacher = load_cls_model(teacher_path, dev).eval().requires_grad_(False)
-    student = FewShotClsModel(student_cfg or ClsModelConfig(channels=(16, 32, 32, 32))).to(dev).train()
+    student = FewShotClsModel(student_cfg or half_width(teacher.cfg)).to(dev).train()
     if student.cfg.size != teacher.cfg.size:
         raise ValueError(f"student size {student.cfg.size} must equal the teacher's {teacher.cfg.size}")
     train, _, pool = cls_sources(paths, student.cfg.size, cfg.seed)
