@@ -129,7 +129,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     sources = [cmr_view(tmp / "cmr"), totalseg_view(tmp / "totalseg")]
     if a.student_channels:
-        student_cfg = ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(",")))
+        student_cfg = ClsModelConfig.from_channels(a.student_channels)
     else:
         student_cfg = half_width(load_cls_model(a.teacher, "cpu").cfg)
 

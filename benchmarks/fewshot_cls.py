@@ -84,7 +84,7 @@ def main() -> None:
             seed=a.seed,
         )
         cfg.cls_max_way, cfg.cls_augment, cfg.cls_abnormal_fraction = a.max_way, a.augment, a.abnormal_fraction
-        mcfg = ClsModelConfig(channels=tuple(int(c) for c in a.channels.split(",")))
+        mcfg = ClsModelConfig.from_channels(a.channels)
         train_summary = meta_train_cls(sources, model, cfg, mcfg, n_way=2, k_shot=5, device="cpu", fresh=True)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copy(str(model) + ".log.jsonl", out.with_name(out.stem + "_metatrain.log.jsonl"))

@@ -85,9 +85,7 @@ def _distill(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.metatrain import MetaTrainConfig
 
     cfg = MetaTrainConfig(minutes=a.minutes, max_steps=a.max_steps, tasks_per_step=a.tasks_per_step, seed=a.seed)
-    student = (
-        ClsModelConfig(channels=tuple(int(c) for c in a.student_channels.split(","))) if a.student_channels else None
-    )
+    student = ClsModelConfig.from_channels(a.student_channels) if a.student_channels else None
     summary = distill_cls(a.teacher, a.studies, a.out, cfg, student, a.n_way, a.k_shot, a.device, fresh=a.fresh)
     print(json.dumps(summary, indent=2, default=str))
 

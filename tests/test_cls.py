@@ -196,3 +196,11 @@ def test_distillation_trains_a_smaller_student_to_adapt_like_its_teacher(pneumon
     assert student.cfg.channels == (8, 16, 16, 16) and student.cfg.size == 28
     n_student = sum(p.numel() for p in student.encoder.net.parameters())
     assert n_student < sum(p.numel() for p in teacher.encoder.net.parameters()) / 3
+
+
+def test_channel_lists_from_the_command_line_are_parsed_or_refused_with_why():
+    assert ClsModelConfig.from_channels("8,16,16,16").channels == (8, 16, 16, 16)
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        ClsModelConfig.from_channels("8,x,16,16")
+    with pytest.raises(ValueError, match="head_views"):  # too few blocks for the heads
+        ClsModelConfig.from_channels("8")
