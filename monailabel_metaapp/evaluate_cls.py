@@ -11,8 +11,8 @@ Accuracy, balanced accuracy and ROC AUC (macro one-vs-rest beyond two classes).
 
 With `--studies DIR`, the examples are the class corrections of `DIR/datastore_v2.json` (image
 info `metaapp_classes`, what `PUT /metaapp/classes/{id}` stores), seen exactly as the app sees them,
-one evaluation per head (`image`, `region`): per repeat k examples per class are the support and
-every other example is classified. The folder is only read."""
+one evaluation per task (`image`, `region` and any named task): per repeat k examples per class are
+the support and every other example is classified. The folder is only read."""
 
 from __future__ import annotations
 
@@ -176,7 +176,6 @@ def evaluate_cls_store(
     from monailabel.config import settings as ml_settings
 
     from monailabel_metaapp.core.episodes import label_names
-    from monailabel_metaapp.lib.cls_heads import KINDS
     from monailabel_metaapp.lib.cls_service import ClsService
     from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
@@ -194,25 +193,25 @@ def evaluate_cls_store(
     rows, notes, sizes = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         svc = ClsService(ds, tmp, model_path, device=device, steps=steps)
-        for kind in KINDS:
+        for task, kind in sorted(svc.tasks().items()):
             views, names = [], []
-            for image_id, key, rec in svc.examples(kind):
+            for image_id, key, rec in svc.examples(task):
                 try:
                     views.append(svc.views(image_id, rec))
                     names.append(rec["class"])
                 except (LookupError, ValueError) as e:
-                    notes.append(f"{kind} {image_id} {key}: skipped ({e})")
+                    notes.append(f"{task} {image_id} {key}: skipped ({e})")
             classes = sorted(set(names))
             counts = {c: names.count(c) for c in classes}
-            sizes[kind] = counts
+            sizes[task] = counts
             if len(classes) < 2:
-                notes.append(f"{kind}: examples of {classes or 'no class'}; 2 classes are needed")
+                notes.append(f"{task}: examples of {classes or 'no class'}; 2 classes are needed")
                 continue
             feats = svc.embed(views).to(svc.device)
             y = torch.tensor([classes.index(n) for n in names])
             for k in shots:
                 if min(counts.values()) <= k:
-                    notes.append(f"{kind}, k={k}: a class has {min(counts.values())} examples, not more than k")
+                    notes.append(f"{task}, k={k}: a class has {min(counts.values())} examples, not more than k")
                     continue
                 results: dict[str, list[dict]] = {}
                 for r in range(repeats):
@@ -225,7 +224,7 @@ def evaluate_cls_store(
                         runs["linear"] = run_linear(feats[idx], y_s, feats[query])
                     for method, (proba, sec) in runs.items():
                         results.setdefault(method, []).append({**scores(y[query].numpy(), proba), "seconds": sec})
-                rows += [{"kind": kind, **summary_row(k, f"{kind} {m}", rs)} for m, rs in results.items()]
+                rows += [{"task": task, "kind": kind, **summary_row(k, f"{task} {m}", rs)} for m, rs in results.items()]
     if not rows:
         raise ValueError(f"nothing to evaluate in {studies}: " + "; ".join(notes or ["no class corrections stored"]))
     settings = {"studies": str(studies), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}

@@ -124,6 +124,72 @@ def test_service_adapts_from_stored_corrections_and_reloads(shared, tmp_path):
         svc2.classify("cmr_31", region="lv blood pool")
 
 
+def test_named_tasks_keep_their_own_classes_and_heads(shared, tmp_path):
+    """Two tasks on the same regions (as malignancy and tumour type on one lesion): the default region
+    task (left/right) and a named task (`tissue`: blood/muscle), each with its own head, classes,
+    stored corrections, results in segmentation params, evaluation rows, and clear refusals."""
+    d = cmr_view(tmp_path / "cmr", list(range(26, 36)))
+    ds = ValidatingDatastore(str(d), extensions=["*.nii.gz"], auto_reload=False, default_names=CMR_STRUCTURES)
+    svc = ClsService(ds, tmp_path / "store", DEFAULT_CLS_WEIGHTS, device="cpu")
+    for i in (26, 27, 28, 29, 30):
+        svc.correct(f"cmr_{i}", "left", region="lv blood pool")
+        svc.correct(f"cmr_{i}", "right", region="rv blood pool")
+        reply = svc.correct(f"cmr_{i}", "blood", region="lv blood pool", task="tissue")
+        assert reply["key"] == "tissue/lv blood pool" and reply["task"] == "tissue"
+        svc.correct(f"cmr_{i}", "muscle", region="lv myocardium", task="tissue")
+    assert svc.queue.wait_idle(120)
+    snap = svc.heads.snapshot()
+    assert snap["region"]["examples"] == {"left": 5, "right": 5}, "the named task's examples stay out of it"
+    assert snap["tissue"]["examples"] == {"blood": 5, "muscle": 5} and snap["tissue"]["kind"] == "region"
+    stored = svc.corrections("cmr_26")
+    assert stored["lv blood pool"]["class"] == "left" and stored["tissue/lv blood pool"]["class"] == "blood"
+
+    right = 0
+    for i in range(31, 36):  # held-out studies: one region, two tasks, two answers
+        lv = svc.classify(f"cmr_{i}", region="lv blood pool")
+        assert lv["task"] == "region" and {p["label"] for p in lv["prediction"]} == {"left", "right"}
+        blood = svc.classify(f"cmr_{i}", region="lv blood pool", task="tissue")
+        muscle = svc.classify(f"cmr_{i}", region="lv myocardium", task="tissue")
+        assert {p["label"] for p in blood["prediction"]} == {"blood", "muscle"}
+        right += (lv["prediction"][0]["label"] == "left") + (blood["prediction"][0]["label"] == "blood")
+        right += muscle["prediction"][0]["label"] == "muscle"
+    assert right >= 13, f"{right}/15 held-out answers right"
+
+    # segmentation results carry the default task's classes and each named task's
+    label = sitk.ReadImage(str(d / "labels" / "final" / "cmr_31.nii.gz"))
+    names = {"lv blood pool": LV, "lv myocardium": 200}
+    extra = svc.classify_regions(str(d / "cmr_31.nii.gz"), label, names)
+    assert set(extra["classes"]) == set(names) and set(extra["task_classes"]) == {"tissue"}
+    assert extra["task_classes"]["tissue"]["lv myocardium"]["label"] == "muscle", extra
+
+    # refused with the reason, nothing stored
+    with pytest.raises(ValueError, match="lower-case"):
+        svc.correct("cmr_31", "blood", region="lv blood pool", task="Tissue Type")
+    with pytest.raises(ValueError, match="classifies regions"):
+        svc.correct("cmr_31", "blood", task="tissue")  # a whole image for a region task
+    with pytest.raises(ValueError, match="classifies regions"):
+        svc.classify("cmr_31", task="tissue")
+    with pytest.raises(LookupError, match="no head yet"):
+        svc.classify("cmr_31", region="lv blood pool", task="malignancy")
+    assert svc.corrections("cmr_31") == {} and "Tissue Type" not in svc.heads.snapshot()
+
+    # a restart serves both heads without adapting; removing a named task's correction re-adapts only it
+    svc2 = ClsService(ds, tmp_path / "store", DEFAULT_CLS_WEIGHTS, device="cpu")
+    assert svc2.sync() == [] and svc2.heads.snapshot()["tissue"]["version"] == snap["tissue"]["version"]
+    assert svc2.remove("cmr_30", "tissue/lv blood pool")["adapting"] == ["tissue"]
+    assert svc2.queue.wait_idle(60)
+    after = svc2.heads.snapshot()
+    assert after["tissue"]["examples"] == {"blood": 4, "muscle": 5}
+    assert after["region"]["version"] == snap["region"]["version"]
+
+    # `metaapp evaluate cls --studies` evaluates every task
+    cli_main(
+        ["evaluate", "cls", "--studies", str(d), "--shots", "2", "--repeats", "2", "--out", str(tmp_path / "e.json")]
+    )
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"region meta", "region linear", "tissue meta", "tissue linear"}
+
+
 def test_classify_correct_classify_again_through_monailabel_client(cmr_store, shared, start_server, tmp_path):
     """The acceptance flow: classify (no classes yet: a clear error), correct over REST and through the
     unmodified MONAILabelClient, the head adapts in the background, classify again; the segmentation
@@ -165,14 +231,16 @@ def test_classify_correct_classify_again_through_monailabel_client(cmr_store, sh
     lbl = sitk.GetImageFromArray(np.where(arr == LV, 1, np.where(arr == RV, 2, 0)).astype(np.uint8))
     lbl.CopyInformation(a)
     sitk.WriteImage(lbl, str(tmp_path / "l30.nii.gz"))
-    label_info = [
-        {"name": "lv blood pool", "idx": 1, "class": "left"},
+    label_info = [  # a class per task ({task: class}), or one class of the default region task
+        {"name": "lv blood pool", "idx": 1, "class": {"region": "left", "tissue": "blood"}},
         {"name": "rv blood pool", "idx": 2, "class": "right"},
     ]
     saved = client.save_label("cmr_30", str(tmp_path / "l30.nii.gz"), params={"label_info": label_info})
     saved = saved if isinstance(saved, dict) else json.loads(saved)
     assert sorted(saved["metaapp"]["fewshot_seg"]["adapting"]) == ["lv blood pool", "rv blood pool"]
-    assert saved["metaapp"]["fewshot_cls"]["classes"] == {"lv blood pool": "left", "rv blood pool": "right"}
+    cls_reply = saved["metaapp"]["fewshot_cls"]
+    assert cls_reply["classes"] == {"lv blood pool": {"region": "left", "tissue": "blood"}, "rv blood pool": "right"}
+    assert cls_reply["adapting"] == ["region", "tissue"] and cls_reply["refused"] == {}
 
     # 3. /info/ shows the new head: classes and examples per class
     head = wait_head(server.url, "region", {"left": 5, "right": 5})
@@ -193,6 +261,20 @@ def test_classify_correct_classify_again_through_monailabel_client(cmr_store, sh
     assert classes["lv blood pool"]["label"] == "left", classes
     assert {c["label"] for c in classes.values()} <= {"left", "right"}
 
+    # 5b. a named task on the same regions (its own classes and head), over REST and in segmentation results
+    for i in (26, 27):
+        for region, cls in (("lv blood pool", "blood"), ("lv myocardium", "muscle")):
+            body = {"class": cls, "region": region, "task": "tissue"}
+            r = requests.put(f"{server.url}/metaapp/classes/cmr_{i}", json=body, timeout=30)
+            assert r.status_code == 200 and r.json()["key"] == f"tissue/{region}", r.text
+    tissue = wait_head(server.url, "tissue", {"blood": 3, "muscle": 2})
+    assert tissue["kind"] == "region" and tissue["classes"] == ["blood", "muscle"]
+    res = classify(client, "cmr_31", {"roi": roi_of(ref[31], LV), "task": "tissue"})
+    assert res["task"] == "tissue" and res["prediction"][0]["label"] == "blood", res
+    _, seg_params = client.infer("fewshot_seg", "cmr_31", {})
+    assert seg_params["task_classes"]["tissue"]["lv blood pool"]["label"] in {"blood", "muscle"}, seg_params
+    assert seg_params["classes"]["lv blood pool"]["label"] == "left"
+
     # 6. stored in the datastore (image info), visible to any client
     objects = client.datastore()["objects"]
     assert objects["cmr_26"]["image"]["info"]["metaapp_classes"]["rv blood pool"]["class"] == "right"
@@ -211,6 +293,8 @@ def test_classify_correct_classify_again_through_monailabel_client(cmr_store, sh
     with pytest.raises(MONAILabelClientException) as e:
         classify(client, "cmr_31", {"region": "spleen"})
     assert "422" in str(e.value)
+    r = requests.put(f"{url}/cmr_28", json={"class": "blood", "task": "tissue"}, timeout=30)
+    assert r.status_code == 422 and "classifies regions" in r.json()["detail"]
     assert requests.get(f"{url}?image=cmr_28", timeout=30).json()["corrections"]["cmr_28"].keys() == {
         "roi:" + ",".join(map(str, roi_of(ref[28], v))) for v in (LV, RV)
     }
@@ -220,6 +304,8 @@ def test_classify_correct_classify_again_through_monailabel_client(cmr_store, sh
     server.start()
     again = requests.get(f"{server.url}/info/", timeout=10).json()["metaapp"]["fewshot_cls"]["heads"]["region"]
     assert again["version"] == head["version"] and again["state"] == "ready"
+    again = requests.get(f"{server.url}/info/", timeout=10).json()["metaapp"]["fewshot_cls"]["heads"]["tissue"]
+    assert again["version"] == tissue["version"] and again["examples"] == {"blood": 3, "muscle": 2}
     res = classify(client, "cmr_31", {"roi": roi_of(ref[31], RV)})
     assert res["prediction"][0]["label"] == "right"
 

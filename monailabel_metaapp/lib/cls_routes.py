@@ -1,8 +1,11 @@
 """HTTP routes of the few-shot classifier (added in front of MONAI Label's own routes).
 
-* `PUT /metaapp/classes/{image_id}` body `{"class": NAME[, "region": STRUCTURE | "roi": [x0,y0,z0,x1,y1,z1]]}`:
-  store a class correction in the datastore and queue the adaptation of that head; replies at once.
-* `DELETE /metaapp/classes/{image_id}?key=KEY`: drop a correction (KEY: "image", a structure, "roi:...").
+* `PUT /metaapp/classes/{image_id}` body
+  `{"class": NAME[, "region": STRUCTURE | "roi": [x0,y0,z0,x1,y1,z1]][, "task": TASK]}`: store a class
+  correction in the datastore and queue the adaptation of that task's head; replies at once. Without
+  "task" it teaches the default task of its kind (`image`, or `region` with a region or roi).
+* `DELETE /metaapp/classes/{image_id}?key=KEY`: drop a correction (KEY as the PUT reply gives it:
+  "image", a structure, "roi:...", each prefixed "TASK/" for a named task).
 * `GET /metaapp/classes[?image=ID]`: the heads (classes, examples per class, version, state) and the
   stored corrections.
 * `POST /train/fewshot_cls`: what `MONAILabelClient.train_start("fewshot_cls", params)` sends. With
@@ -36,7 +39,9 @@ def store_correction(service, image_id: str, body: dict) -> dict:
     if "class" not in body:
         raise HTTPException(400, 'missing "class": send {"class": NAME[, "region": STRUCTURE | "roi": [...]]}')
     try:
-        return service.correct(image_id, body["class"], region=body.get("region"), roi=body.get("roi"))
+        return service.correct(
+            image_id, body["class"], region=body.get("region"), roi=body.get("roi"), task=body.get("task")
+        )
     except KeyError as e:
         raise HTTPException(404, f"{e.args[0]}: nothing was stored") from e
     except (LookupError, ValueError, VolumeError) as e:
@@ -80,7 +85,7 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
             if not isinstance(it, dict) or not it.get("image"):
                 raise HTTPException(400, 'each correction needs "image" (an image id) and "class"')
             stored.append(store_correction(service, str(it["image"]), it))
-        return reply | {"model": model, "stored": stored, "adapting": sorted({s["kind"] for s in stored})}
+        return reply | {"model": model, "stored": stored, "adapting": sorted({s["task"] for s in stored})}
 
     # ahead of MONAI Label's /train/{model} and the app's: move exactly what include_router added
     before = len(app.router.routes)

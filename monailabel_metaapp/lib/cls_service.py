@@ -7,11 +7,15 @@ What is classified:
   few-shot segmentation's prediction of it) or a box `roi = [x0, y0, z0, x1, y1, z1]` (voxel
   indices of the image, ends exclusive). A region is seen as crops of a few of its slices, the
   crops `region_set` meta-trains on.
-Each kind has its own head (an X-ray's classes are not a lesion's classes).
+Every classification task has its own head and classes. Each kind has a default task named after
+it (`image`, `region`: an X-ray's classes are not a lesion's classes); a correction or a request
+naming a `task` (e.g. `malignancy`, `tumour_type`) teaches or asks that task instead, so one lesion
+can carry a class per task. A task classifies one kind of example, the kind of its first correction.
 
 Class corrections live in the datastore's image info (`datastore_v2.json`):
-  metaapp_classes: {"image" | structure name | "roi:x0,y0,z0,x1,y1,z1":
-                    {"class", "kind", "source": image|label|prediction|roi, "region"?, "roi"?, "ts"}}
+  metaapp_classes: {KEY: {"class", "kind", "task", "source": image|label|prediction|roi, "region"?, "roi"?, "ts"}}
+KEY is "image", a structure name or "roi:x0,y0,z0,x1,y1,z1" for a default task, and "TASK/" + that
+for a named task (corrections stored before named tasks have no "task": their kind's default).
 A correction of a structure that only a prediction outlines stores the prediction's box, so the
 example does not move when the segmentation head changes later.
 """
@@ -36,7 +40,7 @@ from monailabel_metaapp.core.cls_model import adapt
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.volume import CANONICAL, label_slices, normalise_intensity, read_image, to_slices
 from monailabel_metaapp.lib.adapt_queue import AdaptQueue
-from monailabel_metaapp.lib.cls_heads import KINDS, NEEDS_TWO, ClsHead, ClsHeadStore
+from monailabel_metaapp.lib.cls_heads import NEEDS_TWO, ClsHead, ClsHeadStore
 from monailabel_metaapp.lib.label_names import named_values, split_named
 
 logger = logging.getLogger(__name__)
@@ -47,18 +51,23 @@ INFO_KEY = "metaapp_classes"
 REGION_GRID = 160  # regions are cut from slices resized to this (as the segmentation banks meta-trained on)
 TEACH = (
     "teach it with PUT /metaapp/classes/{image_id} "
-    '{"class": NAME[, "region": STRUCTURE | "roi": [x0,y0,z0,x1,y1,z1]]}, '
+    '{"class": NAME[, "region": STRUCTURE | "roi": [x0,y0,z0,x1,y1,z1]][, "task": TASK]}, '
     'or MONAILabelClient.train_start("fewshot_cls", {"image": ID, "class": NAME, ...}), '
     'or a saved label whose label_info entries carry "class"'
 )
 
 
 class NoHead(LookupError):
-    """The classifier cannot answer yet (no head for this kind of example)."""
+    """The classifier cannot answer yet (no head for this task)."""
 
 
 def roi_key(roi: list[int]) -> str:
     return "roi:" + ",".join(str(int(v)) for v in roi)
+
+
+def task_of(rec: dict) -> str:
+    """The task a stored correction teaches (one stored before named tasks: its kind's default)."""
+    return rec.get("task") or rec["kind"]
 
 
 def check_roi(roi: Any, size_xyz: tuple[int, ...]) -> list[int]:
@@ -104,8 +113,8 @@ class ClsService:
     def corrections(self, image_id: str) -> dict[str, dict]:
         return dict((self.datastore.get_image_info(image_id) or {}).get(INFO_KEY) or {})
 
-    def examples(self, kind: str) -> list[tuple[str, str, dict]]:
-        """(image id, key, correction) of every stored correction of this kind."""
+    def all_examples(self) -> list[tuple[str, str, dict]]:
+        """(image id, key, correction) of every stored class correction."""
         for attempt in range(3):
             try:
                 with self._info_lock:
@@ -113,13 +122,22 @@ class ClsService:
                         (image_id, key, rec)
                         for image_id in self.image_ids()
                         for key, rec in sorted(self.corrections(image_id).items())
-                        if rec.get("kind") == kind and rec.get("class")
+                        if rec.get("kind") and rec.get("class")
                     ]
             except RuntimeError:  # another writer (active-learning scores) changed an image's info meanwhile
                 if attempt == 2:
                     raise
                 time.sleep(0.05)
         return []
+
+    def examples(self, task: str) -> list[tuple[str, str, dict]]:
+        """(image id, key, correction) of every stored correction of one task."""
+        return [e for e in self.all_examples() if task_of(e[2]) == task]
+
+    def tasks(self) -> dict[str, str]:
+        """task -> kind, for every task with a head record or a stored correction."""
+        found = {task_of(rec): rec["kind"] for _, _, rec in self.all_examples()}
+        return {t: rec["kind"] for t, rec in self.heads.snapshot().items()} | found
 
     def _image_path(self, image_id: str) -> str:
         if image_id not in set(self.datastore.list_images()):
@@ -168,19 +186,26 @@ class ClsService:
         box += [int(zyx[2].max()) + 1, int(zyx[1].max()) + 1, int(zyx[0].max()) + 1]
         return region, {"kind": "region", "region": region, "roi": box, "source": "prediction"}
 
-    def correct(self, image_id: str, cls: Any, region: str | None = None, roi: Any = None) -> dict:
-        """Store one class correction and queue the adaptation of its head; the reply comes at once."""
+    def correct(
+        self, image_id: str, cls: Any, region: str | None = None, roi: Any = None, task: str | None = None
+    ) -> dict:
+        """Store one class correction and queue the adaptation of its task's head; the reply comes at once."""
         if not isinstance(cls, str) or not cls.strip() or len(cls) > 128:
             raise ValueError(f'"class" must be a non-empty class name (at most 128 characters), got {cls!r}')
         key, rec = self.resolve(image_id, region, roi)
-        rec.update({"class": cls.strip(), "ts": int(time.time())})
+        task = rec["kind"] if task in (None, "") else task
+        self.heads.check(task, rec["kind"])  # a valid name, of this kind
+        if task != rec["kind"]:
+            key = f"{task}/{key}"
+        rec.update({"class": cls.strip(), "task": task, "ts": int(time.time())})
         self.views(image_id, rec)  # refuse now what could never be learned from (empty region, unreadable)
+        self.heads.register(task, rec["kind"])
         with self._info_lock:
             cur = self.corrections(image_id)
             cur[key] = rec
             self.datastore.update_image_info(image_id, {INFO_KEY: cur})
-        queued = self.queue.submit([rec["kind"]])
-        logger.info("class correction: %s %s -> %s (%s)", image_id, key, rec["class"], rec["source"])
+        queued = self.queue.submit([task])
+        logger.info("class correction: %s %s -> %s (%s, task %s)", image_id, key, rec["class"], rec["source"], task)
         return {"image": image_id, "key": key, **rec, "adapting": queued}
 
     def remove(self, image_id: str, key: str) -> dict:
@@ -191,11 +216,12 @@ class ClsService:
                 raise KeyError(f"{image_id!r} has no class correction {key!r} (it has {sorted(cur)})")
             rec = cur.pop(key)
             self.datastore.update_image_info(image_id, {INFO_KEY: cur})
-        return {"image": image_id, "key": key, "removed": rec, "adapting": self.queue.submit([rec["kind"]])}
+        return {"image": image_id, "key": key, "removed": rec, "adapting": self.queue.submit([task_of(rec)])}
 
     def on_label_saved(self, image_id: str) -> dict:
-        """Classes carried by a saved final label: `label_info: [{"name", "idx", "class"}]` (or
-        `classes: {name: class}`) -> one region correction per named structure."""
+        """Classes carried by a saved final label -> region corrections of its named structures:
+        `label_info: [{"name", "idx", "class"}]` or `classes: {name: class}`, where a class is a name
+        (the default region task) or `{task: class, ...}` (named tasks, e.g. malignancy and type)."""
         info = self.datastore.get_label_info(image_id, "final") or {}
         classes = {}
         for it in info.get("label_info") or []:
@@ -206,16 +232,26 @@ class ClsService:
         if not classes:
             return {}
         named = (info.get("metaapp") or {}).get("named") or self.label_structures(image_id)
-        stored, refused = {}, {}
+        stored: dict[str, Any] = {}
+        refused: dict[str, str] = {}
+        adapting: set[str] = set()
         for name, cls in classes.items():
             if name not in named:
                 refused[name] = "not a structure of this label"
                 continue
-            try:
-                stored[name] = self.correct(image_id, cls, region=name)["class"]
-            except (LookupError, ValueError, VolumeError) as e:
-                refused[name] = str(e.args[0] if isinstance(e, KeyError) else e)
-        return {"classes": stored, "refused": refused, "adapting": ["region"] if stored else []}
+            for task, c in cls.items() if isinstance(cls, dict) else [(None, cls)]:
+                try:
+                    done = self.correct(image_id, c, region=name, task=task)
+                except (LookupError, ValueError, VolumeError) as e:
+                    why = str(e.args[0] if isinstance(e, KeyError) else e)
+                    refused[name if task is None else f"{name} ({task})"] = why
+                    continue
+                adapting.add(done["task"])
+                if task is None:
+                    stored[name] = done["class"]
+                else:
+                    stored.setdefault(name, {})[task] = done["class"]
+        return {"classes": stored, "refused": refused, "adapting": sorted(adapting)}
 
     # -- what the classifier sees ------------------------------------------------------------
     def _size_xyz(self, path: str) -> tuple[int, ...]:
@@ -322,24 +358,32 @@ class ClsService:
 
     # -- adaptation ---------------------------------------------------------------------------
     def adapt_all(self) -> list[str]:
-        return self.queue.submit([k for k in KINDS if self.examples(k)])
+        return self.queue.submit(sorted({task_of(rec) for _, _, rec in self.all_examples()}))
 
     def sync(self) -> list[str]:
         """At start-up: adapt the heads whose stored corrections differ from what they learned from,
         or that another classifier model made (the app's weights changed)."""
         snap, live = self.heads.snapshot(), self.heads.heads()
+        by_task: dict[str, list[dict]] = {}
+        for _, _, rec in self.all_examples():
+            by_task.setdefault(task_of(rec), []).append(rec)
         stale = []
-        for kind in KINDS:
-            counts = dict(Counter(rec["class"] for _, _, rec in self.examples(kind)))
-            foreign = kind in live and not self.model.head.matches(live[kind].params)
-            if counts and (foreign or counts != snap.get(kind, {}).get("examples")):
-                stale.append(kind)
+        for task, recs in sorted(by_task.items()):
+            try:
+                self.heads.register(task, recs[0]["kind"])  # a registry lost or older than the corrections
+            except ValueError as e:
+                logger.warning("class corrections of task %r not learned from: %s", task, e)
+                continue
+            counts = dict(Counter(rec["class"] for rec in recs))
+            foreign = task in live and not self.model.head.matches(live[task].params)
+            if foreign or counts != snap.get(task, {}).get("examples"):
+                stale.append(task)
         return self.queue.submit(stale)
 
-    def _adapt(self, kind: str) -> None:
+    def _adapt(self, task: str) -> None:
         t0 = time.perf_counter()
         views, names = [], []
-        for image_id, key, rec in self.examples(kind):
+        for image_id, key, rec in self.examples(task):
             try:
                 views.append(self.views(image_id, rec))
                 names.append(rec["class"])
@@ -348,8 +392,8 @@ class ClsService:
         counts = dict(sorted(Counter(names).items()))
         classes = sorted(counts)
         if len(classes) < 2:
-            self.heads.retire(kind, counts, NEEDS_TWO)
-            logger.info("%s classifier: examples of %s only; %s", kind, classes, NEEDS_TWO)
+            self.heads.retire(task, counts, NEEDS_TWO)
+            logger.info("%s classifier: examples of %s only; %s", task, classes, NEEDS_TWO)
             return
         t1 = time.perf_counter()
         feats = self.embed(views).to(self.device)
@@ -357,10 +401,10 @@ class ClsService:
         params = adapt(self.model, feats, labels, len(classes), self.steps)
         t2 = time.perf_counter()
         head = ClsHead({k: v.detach() for k, v in params.items()}, classes, counts, seconds=t2 - t0)
-        version = self.heads.publish(kind, head)
+        version = self.heads.publish(task, head)
         logger.info(
             "%s classifier adapted on %d examples of %d classes in %.3f s (embed + head %.3f s) -> version %d",
-            kind,
+            task,
             len(names),
             len(classes),
             t2 - t0,
@@ -369,18 +413,19 @@ class ClsService:
         )
 
     # -- inference ----------------------------------------------------------------------------
-    def _head(self, kind: str) -> tuple[ClsHead, int]:
-        head = self.heads.heads().get(kind)
-        rec = self.heads.snapshot().get(kind, {})
+    def _head(self, task: str) -> tuple[ClsHead, int]:
+        head = self.heads.heads().get(task)
+        rec = self.heads.snapshot().get(task, {})
         if head is None:
             examples = rec.get("examples") or {}
             have = f"examples so far: {examples}" if examples else "no class examples yet"
-            raise NoHead(f"the {kind} classifier has no head yet ({have}; it needs 2 classes): {TEACH}")
+            raise NoHead(f"the {task} classifier has no head yet ({have}; it needs 2 classes): {TEACH}")
         return head, int(rec.get("version", 0))
 
-    def predict(self, head: ClsHead, views: list[torch.Tensor]) -> list[list[dict]]:
+    def predict(self, head: ClsHead, feats: torch.Tensor) -> list[list[dict]]:
+        """Features (N, D) (`embed`) -> per example, every class with its probability, best first."""
         w = head.params["W0"]
-        probs = torch.softmax(self.model.head.logits(self.embed(views).to(w.device, w.dtype), head.params), 1)
+        probs = torch.softmax(self.model.head.logits(feats.to(w.device, w.dtype), head.params), 1)
         return [
             sorted(
                 ({"idx": i, "label": c, "score": round(float(p[i]), 4)} for i, c in enumerate(head.classes)),
@@ -389,13 +434,15 @@ class ClsService:
             for p in probs
         ]
 
-    def classify(self, image_id: str, region: str | None = None, roi: Any = None) -> dict:
-        """{"prediction": [{"idx", "label", "score"}] (best first), "kind", "head_version", ...}."""
+    def classify(self, image_id: str, region: str | None = None, roi: Any = None, task: str | None = None) -> dict:
+        """{"prediction": [{"idx", "label", "score"}] (best first), "kind", "task", "head_version", ...}."""
         t0 = time.perf_counter()
         path = self._image_path(image_id)
         kind = "image" if roi is None and region in (None, "", "image") else "region"
-        head, version = self._head(kind)
-        out: dict[str, Any] = {"kind": kind}
+        task = kind if task in (None, "") else task
+        self.heads.check(task, kind)
+        head, version = self._head(task)
+        out: dict[str, Any] = {"kind": kind, "task": task}
         if roi is not None:
             r = check_roi(roi, self._size_xyz(path))
             views = self.mask_views(path, self._box_image(path, r))
@@ -413,16 +460,18 @@ class ClsService:
                 mask = sitk.GetImageFromArray(self._predicted_mask(path, region).astype(np.uint8))
                 mask.CopyInformation(self._stack(path)[1].reference)
                 views = self.mask_views(path, mask)
-        out["prediction"] = self.predict(head, [views])[0]
+        out["prediction"] = self.predict(head, self.embed([views]))[0]
         out["head_version"] = version
         out["latency"] = round(time.perf_counter() - t0, 4)
         return out
 
-    def classify_regions(self, path: str, label: sitk.Image, names: dict[str, int]) -> dict[str, dict] | None:
-        """The class of each segmented structure of a result label map (None: no region head yet)."""
-        head = self.heads.heads().get("region")
-        if head is None or not names:
-            return None
+    def classify_regions(self, path: str, label: sitk.Image, names: dict[str, int]) -> dict[str, dict]:
+        """The classes of each segmented structure of a result label map, as segmentation result params:
+        `classes` {name: {"label", "score", "idx"}} from the default region task and `task_classes`
+        {task: {name: ...}} from the named ones; a task without a head adds nothing."""
+        heads = {t: h for t, h in self.heads.heads().items() if self.heads.kind(t) == "region"}
+        if not heads or not names:
+            return {}
         arr = sitk.GetArrayViewFromImage(label)
         present = {n: v for n, v in names.items() if (arr == v).any()}
         views, order = [], []
@@ -434,10 +483,13 @@ class ClsService:
                 logger.warning("no class for %s: %s", name, e)
         if not views:
             return {}
-        return {
-            name: {"label": pred[0]["label"], "score": pred[0]["score"], "idx": pred[0]["idx"]}
-            for name, pred in zip(order, self.predict(head, views))
+        feats = self.embed(views)
+        by_task = {
+            task: {name: dict(pred[0]) for name, pred in zip(order, self.predict(head, feats))}
+            for task, head in sorted(heads.items())
         }
+        out: dict[str, dict] = {"classes": by_task.pop("region")} if "region" in by_task else {}
+        return out | ({"task_classes": by_task} if by_task else {})
 
     def status(self) -> dict:
         return {

@@ -13,7 +13,8 @@ from monailabel_metaapp.lib.cls_service import ClsService, NoHead
 
 
 class FewShotClsInfer(InferTask):
-    """Params: none (the whole image), `{"region": STRUCTURE}` or `{"roi": [x0, y0, z0, x1, y1, z1]}`.
+    """Params: none (the whole image), `{"region": STRUCTURE}` or `{"roi": [x0, y0, z0, x1, y1, z1]}`,
+    and `"task"` for a named task (default: the task of that kind, `image` or `region`).
     Result (JSON only): `{"prediction": [{"idx", "label", "score"}, ...]}`, best first."""
 
     def __init__(self, service: ClsService):
@@ -22,14 +23,14 @@ class FewShotClsInfer(InferTask):
             labels=None,
             dimension=3,
             description="Meta-learned few-shot classification of an image or a region, learned from class corrections",
-            config={"region": "", "roi": []},
+            config={"region": "", "roi": [], "task": ""},
         )
         self.service = service
 
     def info(self) -> dict[str, Any]:
         info = super().info()
         snap = self.service.heads.snapshot()
-        info["labels"] = {kind: rec.get("classes", []) for kind, rec in snap.items()}
+        info["labels"] = {task: rec.get("classes", []) for task, rec in snap.items()}
         info["heads"] = snap
         return info
 
@@ -44,7 +45,7 @@ class FewShotClsInfer(InferTask):
         roi = request.get("roi") or None
         region = request.get("region") or None
         try:
-            return None, self.service.classify(image_id, region=region, roi=roi)
+            return None, self.service.classify(image_id, region=region, roi=roi, task=request.get("task") or None)
         except NoHead as e:
             raise HTTPException(status_code=409, detail=str(e)) from e
         except (LookupError, ValueError, VolumeError) as e:

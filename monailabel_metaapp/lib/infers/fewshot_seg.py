@@ -29,9 +29,10 @@ class FewShotSegInfer(InferTask):
         )
         self.service = service
         # optional hook (the app sets it to the classifier's): (image path, result label, {name: value})
-        # -> {name: {"label", "score", "idx"}} or None; Slicer and OHIF list no classification models,
-        # so the class of each segmented region rides along in the result's params
-        self.classify_regions: Callable[[str, sitk.Image, dict], dict | None] | None = None
+        # -> params to add (`classes` {name: {"label", "score", "idx"}}, `task_classes` {task: ...});
+        # Slicer and OHIF list no classification models, so the classes of each segmented region
+        # ride along in the result's params
+        self.classify_regions: Callable[[str, sitk.Image, dict], dict] | None = None
 
     def info(self) -> dict[str, Any]:
         info = super().info()
@@ -57,9 +58,7 @@ class FewShotSegInfer(InferTask):
             raise HTTPException(status_code=400, detail=str(e.args[0])) from e
         if self.classify_regions is not None:
             try:
-                classes = self.classify_regions(path, img, params.get("label_names") or {})
-                if classes is not None:
-                    params["classes"] = classes
+                params.update(self.classify_regions(path, img, params.get("label_names") or {}))
             except Exception as e:  # the segmentation must come back even if classification fails
                 logger.exception("classifying the segmented regions of %s failed", path)
                 params["classes_error"] = str(e)
