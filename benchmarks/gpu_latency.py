@@ -1,45 +1,61 @@
 """Core adaptation latency on the GPU (k=1, one cardiac volume): embed the support slices and
-adapt the head, timed after warm-up; the CPU figure comes from benchmarks/adapt_latency.py."""
+adapt the head, timed after warm-up; the CPU figure comes from benchmarks/adapt_latency.py.
 
+    python benchmarks/gpu_latency.py MODEL.pt BANK.npz [--value 500] [--repeats 10] [--device auto]
+
+MODEL is a segmentation checkpoint (`metaapp meta-train`), BANK a study bank (`metaapp bank`) whose
+first labelled study is the support; prints the timings as JSON (benchmarks/gpu_run.sh saves them)."""
+
+import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 
 from monailabel_metaapp.core.adaptation import SegAdapter
-from monailabel_metaapp.core.checkpoint import load_model
+from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import load_bank
 
-model_path, bank_path = sys.argv[1], sys.argv[2]
-studies = [s for s in load_bank(bank_path) if s.label is not None]
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-ad = SegAdapter(load_model(model_path), dev)
-s = studies[0]
-stack, mask = s.image.float() / 255, s.label == 500
-times = []
-for _ in range(12):
-    t = time.perf_counter()
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("bank")
+    ap.add_argument("--value", type=int, default=500, help="label value of the structure (500: LV blood pool)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed adaptations, after 2 warm-up ones")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = ap.parse_args()
+    studies = [s for s in load_bank(a.bank) if s.label is not None and bool((s.label == a.value).any())]
+    if not studies:
+        raise SystemExit(f"no study of {a.bank} holds label value {a.value}")
+    dev = pick_device(a.device)
+    cuda = dev.type == "cuda"
+    ad = SegAdapter(load_model(a.model), dev)
+    stack, mask = studies[0].image.float() / 255, studies[0].label == a.value
+    times = []
+    for _ in range(a.repeats + 2):
+        t = time.perf_counter()
+        ad.adapt([stack], [mask])
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    times = times[2:]
     head = ad.adapt([stack], [mask])
-    if dev == "cuda":
+    t = time.perf_counter()
+    ad.predict(stack, [head])
+    if cuda:
         torch.cuda.synchronize()
-    times.append(time.perf_counter() - t)
-times = times[2:]
-t = time.perf_counter()
-probs = ad.predict(stack, [head])
-if dev == "cuda":
-    torch.cuda.synchronize()
-print(
-    json.dumps(
-        {
-            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-            "volume_slices": int(stack.shape[0]),
-            "slice_size": int(stack.shape[1]),
-            "adapt_seconds_median": statistics.median(times),
-            "adapt_seconds_all": times,
-            "predict_seconds": time.perf_counter() - t,
-        },
-        indent=2,
-    )
-)
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "volume_slices": int(stack.shape[0]),
+        "slice_size": int(stack.shape[1]),
+        "adapt_seconds_median": statistics.median(times),
+        "adapt_seconds_all": times,
+        "predict_seconds": time.perf_counter() - t,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
