@@ -78,12 +78,13 @@ def plot(result: dict, png: Path) -> None:
                 capsize=3,
                 label=f"{name} ({protocol})",
             )
+    a1.set_xticks(sorted({x["shots"] for r in result["dice"].values() for x in r["volume"]}))
     a1.set_xlabel("support studies (shots)")
     a1.set_ylabel(f"Dice, {result['structure']} (held out)")
     a1.grid(alpha=0.3)
     a1.legend(fontsize=8)
     names = list(result["speed"])
-    a2.bar(names, [result["speed"][n]["embed_volume_s"] for n in names], color="tab:blue")
+    a2.bar([n.replace(" (", "\n(") for n in names], [result["speed"][n]["embed_volume_s"] for n in names])
     a2.set_ylabel("seconds to embed one cardiac volume")
     a2.set_title(f"{result['volume_slices']} slices of {result['slice_size']}x{result['slice_size']}")
     fig.tight_layout()
