@@ -37,6 +37,11 @@ def test_medmnist_layouts_and_bad_files(pneumonia, tmp_path):
     assert to_views(vol, 28).shape == (4, 3, 28, 28), "a 3D volume is three orthogonal views"
     rgb = np.zeros((4, 28, 28, 3), np.uint8)
     assert to_views(rgb, 28).shape == (4, 1, 28, 28)
+    # whole images are seen through their central 80%: a 2-pixel frame (a border, burnt-in text) drops out
+    framed = np.zeros((2, 28, 28), np.uint8)
+    framed[:, :2] = framed[:, -2:] = framed[:, :, :2] = framed[:, :, -2:] = 255
+    framed[:, 14, 14] = 128
+    assert float(to_views(framed, 32).max()) < 0.6 and float(to_views(framed, 32, crop=1.0).max()) == 1.0
     bad = tmp_path / "bad.npz"
     np.savez(bad, train_images=np.zeros((3, 28, 28)), train_labels=np.zeros((2, 1)))
     with pytest.raises(ValueError, match="3 images but"):

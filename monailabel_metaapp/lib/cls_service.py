@@ -2,7 +2,8 @@
 task-specific heads, adapted in the background from the class corrections stored in the datastore.
 
 What is classified:
-* `image`: a whole image (a 2D X-ray: one view; a 3D volume: its three central orthogonal slices);
+* `image`: a whole image (a 2D X-ray: one view; a 3D volume: its three central orthogonal slices;
+  each view the central 80% of its slice, `cls_data.IMAGE_CROP`);
 * `region`: a region of a study: a structure NAME (its mask in the image's final label, else the
   few-shot segmentation's prediction of it) or a box `roi = [x0, y0, z0, x1, y1, z1]` (voxel
   indices of the image, ends exclusive). A region is seen as crops of a few of its slices, the
