@@ -36,12 +36,11 @@ def main() -> None:
     times = []
     for _ in range(a.repeats + 2):
         t = time.perf_counter()
-        ad.adapt([stack], [mask])
+        head = ad.adapt([stack], [mask])
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     times = times[2:]
-    head = ad.adapt([stack], [mask])
     t = time.perf_counter()
     ad.predict(stack, [head])
     if cuda:

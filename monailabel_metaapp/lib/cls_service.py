@@ -135,9 +135,16 @@ class ClsService:
         """(image id, key, correction) of every stored correction of one task."""
         return [e for e in self.all_examples() if task_of(e[2]) == task]
 
+    def by_task(self) -> dict[str, list[dict]]:
+        """The stored corrections grouped by the task they teach."""
+        out: dict[str, list[dict]] = {}
+        for _, _, rec in self.all_examples():
+            out.setdefault(task_of(rec), []).append(rec)
+        return out
+
     def tasks(self) -> dict[str, str]:
         """task -> kind, for every task with a head record or a stored correction."""
-        found = {task_of(rec): rec["kind"] for _, _, rec in self.all_examples()}
+        found = {task: recs[0]["kind"] for task, recs in self.by_task().items()}
         return {t: rec["kind"] for t, rec in self.heads.snapshot().items()} | found
 
     def _image_path(self, image_id: str) -> str:
@@ -359,17 +366,14 @@ class ClsService:
 
     # -- adaptation ---------------------------------------------------------------------------
     def adapt_all(self) -> list[str]:
-        return self.queue.submit(sorted({task_of(rec) for _, _, rec in self.all_examples()}))
+        return self.queue.submit(sorted(self.by_task()))
 
     def sync(self) -> list[str]:
         """At start-up: adapt the heads whose stored corrections differ from what they learned from,
         or that another classifier model made (the app's weights changed)."""
         snap, live = self.heads.snapshot(), self.heads.heads()
-        by_task: dict[str, list[dict]] = {}
-        for _, _, rec in self.all_examples():
-            by_task.setdefault(task_of(rec), []).append(rec)
         stale = []
-        for task, recs in sorted(by_task.items()):
+        for task, recs in sorted(self.by_task().items()):
             try:
                 self.heads.register(task, recs[0]["kind"])  # a registry lost or older than the corrections
             except ValueError as e:
