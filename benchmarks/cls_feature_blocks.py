@@ -87,10 +87,11 @@ def main() -> None:
     rows = []
     for path, name in zip(a.models, names):
         model = load_cls_model(path, "cpu")
-        train = load_medmnist(npz, "train", model.cfg.size)
+        train = load_medmnist(npz, "train", model.cfg.size, model.cfg.image_crop)
         regions = region_set(cardiac, model.cfg.size, per_class=60)
         tasks = {  # name: (support pool images, labels, query images, labels)
-            f"pneumonia-{split}": (train, load_medmnist(npz, split, model.cfg.size)) for split in ("val", "test")
+            f"pneumonia-{split}": (train, load_medmnist(npz, split, model.cfg.size, model.cfg.image_crop))
+            for split in ("val", "test")
         }
         for task, (c0, c1) in {"cardiac myo/lv": (0, 1), "cardiac lv/rv": (1, 2)}.items():
             keep = (regions.labels == c0) | (regions.labels == c1)

@@ -157,7 +157,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     npz = root / "pneumoniamnist" / "pneumoniamnist.npz"
     shots = [int(s) for s in a.shots.split(",")]
-    test = load_medmnist(npz, "test", student_cfg.size)
+    test = load_medmnist(npz, "test", student_cfg.size, student_cfg.image_crop)
     result: dict = {"models": {}}
     for name, path in paths.items():
         model = load_cls_model(path, "cpu")

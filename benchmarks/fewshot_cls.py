@@ -50,6 +50,12 @@ def main() -> None:
     ap.add_argument("--abnormal-fraction", type=float, default=0.0, help="share of synthetic normal/abnormal tasks")
     ap.add_argument("--ssl-fraction", type=float, default=0.5)
     ap.add_argument("--ssl-target", action="store_true", help="add PneumoniaMNIST train images, unlabelled")
+    ap.add_argument(
+        "--extra-source",
+        action="append",
+        default=[],
+        help="another datastore folder or bank to meta-train on (regions + SSL), e.g. sample_studies; repeatable",
+    )
     ap.add_argument("--channels", default="16,32,32,32")
     ap.add_argument("--lambda-kl", type=float, default=1e-3, help="weight of the KL term (0 turns it off)")
     ap.add_argument("--fixed-lr", action="store_true", help="inner-loop rates fixed at their init (no Meta-SGD)")
@@ -69,11 +75,13 @@ def main() -> None:
     if a.ssl_target:
         tasks = "SSL and synthetic abnormal tasks" if a.abnormal_fraction > 0 else "SSL tasks"
         sources_desc.append(f"pneumoniamnist train images, unlabelled ({tasks}; labels never read)")
+    sources_desc += [f"{Path(p).name} regions + SSL" for p in a.extra_source]
     if not a.model:
         tmp = Path(tempfile.mkdtemp())
         sources = [cmr_view(tmp / "cmr"), totalseg_view(tmp / "totalseg")]
         if a.ssl_target:
             sources.append(f"{UNLABELLED_PREFIX}{npz}")
+        sources += a.extra_source
         cfg = MetaTrainConfig(
             minutes=a.minutes,
             max_steps=a.max_steps,

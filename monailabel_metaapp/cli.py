@@ -69,10 +69,12 @@ def _meta_train(a: argparse.Namespace) -> None:
     )
     if a.task == "cls":
         from monailabel_metaapp.core.cls_metatrain import meta_train_cls
+        from monailabel_metaapp.core.cls_model import ClsModelConfig
 
         if a.init or a.exclude:
             raise ValueError("--init and --exclude are for --task seg")
-        summary = meta_train_cls(a.studies, a.out, cfg, None, a.n_way, a.k_shot, device=a.device, fresh=a.fresh)
+        mcfg = ClsModelConfig() if a.image_crop is None else ClsModelConfig(image_crop=a.image_crop)
+        summary = meta_train_cls(a.studies, a.out, cfg, mcfg, a.n_way, a.k_shot, device=a.device, fresh=a.fresh)
     else:
         mcfg = SegModelConfig(size=a.size, context=a.context)
         summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
@@ -153,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-way", type=int, default=0, help="cls: episodes of n-way..max-way classes")
     s.add_argument("--cls-augment", type=float, default=0.0, help="cls: augmentation strength of labelled tasks")
     s.add_argument("--abnormal-fraction", type=float, default=0.0, help="cls: share of synthetic normal/abnormal tasks")
+    s.add_argument(
+        "--image-crop",
+        type=float,
+        help="cls: whole images are seen through this central fraction (default 0.8, cls_data.IMAGE_CROP; "
+        "1: uncropped). Kept with the weights: evaluation and the app crop alike",
+    )
     s.add_argument("--out", required=True, help="weights file to write (checkpointed, resumable)")
     s.add_argument("--init", help="start from these weights (the prior is centred on them)")
     s.add_argument("--minutes", type=float, default=10.0)

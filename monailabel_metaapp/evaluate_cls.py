@@ -128,8 +128,8 @@ def evaluate_cls(
     dev = pick_device(device)
     model = load_cls_model(model_path, dev)
     baselines = ["scratch", "linear"] if baselines is None else baselines
-    train: ClsSet = load_medmnist(npz, "train", model.cfg.size)
-    test: ClsSet = load_medmnist(npz, query_split, model.cfg.size)
+    train: ClsSet = load_medmnist(npz, "train", model.cfg.size, model.cfg.image_crop)
+    test: ClsSet = load_medmnist(npz, query_split, model.cfg.size, model.cfg.image_crop)
     n_way = len(train.classes())
     if train.classes() != list(range(n_way)):
         raise ValueError(f"class labels must be 0..{n_way - 1}, got {train.classes()}")

@@ -115,7 +115,7 @@ def test_unlabelled_source_reads_only_the_train_images(tmp_path, monkeypatch):
             self.z.close()
 
     monkeypatch.setattr(np, "load", lambda path, *a, **k: Spy(real_load(path, *a, **k)))
-    train, val, pool = cls_sources([f"{UNLABELLED_PREFIX}{f}"], 32)
+    train, val, pool = cls_sources([f"{UNLABELLED_PREFIX}{f}"], 32, 1.0)
     assert train == [] and val == [] and pool.shape == (40, 1, 32, 32)
     assert read == ["train_images"], read
 
@@ -124,7 +124,7 @@ def test_classification_validation_regions_come_from_held_out_studies(cmr_readon
     studies = load_studies([cmr_readonly], 160, progress=False)
     train_studies, val_studies = split_validation(studies, seed=0)
     assert len(val_studies) == 1 and not {s.name for s in val_studies} & {s.name for s in train_studies}
-    train, val, _ = cls_sources([cmr_readonly], 28)
+    train, val, _ = cls_sources([cmr_readonly], 28, 1.0)
     assert len(val) == 1 and val[0].classes() == [0, 1, 2], "a validation loss even without a MedMNIST file"
     assert torch.equal(val[0].images, region_set(val_studies, 28).images)
     assert torch.equal(train[0].images, region_set(train_studies, 28).images)
@@ -209,3 +209,24 @@ def test_channel_lists_from_the_command_line_are_parsed_or_refused_with_why():
         ClsModelConfig.from_channels("8,x,16,16")
     with pytest.raises(ValueError, match="head_views"):  # too few blocks for the heads
         ClsModelConfig.from_channels("8")
+
+
+def test_the_image_crop_is_kept_with_the_weights(tmp_path):
+    """A model must be fed whole images as it was meta-trained on them, whatever the default."""
+    import json
+    from pathlib import Path
+
+    import monailabel_metaapp
+    from monailabel_metaapp.core.checkpoint import load_cls_model, save_model, sidecar
+
+    path = tmp_path / "uncropped.pt"
+    save_model(FewShotClsModel(ClsModelConfig(size=28, channels=(8, 8, 8, 8), image_crop=1.0)), path)
+    assert load_cls_model(path).cfg.image_crop == 1.0
+    meta = json.loads(sidecar(path).read_text())
+    del meta["config"]["image_crop"]  # a sidecar written before the crop existed
+    sidecar(path).write_text(json.dumps(meta))
+    assert load_cls_model(path).cfg.image_crop == 1.0, "older models saw whole images uncropped"
+    shipped = Path(monailabel_metaapp.__file__).parent / "weights" / "metacls.pt"
+    assert load_cls_model(shipped).cfg.image_crop == 0.8, "the shipped classifier was meta-trained on 80% crops"
+    with pytest.raises(ValueError, match="image_crop"):
+        ClsModelConfig(image_crop=0.0)

@@ -104,7 +104,7 @@ def to_views(images: np.ndarray, size: int, crop: float = IMAGE_CROP) -> torch.T
     return torch.cat(views, 1).clamp(0, 1)
 
 
-def load_medmnist(path: str | Path, split: str, size: int) -> ClsSet:
+def load_medmnist(path: str | Path, split: str, size: int, crop: float = IMAGE_CROP) -> ClsSet:
     """One split of a MedMNIST-layout .npz, with clear errors for anything else."""
     path = Path(path)
     if not path.exists():
@@ -122,10 +122,10 @@ def load_medmnist(path: str | Path, split: str, size: int) -> ClsSet:
     images = z[keys[0]]
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{keys[0]} has {images.shape[0]} images but {keys[1]} has {labels.shape[0]} labels")
-    return ClsSet(to_views(images, size), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
+    return ClsSet(to_views(images, size, crop), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
 
 
-def load_unlabelled_images(path: str | Path, size: int, split: str = "train") -> torch.Tensor:
+def load_unlabelled_images(path: str | Path, size: int, crop: float = IMAGE_CROP, split: str = "train") -> torch.Tensor:
     """Only the `{split}_images` array of a MedMNIST-layout .npz, as views: the labels are never
     read (an .npz member is loaded only when indexed), so a site's unlabelled images can feed
     self-supervised tasks."""
@@ -136,7 +136,7 @@ def load_unlabelled_images(path: str | Path, size: int, split: str = "train") ->
         key = f"{split}_images"
         if key not in z.files:
             raise ValueError(f"{path} has no {key}; its keys are {sorted(z.files)}")
-        return to_views(z[key], size)
+        return to_views(z[key], size, crop)
 
 
 def region_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:

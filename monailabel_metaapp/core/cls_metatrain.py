@@ -47,22 +47,24 @@ def is_medmnist(path: str | Path) -> bool:
     return str(path).endswith(".npz") and "train_images" in np.load(path).files
 
 
-def cls_sources(paths: list[str | Path], size: int, seed: int = 0) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
+def cls_sources(
+    paths: list[str | Path], size: int, crop: float, seed: int = 0
+) -> tuple[list[ClsSet], list[ClsSet], torch.Tensor]:
     """(train sets, validation sets, unlabelled views for SSL) from MedMNIST files, segmentation banks
     and segmentation datastore folders (their validation regions come from held-out studies,
     `split_validation`, as in segmentation meta-training). `unlabelled:FILE.npz`
     (`UNLABELLED_PREFIX`) adds only the train images of a MedMNIST-layout file to the unlabelled
-    views: its labels are never read."""
+    views: its labels are never read. Whole images are seen through their central `crop`."""
     train, val, pool = [], [], []
     for p in paths:
         if str(p).startswith(UNLABELLED_PREFIX):
-            pool.append(load_unlabelled_images(str(p)[len(UNLABELLED_PREFIX) :], size))
+            pool.append(load_unlabelled_images(str(p)[len(UNLABELLED_PREFIX) :], size, crop))
         elif is_medmnist(p):
-            tr = load_medmnist(p, "train", size)
+            tr = load_medmnist(p, "train", size, crop)
             train.append(tr)
             pool.append(tr.images)
             if "val_images" in np.load(p).files:
-                val.append(load_medmnist(p, "val", size))
+                val.append(load_medmnist(p, "val", size, crop))
         else:  # a segmentation bank (`metaapp bank`) or datastore folder: regions + slices for SSL
             studies = load_bank(p) if str(p).endswith(".npz") else load_studies([p], 160, progress=False)
             train_studies, val_studies = split_validation(studies, seed)
@@ -93,7 +95,7 @@ def meta_train_cls(
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     model = FewShotClsModel(model_cfg or ClsModelConfig()).to(dev).train()
-    train, val, pool = cls_sources(paths, model.cfg.size, cfg.seed)
+    train, val, pool = cls_sources(paths, model.cfg.size, model.cfg.image_crop, cfg.seed)
     sampler = sampler_for(train, pool, cfg, n_way, k_shot)
     val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val else None
     val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []

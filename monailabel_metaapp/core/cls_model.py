@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
+from monailabel_metaapp.core.cls_data import IMAGE_CROP
 from monailabel_metaapp.core.inner_loop import inner_adapt
 from monailabel_metaapp.core.variational import VariationalNet, param_key
 
@@ -37,6 +38,9 @@ from monailabel_metaapp.core.variational import VariationalNet, param_key
 @dataclass
 class ClsModelConfig:
     size: int = 32  # every view is resized to size x size
+    # whole images (not regions) are seen through their central `image_crop`; kept with the weights
+    # so that a model is always fed what it was meta-trained on
+    image_crop: float = IMAGE_CROP
     # half the width of the first design: as good on PneumoniaMNIST's val split, 1.8x faster per image
     channels: tuple[int, ...] = (16, 32, 32, 32)
     head_views: tuple[tuple[int, ...], ...] = ((1, 2), (0, 1, 2, 3))  # blocks each linear head sees
@@ -50,6 +54,8 @@ class ClsModelConfig:
         if not views or any(not v or v[0] < 0 or v[-1] >= n for v in views):
             raise ValueError(f"head_views {self.head_views} must be non-empty sets of blocks 0..{n - 1}")
         self.head_views = views
+        if not 0.0 < self.image_crop <= 1.0:
+            raise ValueError(f"image_crop must be in (0, 1] (1 keeps the whole image), got {self.image_crop}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,16 +71,17 @@ class ClsModelConfig:
         if "head_views" in d:
             d["head_views"] = tuple(tuple(v) for v in d["head_views"])
         d.setdefault("block_norm", False)  # written before the option: trained without it
+        d.setdefault("image_crop", 1.0)  # written before the crop: whole images seen uncropped
         return cls(**d)
 
     @classmethod
-    def from_channels(cls, text: str) -> ClsModelConfig:
+    def from_channels(cls, text: str, **kw) -> ClsModelConfig:
         """The default design with the widths of a command-line list such as "16,32,32,32"."""
         try:
             channels = tuple(int(c) for c in text.split(","))
         except ValueError:
             raise ValueError(f"channels must be comma-separated integers such as 16,32,32,32, got {text!r}") from None
-        return cls(channels=channels)  # checks that every head's blocks exist
+        return cls(channels=channels, **kw)  # checks that every head's blocks exist
 
     def block_slices(self) -> list[slice]:
         """Each block's features in the embedding."""

@@ -68,10 +68,12 @@ def distill_cls(
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     teacher = load_cls_model(teacher_path, dev).eval().requires_grad_(False)
-    student = FewShotClsModel(student_cfg or half_width(teacher.cfg)).to(dev).train()
+    # the student sees the images as the teacher does
+    student_cfg = replace(student_cfg or half_width(teacher.cfg), image_crop=teacher.cfg.image_crop)
+    student = FewShotClsModel(student_cfg).to(dev).train()
     if student.cfg.size != teacher.cfg.size:
         raise ValueError(f"student size {student.cfg.size} must equal the teacher's {teacher.cfg.size}")
-    train, _, pool = cls_sources(paths, student.cfg.size, cfg.seed)
+    train, _, pool = cls_sources(paths, student.cfg.size, student.cfg.image_crop, cfg.seed)
     sampler = sampler_for(train, pool, cfg, n_way, k_shot)
 
     def sample() -> ClsEpisode:

@@ -3,7 +3,8 @@ task-specific heads, adapted in the background from the class corrections stored
 
 What is classified:
 * `image`: a whole image (a 2D X-ray: one view; a 3D volume: its three central orthogonal slices;
-  each view the central 80% of its slice, `cls_data.IMAGE_CROP`);
+  each view the central part of its slice that the model was meta-trained on, its config's
+  `image_crop`: 80% for the shipped classifier);
 * `region`: a region of a study: a structure NAME (its mask in the image's final label, else the
   few-shot segmentation's prediction of it) or a box `roi = [x0, y0, z0, x1, y1, z1]` (voxel
   indices of the image, ends exclusive). A region is seen as crops of a few of its slices, the
@@ -288,7 +289,7 @@ class ClsService:
         arr = sitk.GetArrayFromImage(img)
         if arr.dtype != np.uint8:
             arr = normalise_intensity(arr)
-        return to_views(arr[:1] if arr.shape[0] == 1 else arr[None], self.size)[0]
+        return to_views(arr[:1] if arr.shape[0] == 1 else arr[None], self.size, self.model.cfg.image_crop)[0]
 
     def mask_views(self, path: str, mask_img: sitk.Image) -> torch.Tensor:
         """A region given as a binary mask on the image's grid -> (V, size, size)."""
