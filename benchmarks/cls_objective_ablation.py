@@ -21,9 +21,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ABL = RESULTS / "cls_ablations"
 # variant name -> file pattern per split (relative to benchmarks/results)
 DEFAULT_VARIANTS = {
-    "default (KL 1e-3, Meta-SGD rates)": "cls_ablations/small_seed*_crop_{split}.json",
-    "no KL term (lambda 0)": "cls_ablations/small_nokl_seed*_{split}.json",
-    "fixed inner-loop rates (no Meta-SGD)": "cls_ablations/small_fixedlr_seed*_{split}.json",
+    "default (KL 1e-3, Meta-SGD rates)": "cls_ablations/small_brain_seed*_{split}.json",
+    "no KL term (lambda 0)": "cls_ablations/small_brain_nokl_seed*_{split}.json",
+    "fixed inner-loop rates (no Meta-SGD)": "cls_ablations/small_brain_fixedlr_seed*_{split}.json",
+    "without brain studies: default": "cls_ablations/small_seed*_crop_{split}.json",
+    "without brain studies: no KL term": "cls_ablations/small_nokl_seed*_{split}.json",
+    "without brain studies: fixed rates": "cls_ablations/small_fixedlr_seed*_{split}.json",
 }
 
 
@@ -55,20 +58,20 @@ def plot(summary: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     for ax, split in zip(axes, ("val", "test")):
         for i, (name, s) in enumerate(summary.items()):
             per_seed = s[split]["auc_per_seed"]
             shots = sorted(per_seed, key=int)
-            x = np.arange(len(shots)) + (i - (len(summary) - 1) / 2) * 0.22
+            x = np.arange(len(shots)) + (i - (len(summary) - 1) / 2) * 0.8 / len(summary)
             for j, k in enumerate(shots):
-                ax.scatter([x[j]] * len(per_seed[k]), per_seed[k], s=14, color=f"C{i}", alpha=0.6)
-            ax.plot(x, [s[split]["auc_mean"][k] for k in shots], "_", ms=18, mew=2, color=f"C{i}", label=name)
+                ax.scatter([x[j]] * len(per_seed[k]), per_seed[k], s=12, color=f"C{i}", alpha=0.6)
+            ax.plot(x, [s[split]["auc_mean"][k] for k in shots], "_", ms=12, mew=2, color=f"C{i}", label=name)
         ax.set_xticks(range(len(shots)), [f"{k} shot{'s' if int(k) > 1 else ''}" for k in shots])
         ax.set_ylabel(f"PneumoniaMNIST {split} ROC AUC")
         ax.set_title(f"{split}: each dot a meta-training seed, bar the mean")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -1,12 +1,15 @@
 """Few-shot classification, leave-one-dataset-out: meta-train the classifier WITHOUT PneumoniaMNIST
-(regions of the cardiac MRI and TotalSegmentator CT studies, and self-supervised tasks on their
-slices), then evaluate on PneumoniaMNIST with the `scratch` (ResNet-18) and `linear` baselines.
+(regions of the cardiac MRI and TotalSegmentator CT studies and of the brain template's sample
+studies, and self-supervised tasks on their slices), then evaluate on PneumoniaMNIST with the
+`scratch` (ResNet-18) and `linear` baselines.
 
     python benchmarks/fewshot_cls.py [--minutes 10] [--shots 1,5,10] [--repeats 5]
         [--max-way 5] [--augment 1] [--abnormal-fraction 0.3]   # harder episodes
         [--ssl-target]   # + SSL tasks on PneumoniaMNIST's train IMAGES (labels never read)
         [--split val]    # classify the val split (for choices) instead of the test split
         [--lambda-kl 0] [--fixed-lr]   # ablations of the meta-objective's KL term and learned rates
+        [--no-brain]     # without the brain sample studies (the recipe before they were added)
+        [--extra-source DIR]   # + another datastore folder or bank (regions + SSL)
 
 Variants:
 * strict (default): no PneumoniaMNIST at all in meta-training;
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import torch
 
+from monailabel_metaapp.core.checkpoint import save_json, sidecar
 from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX, meta_train_cls
 from monailabel_metaapp.core.cls_model import ClsModelConfig
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import evaluate_cls, plot
+from monailabel_metaapp.samples import build_samples
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
 
 
@@ -51,10 +56,15 @@ def main() -> None:
     ap.add_argument("--ssl-fraction", type=float, default=0.5)
     ap.add_argument("--ssl-target", action="store_true", help="add PneumoniaMNIST train images, unlabelled")
     ap.add_argument(
+        "--no-brain",
+        action="store_true",
+        help="leave out the sample studies (MNI152 brain template, grey/white matter and CSF), built afresh",
+    )
+    ap.add_argument(
         "--extra-source",
         action="append",
         default=[],
-        help="another datastore folder or bank to meta-train on (regions + SSL), e.g. sample_studies; repeatable",
+        help="another datastore folder or bank to meta-train on (regions + SSL); repeatable",
     )
     ap.add_argument("--channels", default="16,32,32,32")
     ap.add_argument("--lambda-kl", type=float, default=1e-3, help="weight of the KL term (0 turns it off)")
@@ -72,6 +82,8 @@ def main() -> None:
     model = Path(a.model) if a.model else Path(a.train_out)
     train_summary = None
     sources_desc = ["cmr_bssfp regions + SSL", "totalseg_example regions + SSL"]
+    if not a.no_brain:
+        sources_desc.append("MNI152 sample studies (metaapp samples, seed 0) regions + SSL")
     if a.ssl_target:
         tasks = "SSL and synthetic abnormal tasks" if a.abnormal_fraction > 0 else "SSL tasks"
         sources_desc.append(f"pneumoniamnist train images, unlabelled ({tasks}; labels never read)")
@@ -79,6 +91,9 @@ def main() -> None:
     if not a.model:
         tmp = Path(tempfile.mkdtemp())
         sources = [cmr_view(tmp / "cmr"), totalseg_view(tmp / "totalseg")]
+        if not a.no_brain:  # built afresh: the committed sample_studies/ may hold an annotator's labels
+            build_samples(tmp / "brain", seed=0)
+            sources.append(tmp / "brain")
         if a.ssl_target:
             sources.append(f"{UNLABELLED_PREFIX}{npz}")
         sources += a.extra_source
@@ -94,13 +109,18 @@ def main() -> None:
         cfg.cls_max_way, cfg.cls_augment, cfg.cls_abnormal_fraction = a.max_way, a.augment, a.abnormal_fraction
         mcfg = ClsModelConfig.from_channels(a.channels)
         train_summary = meta_train_cls(sources, model, cfg, mcfg, n_way=2, k_shot=5, device="cpu", fresh=True)
+        meta = json.loads(sidecar(model).read_text())
+        save_json(sidecar(model), {**meta, "benchmark_sources": sources_desc})  # for later --model runs
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copy(str(model) + ".log.jsonl", out.with_name(out.stem + "_metatrain.log.jsonl"))
     baselines = [b for b in a.baselines.split(",") if b]
     shots = [int(s) for s in a.shots.split(",")]
     result = evaluate_cls(npz, model, shots, a.repeats, baselines, query_split=a.split)
-    if train_summary is None and Path(f"{model}.json").exists():  # --model: what its training wrote
-        train_summary = json.loads(Path(f"{model}.json").read_text())
+    if train_summary is None and sidecar(model).exists():  # --model: what its training wrote
+        train_summary = json.loads(sidecar(model).read_text())
+    # --model: the sources its training recorded; models trained before they were recorded: the flags'
+    recorded = (train_summary or {}).get("benchmark_sources")
+    sources_desc = recorded or sources_desc
     result["meta_train"] = {"sources": sources_desc, "summary": train_summary}
     result["meta_train"]["excluded"] = "pneumoniamnist labels" if a.ssl_target else "pneumoniamnist"
     result["meta_train"]["episodes"] = {

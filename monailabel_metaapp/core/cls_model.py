@@ -75,13 +75,13 @@ class ClsModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_channels(cls, text: str, **kw) -> ClsModelConfig:
+    def from_channels(cls, text: str) -> ClsModelConfig:
         """The default design with the widths of a command-line list such as "16,32,32,32"."""
         try:
             channels = tuple(int(c) for c in text.split(","))
         except ValueError:
             raise ValueError(f"channels must be comma-separated integers such as 16,32,32,32, got {text!r}") from None
-        return cls(channels=channels, **kw)  # checks that every head's blocks exist
+        return cls(channels=channels)  # checks that every head's blocks exist
 
     def block_slices(self) -> list[slice]:
         """Each block's features in the embedding."""
