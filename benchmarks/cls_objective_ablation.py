@@ -5,7 +5,8 @@ splits) and writes `benchmarks/results/cls_ablations/objective.json` + `.png`: p
 mean, the spread and every seed's AUC at each number of shots. Nothing is recomputed here.
 
     python benchmarks/cls_objective_ablation.py            # the committed files
-    python benchmarks/cls_objective_ablation.py --variant "no KL term=results/a_seed*_{split}.json" ...
+    python benchmarks/cls_objective_ablation.py --out OTHER.json \
+        --variant "no KL term=cls_ablations/small_nokl_seed*_{split}.json" ...   # patterns under benchmarks/results
 """
 
 from __future__ import annotations

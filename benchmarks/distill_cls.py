@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())
     sources = [cmr_view(tmp / "cmr"), totalseg_view(tmp / "totalseg")]
-    if a.student_channels:
-        student_cfg = ClsModelConfig.from_channels(a.student_channels)
+    teacher_cfg = load_cls_model(a.teacher, "cpu").cfg
+    if a.student_channels:  # both students see the images as the teacher does
+        student_cfg = replace(ClsModelConfig.from_channels(a.student_channels), image_crop=teacher_cfg.image_crop)
     else:
-        student_cfg = half_width(load_cls_model(a.teacher, "cpu").cfg)
+        student_cfg = half_width(teacher_cfg)
 
     def cfg() -> MetaTrainConfig:
         c = MetaTrainConfig(minutes=a.minutes, tasks_per_step=8, ssl_fraction=0.5, lambda_kl=1e-3)

@@ -120,7 +120,10 @@ def main() -> None:
         train_summary = json.loads(sidecar(model).read_text())
     # --model: the sources its training recorded; models trained before they were recorded: the flags'
     recorded = (train_summary or {}).get("benchmark_sources")
-    sources_desc = recorded or sources_desc
+    if recorded:
+        sources_desc = recorded
+    elif a.model:
+        sources_desc = [f"not recorded with the model; this run's flags would mean: {'; '.join(sources_desc)}"]
     result["meta_train"] = {"sources": sources_desc, "summary": train_summary}
     result["meta_train"]["excluded"] = "pneumoniamnist labels" if a.ssl_target else "pneumoniamnist"
     result["meta_train"]["episodes"] = {

@@ -76,6 +76,8 @@ def _meta_train(a: argparse.Namespace) -> None:
         mcfg = ClsModelConfig() if a.image_crop is None else ClsModelConfig(image_crop=a.image_crop)
         summary = meta_train_cls(a.studies, a.out, cfg, mcfg, a.n_way, a.k_shot, device=a.device, fresh=a.fresh)
     else:
+        if a.image_crop is not None:
+            raise ValueError("--image-crop is for --task cls")
         mcfg = SegModelConfig(size=a.size, context=a.context)
         summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
     print(json.dumps(summary, indent=2, default=str))

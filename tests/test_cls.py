@@ -230,3 +230,10 @@ def test_the_image_crop_is_kept_with_the_weights(tmp_path):
     assert load_cls_model(shipped).cfg.image_crop == 0.8, "the shipped classifier was meta-trained on 80% crops"
     with pytest.raises(ValueError, match="image_crop"):
         ClsModelConfig(image_crop=0.0)
+    # resuming meta-training with another crop would mix two preprocessings in one model: refused
+    from monailabel_metaapp.core.metatrain import check_resumable_config
+
+    save_model(FewShotClsModel(ClsModelConfig(size=28, channels=(8, 8, 8, 8), image_crop=1.0)), path)
+    check_resumable_config(path, ClsModelConfig(size=28, channels=(8, 8, 8, 8), image_crop=1.0).to_dict())
+    with pytest.raises(ValueError, match="image_crop: 1.0 -> 0.8"):
+        check_resumable_config(path, ClsModelConfig(size=28, channels=(8, 8, 8, 8)).to_dict())

@@ -125,7 +125,9 @@ def load_medmnist(path: str | Path, split: str, size: int, crop: float = IMAGE_C
     return ClsSet(to_views(images, size, crop), torch.from_numpy(labels.astype(np.int64)), f"{path.stem}:{split}")
 
 
-def load_unlabelled_images(path: str | Path, size: int, crop: float = IMAGE_CROP, split: str = "train") -> torch.Tensor:
+def load_unlabelled_images(
+    path: str | Path, size: int, *, crop: float = IMAGE_CROP, split: str = "train"
+) -> torch.Tensor:
     """Only the `{split}_images` array of a MedMNIST-layout .npz, as views: the labels are never
     read (an .npz member is loaded only when indexed), so a site's unlabelled images can feed
     self-supervised tasks."""

@@ -58,7 +58,7 @@ def cls_sources(
     train, val, pool = [], [], []
     for p in paths:
         if str(p).startswith(UNLABELLED_PREFIX):
-            pool.append(load_unlabelled_images(str(p)[len(UNLABELLED_PREFIX) :], size, crop))
+            pool.append(load_unlabelled_images(str(p)[len(UNLABELLED_PREFIX) :], size, crop=crop))
         elif is_medmnist(p):
             tr = load_medmnist(p, "train", size, crop)
             train.append(tr)

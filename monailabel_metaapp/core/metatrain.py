@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model
+from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model, sidecar
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies, split_validation
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
@@ -125,6 +125,22 @@ def meta_train(
     return outer_loop(model, sampler.sample, objective, validate, cfg, out, dev, rank, world, progress, fresh)
 
 
+def check_resumable_config(out: Path, config: dict) -> None:
+    """A resumed run must keep the architecture and preprocessing it started with (e.g. the
+    classifier's image crop): refuse, with the differences, rather than mix two setups in one model."""
+    side = sidecar(out)
+    if not side.exists():
+        return
+    before = json.loads(side.read_text()).get("config", {})
+    now = json.loads(json.dumps(config))
+    diff = {k: (before[k], now.get(k)) for k in before if before[k] != now.get(k)}
+    if diff:
+        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{out} was meta-trained with other settings ({changes}); keep them to resume, or pass --fresh"
+        )
+
+
 def outer_loop(
     model: torch.nn.Module,
     sample: Callable[[], Any],
@@ -149,6 +165,7 @@ def outer_loop(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step, elapsed = 0, 0.0
     if state_path.exists() and not fresh:
+        check_resumable_config(out, model.cfg.to_dict())
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
