@@ -152,19 +152,21 @@ def evaluate_cls(
             bar.update(1)
     bar.close()
     rows = [summary_row(k, method, rs) for (k, method), rs in results.items()]
-    settings = {"npz": str(npz), "model": str(model_path), "shots": shots, "repeats": repeats, "seed": seed}
-    settings.update(
-        {
-            "baselines": baselines,
-            "steps": steps,
-            "device": str(dev),
-            "classes": n_way,
-            "image_crop": model.cfg.image_crop,
-        }
-    )
-    settings.update(
-        {"query_split": query_split, "test_examples": len(y_test), "torch_threads": torch.get_num_threads()}
-    )
+    settings = {
+        "npz": str(npz),
+        "model": str(model_path),
+        "shots": shots,
+        "repeats": repeats,
+        "seed": seed,
+        "baselines": baselines,
+        "steps": steps,
+        "device": str(dev),
+        "classes": n_way,
+        "image_crop": model.cfg.image_crop,
+        "query_split": query_split,
+        "test_examples": len(y_test),
+        "torch_threads": torch.get_num_threads(),
+    }
     return {"rows": rows, "settings": settings}
 
 
