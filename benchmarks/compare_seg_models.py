@@ -55,7 +55,7 @@ def main() -> None:
                 S, Q = load(s), load(q)
                 head = adapter.adapt([S[0]], [S[2] == value], feats=[S[3]])
                 probs = stack_to_original(adapter.predict(Q[0], [head], feats=Q[3]), Q[1])
-                scores.append(dice(probabilities_to_labels(probs, [1]) == 1, Q[4] == value))
+                scores.append(dice(probabilities_to_labels(probs, [1], one_piece=head.one_piece) == 1, Q[4] == value))
             per[name] = {"dice_mean": float(np.mean(scores)), "dice_std": float(np.std(scores)), "dice": scores}
         result["models"][path] = per
         print(path, {n: round(v["dice_mean"], 3) for n, v in per.items()})

@@ -23,7 +23,16 @@ import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, Head, SegAdapter, dice, probabilities_to_labels
+from monailabel_metaapp.core.adaptation import (
+    COMPONENT_KEY,
+    DEFAULT_ADAPT_STEPS,
+    ONE_PIECE,
+    Head,
+    SegAdapter,
+    dice,
+    largest_component_share,
+    probabilities_to_labels,
+)
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import augment, image_files, label_names, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
@@ -55,8 +64,8 @@ def load_eval_studies(folder: str | Path, size: int) -> list[EvalStudy]:
     return out
 
 
-def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
-    return probabilities_to_labels(stack_to_original(probs, geom), [1]) == 1
+def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) -> np.ndarray:
+    return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
 
 def train_scratch(
@@ -90,6 +99,7 @@ def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> t
     model = copy.deepcopy(adapter.model).train()
     ad = SegAdapter(model, adapter.device, steps=0)
     head = ad.adapt(stacks, masks, steps=0)
+    share = head.params.pop(COMPONENT_KEY)
     params = {k: v.clone().requires_grad_(True) for k, v in head.params.items()}
     opt = torch.optim.Adam(list(model.encoder.parameters()) + list(params.values()), 1e-4)
     idx_all = [(j, i) for j, m in enumerate(masks) for i in ad.support_slices(m)]
@@ -104,7 +114,7 @@ def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> t
         loss.backward()
         opt.step()
     model.eval()
-    return ad, Head({k: v.detach() for k, v in params.items()}, len(stacks), seconds)
+    return ad, Head({**{k: v.detach() for k, v in params.items()}, COMPONENT_KEY: share}, len(stacks), seconds)
 
 
 def _oracle(adapter: SegAdapter, support: list[EvalStudy], query: EvalStudy, v: int) -> tuple[float, float]:
@@ -129,7 +139,7 @@ def _oracle(adapter: SegAdapter, support: list[EvalStudy], query: EvalStudy, v: 
         head = adapter.adapt_features(torch.cat(f_s), torch.cat(m_s))
         seconds += time.perf_counter() - t
         probs[:, q_idx] = adapter.predict(query.stack[q_idx], [head])
-    pred = _probs_to_mask(probs, query.geom)
+    pred = _probs_to_mask(probs, query.geom, largest_component_share([s.lstack == v for s in support]) >= ONE_PIECE)
     ref = query.ref == v
     # restrict to the structure's extent along the slice axis
     keep = np.zeros(query.geom.n_slices, bool)
@@ -205,7 +215,7 @@ def evaluate_seg(
                 for q in query:
                     ref = q.ref == v
                     for method, (ad, h, sec) in runs.items():
-                        pred = _probs_to_mask(ad.predict(q.stack, [h]), q.geom)
+                        pred = _probs_to_mask(ad.predict(q.stack, [h]), q.geom, h.one_piece)
                         results.setdefault((name, k, method), []).append((dice(pred, ref), sec))
                     if scratch_net is not None:
                         with torch.no_grad():
@@ -213,7 +223,7 @@ def evaluate_seg(
                             probs = torch.cat(
                                 [torch.sigmoid(scratch_net(x[i : i + 16])) for i in range(0, x.shape[0], 16)]
                             )
-                        pred = _probs_to_mask(probs[:, 0][None].cpu(), q.geom)
+                        pred = _probs_to_mask(probs[:, 0][None].cpu(), q.geom, head.one_piece)
                         results.setdefault((name, k, "scratch"), []).append((dice(pred, ref), scratch_seconds))
                 bar.update(1)
     bar.close()

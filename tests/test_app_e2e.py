@@ -12,6 +12,7 @@ import requests
 import SimpleITK as sitk
 from conftest import slicer_client_module
 from monailabel.client import MONAILabelClient
+from scipy import ndimage
 
 from monailabel_metaapp.core.adaptation import dice
 
@@ -96,6 +97,13 @@ def test_new_structure_name_from_monailabel_client_and_auto_update(sample_store,
     res, params = client.infer("fewshot_seg", b, {})
     d = _dice_of(res, ref_file, 2, params["label_names"]["cerebral white matter"])
     assert d > 0.4, f"new structure learned from one label: Dice {d:.3f} on {b}"
+    # CSF, labelled in pieces on the stored studies, comes back in pieces; white matter in one
+    pieces = {}
+    for name in ("csf", "white matter"):
+        res, params = client.infer("fewshot_seg", b, {"structures": name})
+        out = sitk.GetArrayFromImage(sitk.ReadImage(res)) == params["label_names"][name]
+        pieces[name] = ndimage.label(out)[1]
+    assert pieces["csf"] > 1 and pieces["white matter"] == 1, pieces
 
     # Slicer's Auto-Update: POST /train/fewshot_seg adapts the heads, it does not start a retrain
     status = client.train_start("fewshot_seg", {})

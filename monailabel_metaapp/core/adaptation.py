@@ -16,6 +16,8 @@ from monailabel_metaapp.core.inner_loop import inner_adapt
 from monailabel_metaapp.core.networks import FewShotSegModel
 
 DEFAULT_ADAPT_STEPS = 10  # inner-loop steps at test time (meta-training uses 3 on one slice)
+COMPONENT_KEY = "component_share"  # stored with a head's parameters; the inner loop leaves it as it is
+ONE_PIECE = 0.9  # support labels with at least this share of voxels in their largest component are one piece
 
 
 @dataclass
@@ -28,6 +30,13 @@ class Head:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.params.items()}
+
+    @property
+    def one_piece(self) -> bool:
+        """Whether predictions keep only their largest component: yes when the support labels were one
+        piece (an organ, a cavity), no when they were scattered (CSF); heads from before: yes."""
+        share = self.params.get(COMPONENT_KEY)
+        return share is None or float(share) >= ONE_PIECE
 
 
 class SegAdapter:
@@ -89,6 +98,7 @@ class SegAdapter:
             fs.append(f)
             ms.append(mask[idx].float().to(self.device))
         head = self.adapt_features(torch.cat(fs), torch.cat(ms), steps)
+        head.params[COMPONENT_KEY] = torch.tensor(largest_component_share(masks))
         head.n_labels, head.seconds = len(stacks), time.perf_counter() - t0
         return head
 
@@ -118,14 +128,29 @@ class SegAdapter:
         return torch.stack(out)
 
 
+def largest_component_share(masks: list[torch.Tensor]) -> float:
+    """Share of the labelled voxels that lie in their study's largest 3D component (1.0 when every
+    study's label is one piece, as organs and cavities are; CSF on the sample studies: about 0.3)."""
+    inside = total = 0.0
+    for m in masks:
+        a = m.cpu().numpy().astype(bool)
+        cc, n = ndimage.label(a)
+        if n:
+            sizes = ndimage.sum_labels(a, cc, index=np.arange(1, n + 1))
+            inside, total = inside + float(sizes.max()), total + float(sizes.sum())
+    return inside / total if total else 1.0
+
+
 def probabilities_to_labels(
-    probs: np.ndarray, values: list[int], threshold: float = 0.5, largest_cc: bool = True
+    probs: np.ndarray, values: list[int], threshold: float = 0.5, one_piece: bool | list[bool] = True
 ) -> np.ndarray:
-    """(K, z, y, x) per-structure probabilities -> label map: threshold, keep each structure's largest
-    3D component, and give overlapping voxels to the most probable structure."""
+    """(K, z, y, x) per-structure probabilities -> label map: threshold, keep the largest 3D component
+    of each structure that is one piece (`one_piece`, per structure or for all), and give overlapping
+    voxels to the most probable structure."""
     keep = probs >= threshold
-    if largest_cc:
-        for k in range(keep.shape[0]):
+    one_piece = [one_piece] * keep.shape[0] if isinstance(one_piece, bool) else one_piece
+    for k in range(keep.shape[0]):
+        if one_piece[k]:
             cc, n = ndimage.label(keep[k])
             if n > 1:
                 sizes = ndimage.sum_labels(keep[k], cc, index=np.arange(1, n + 1))

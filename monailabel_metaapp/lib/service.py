@@ -215,7 +215,9 @@ class SegService:
         else:
             heads: list[Head] = [live[n] for n in names]
             probs = self.adapter.predict(stack, heads, feats=feats.float())
-            out = probabilities_to_labels(stack_to_original(probs, geom), [labels[n] for n in names])
+            out = probabilities_to_labels(
+                stack_to_original(probs, geom), [labels[n] for n in names], one_piece=[h.one_piece for h in heads]
+            )
             snap = self.heads.snapshot()
             params["head_versions"] = {n: snap[n]["version"] for n in names}
         img = sitk.GetImageFromArray(out)
