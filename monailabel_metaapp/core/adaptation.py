@@ -106,6 +106,7 @@ class SegAdapter:
         """Prototype init + Meta-SGD steps on support embeddings (the encoder is not touched)."""
         t0 = time.perf_counter()
         head = self.model.head
+        feats = feats.contiguous(memory_format=torch.channels_last)  # see PrototypeHead.logits
         with torch.enable_grad():
             params = {k: v.detach().clone().requires_grad_(True) for k, v in head.init_params(feats, masks).items()}
             lrs = {k: v.detach() for k, v in self.model.lrs().items()}
@@ -119,6 +120,7 @@ class SegAdapter:
     def predict(self, stack: torch.Tensor, heads: list[Head], feats: torch.Tensor | None = None) -> torch.Tensor:
         """(S, size, size) -> (len(heads), S, size, size) foreground probabilities."""
         feats = self.embed(stack) if feats is None else feats.to(self.device)
+        feats = feats.contiguous(memory_format=torch.channels_last)
         out = []
         for h in heads:
             params = {k: v.to(self.device) for k, v in h.params.items()}
