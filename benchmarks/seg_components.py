@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monailabel_metaapp.core.adaptation import SegAdapter, dice, largest_component_share, probabilities_to_labels
+from monailabel_metaapp.core.adaptation import COMPONENT_KEY, SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.volume import stack_to_original
@@ -60,7 +60,7 @@ def main() -> None:
             shares = []
             for s, q in pairs:
                 head = adapter.adapt([s.stack], [s.lstack == value], feats=[feats[s.name]])
-                shares.append(largest_component_share([s.lstack == value]))
+                shares.append(float(head.params[COMPONENT_KEY]))
                 probs = stack_to_original(adapter.predict(q.stack, [head], feats=feats[q.name]), q.geom)
                 for label, rule in RULES.items():
                     one_piece = {"always": True, "never": False, "rule": head.one_piece}[rule]

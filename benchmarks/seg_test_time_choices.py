@@ -105,7 +105,8 @@ def run_fold(model: str, value: int, folder: Path, repeats: int) -> dict:
                 if k in (1, 5):
                     ad.oracle = True
                     for q in query:
-                        dices.setdefault(f"prior oracle k={k} w={w}", []).append(_oracle(ad, support, q, value)[0])
+                        d = _oracle(ad, support, q, value, head.one_piece)[0]
+                        dices.setdefault(f"prior oracle k={k} w={w}", []).append(d)
             ad.weight, ad.oracle = 0.0, False
     return {
         "model": model,

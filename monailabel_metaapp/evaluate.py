@@ -117,7 +117,9 @@ def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> t
     return ad, Head({**{k: v.detach() for k, v in params.items()}, COMPONENT_KEY: share}, len(stacks), seconds)
 
 
-def _oracle(adapter: SegAdapter, support: list[EvalStudy], query: EvalStudy, v: int) -> tuple[float, float]:
+def _oracle(
+    adapter: SegAdapter, support: list[EvalStudy], query: EvalStudy, v: int, one_piece: bool
+) -> tuple[float, float]:
     """SSL-ALPNet protocol: 3 chunks of the query's extent, each from its support chunk's middle slice."""
 
     def chunks(mask: torch.Tensor) -> list[list[int]]:
@@ -139,7 +141,7 @@ def _oracle(adapter: SegAdapter, support: list[EvalStudy], query: EvalStudy, v: 
         head = adapter.adapt_features(torch.cat(f_s), torch.cat(m_s))
         seconds += time.perf_counter() - t
         probs[:, q_idx] = adapter.predict(query.stack[q_idx], [head])
-    pred = _probs_to_mask(probs, query.geom, largest_component_share([s.lstack == v for s in support]) >= ONE_PIECE)
+    pred = _probs_to_mask(probs, query.geom, one_piece)
     ref = query.ref == v
     # restrict to the structure's extent along the slice axis
     keep = np.zeros(query.geom.n_slices, bool)
@@ -193,10 +195,11 @@ def evaluate_seg(
                 stacks = [s.stack for s in support]
                 masks = [s.lstack == v for s in support]
                 if protocol == "oracle":
+                    one_piece = largest_component_share(masks) >= ONE_PIECE  # as a head of this support
                     for method in methods:
                         ad = adapter if method == "meta" else SegAdapter(adapter.model, dev, steps=0)
                         for q in query:
-                            d, sec = _oracle(ad, support, q, v)
+                            d, sec = _oracle(ad, support, q, v, one_piece)
                             results.setdefault((name, k, method), []).append((d, sec))
                     bar.update(1)
                     continue
