@@ -31,7 +31,7 @@ from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, sh
 
 
 def resample_slices(img: sitk.Image, slices: int, nearest: bool) -> sitk.Image:
-    """Same field of view, `slices` slices along z (the issue's ~256x256x40 volume from 8 mm cardiac stacks)."""
+    """Same field of view, `slices` slices along z (a ~256x256x40 volume made from 8 mm cardiac stacks)."""
     size, spacing = list(img.GetSize()), list(img.GetSpacing())
     new_spacing = [spacing[0], spacing[1], spacing[2] * size[2] / slices]
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear

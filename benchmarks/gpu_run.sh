@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One device run (H100/H200): leave-one-structure-out meta-training folds, ablations, the shipped
-# model, and core adaptation latency on the GPU. Inputs are preprocessed banks in .devcarry/
-# (made by `metaapp bank`); each run comes back as its own small tarball in $OUT.
-#   MIN=6 bash benchmarks/gpu_run.sh      (run by the `device` tool with carry=[".devcarry"])
+# One GPU run (H100/H200): leave-one-structure-out meta-training folds, ablations, the shipped
+# model, and core adaptation latency on the GPU. Inputs are study banks made by `metaapp bank`
+# in $BANKS (cmr_train.npz: MS-CMRSeg studies 1-25; cmr_all.npz: all 35; totalseg.npz; optional
+# samples.npz), plus an optional MONAI wheel for a machine without network access. Each run comes
+# back as its own small tarball in $OUT.
+#   BANKS=banks OUT=out MIN=6 bash benchmarks/gpu_run.sh
 set -u
 MIN=${MIN:-6}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/monai-*.whl && export PYTHONPATH=/tmp/site:$PWD
+B=${BANKS:-banks}
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if ls $B/monai-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $B/monai-*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv
 W=/tmp/runs; mkdir -p $W
-B=.devcarry
 common="--device cuda --minutes $MIN --tasks-per-step 8 --checkpoint-seconds 60"
 run() { name=$1; shift; OMP_NUM_THREADS=2 python3 -m monailabel_metaapp meta-train --out $W/$name.pt $common "$@" > $W/$name.out 2>&1 & }
 run fold200 --studies $B/cmr_train.npz $B/totalseg.npz --exclude 200

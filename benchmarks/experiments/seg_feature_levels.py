@@ -13,7 +13,7 @@ the structure), each pixel of the other studies' slices within the structure's e
 protocol's slice restriction) given to the class of its most similar prototype. Dice over those
 slices on the 160x160 model grid. No gradient step: this measures the features, not the product.
 
-    python benchmarks/seg_feature_levels.py --models F200.pt F500.pt F600.pt --values 200 500 600
+    python benchmarks/experiments/seg_feature_levels.py --models F200.pt F500.pt F600.pt --values 200 500 600
 
 Writes JSON and a PNG (Dice per level and structure). Needs ../shared/datasets."""
 

@@ -3,7 +3,8 @@ MS-CMRSeg studies (one support study, another predicted; whole-volume 3D Dice; t
 adaptation and post-processing). In-distribution for models meta-trained on all cardiac
 structures: it compares training runs, not generalisation to new structures.
 
-    python benchmarks/compare_seg_models.py OLD.pt NEW.pt [--pairs 8] [--out benchmarks/results/compare_seg_models.json]
+    python benchmarks/experiments/compare_seg_models.py OLD.pt NEW.pt [--pairs 8]
+        [--out benchmarks/results/compare_seg_models.json]
 """
 
 from __future__ import annotations

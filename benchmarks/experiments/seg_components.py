@@ -7,7 +7,7 @@ side by side on the same adapted heads, three post-processings: always the large
 behaviour before), never, and the product's rule. One support study per head (1 shot), every other
 study predicted, whole-volume 3D Dice on the original grid.
 
-    python benchmarks/seg_components.py [--model FILE] [--pairs 10]
+    python benchmarks/experiments/seg_components.py [--model FILE] [--pairs 10]
 
 Data: the brain sample studies built afresh with all six references (grey matter, white matter,
 CSF; structures the shipped model never saw) and MS-CMRSeg studies 26-35 (cardiac structures,
@@ -74,7 +74,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/seg_components.py"
+                "command": "python benchmarks/experiments/seg_components.py"
                 + (f" --model {a.model}" if a.model else "")
                 + f" --pairs {a.pairs}",
                 "model": a.model or "shipped",

@@ -12,7 +12,7 @@ and a logistic regression, ROC AUC:
   pool, on cardiac MRI studies 26-35 (unseen studies of the kind of task meta-training had; the
   support and the queries are different crops of these studies).
 
-    python benchmarks/cls_feature_blocks.py --models A.pt B.pt [--names "a" "b"] [--out ...json]
+    python benchmarks/experiments/cls_feature_blocks.py --models A.pt B.pt [--names "a" "b"] [--out ...json]
 
 Writes JSON (rows: model, task, blocks, shots, proto_auc, linear_auc) and a PNG of 5-shot AUC per
 block choice. Needs ../shared/datasets."""

@@ -9,7 +9,7 @@ MS-CMRSeg studies 1-25, whose labels of that structure meta-training never read;
    an 8 x 20 x 20 grid indexed by relative slice position) added to the head's logits with weight w,
    whole-volume and oracle protocols. Written here, not in the product: it was not adopted.
 
-    python benchmarks/seg_test_time_choices.py --models fold500=F500.pt fold600=F600.pt [--repeats 3]
+    python benchmarks/experiments/seg_test_time_choices.py --models fold500=F500.pt fold600=F600.pt [--repeats 3]
 
 The folds: `metaapp meta-train --studies cmr_train.npz totalseg.npz --exclude V --max-steps 250
 --device cpu --tasks-per-step 8` (banks as in the model card). Writes
@@ -136,7 +136,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/seg_test_time_choices.py --models "
+                "command": "python benchmarks/experiments/seg_test_time_choices.py --models "
                 + " ".join(a.models)
                 + f" --repeats {a.repeats}",
                 "validation_studies": list(range(1, 26)),

@@ -4,8 +4,8 @@ Reads result files written by `benchmarks/fewshot_cls.py` (one per variant and s
 splits) and writes `benchmarks/results/cls_ablations/objective.json` + `.png`: per variant, the
 mean, the spread and every seed's AUC at each number of shots. Nothing is recomputed here.
 
-    python benchmarks/cls_objective_ablation.py            # the committed files
-    python benchmarks/cls_objective_ablation.py --out OTHER.json \
+    python benchmarks/experiments/cls_objective_ablation.py            # the committed files
+    python benchmarks/experiments/cls_objective_ablation.py --out OTHER.json \
         --variant "no KL term=cls_ablations/small_nokl_seed*_{split}.json" ...   # patterns under benchmarks/results
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 ABL = RESULTS / "cls_ablations"
 # variant name -> file pattern per split (relative to benchmarks/results)
 DEFAULT_VARIANTS = {

@@ -10,7 +10,7 @@ before the head's steps, and what every inference costs) and the k=1 adaptation.
 BasicUNet of the same widths in 3D, random weights, on the same volume padded to a multiple of 16
 slices. No 3D model is meta-trained: its embedding alone is timed, against the 2D ones.
 
-    python benchmarks/seg_dims.py --models 2D=ctx0.pt 2.5D=ctx1.pt [--value 500] [--repeats 2] [--queries 5]
+    python benchmarks/experiments/seg_dims.py --models 2D=ctx0.pt 2.5D=ctx1.pt [--value 500] [--repeats 2] [--queries 5]
 
 Writes benchmarks/results/seg_dims.json + .png. Needs ../shared/datasets."""
 

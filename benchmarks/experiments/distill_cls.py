@@ -3,12 +3,12 @@ into a compact student, against the same student meta-trained WITHOUT distillati
 time on the same episodes; all three evaluated leave-one-dataset-out on PneumoniaMNIST (never seen
 in meta-training), with parameters, inference time per image and adaptation time.
 
-    python benchmarks/distill_cls.py --teacher .cache/cls_bench/meta_cls.pt [--minutes 6]
+    python benchmarks/experiments/distill_cls.py --teacher .cache/cls_bench/meta_cls.pt [--minutes 6]
         [--student-channels 16,32,32,32 (default: half the teacher's)] [--max-way 5 --augment 1 --abnormal-fraction 0.3]
 
 The teacher is any classifier from `benchmarks/fewshot_cls.py` / `metaapp meta-train --task cls`
 (meta-trained on the same sources: cardiac MRI and CT regions + SSL). Both students get the same
-episode sampler and the same wall-clock budget on this CPU (distillation also runs the teacher, so
+episode sampler and the same wall-clock budget on the same machine (distillation also runs the teacher, so
 it gets fewer steps). Writes benchmarks/results/distill_cls.json + .png."""
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""Seconds of the product's k=1 adaptation on this CPU, the current head against its previous
+"""Seconds of the product's k=1 adaptation on the CPU, the current head against its previous
 formulation, side by side in one process (alternating, medians).
 
 The head's cosine similarities used to be two einsums over (N, C, H, W) features, which copied the
 features into another layout at every inner step; they are now one matmul over channels-last
 features. The math is the same: the script checks that both heads give the same logits.
 
-    python benchmarks/head_speed.py [--repeats 7] [--threads 2]
+    python benchmarks/experiments/head_speed.py [--repeats 7] [--threads 2]
 
-Support: one MS-CMRSeg study of 19 slices (256 x 256, the issue's "256x256x~20" volume), LV blood
+Support: one MS-CMRSeg study of 19 slices (256 x 256), LV blood
 pool, the shipped model, 10 inner steps; the support slices are embedded inside the timing, as in
 the app's first adaptation. Writes benchmarks/results/head_speed.json + .png."""
 
@@ -31,7 +31,7 @@ from monailabel_metaapp.shared_data import require_shared_datasets
 
 
 class EinsumHead(PrototypeHead):
-    """The head as it was up to stop 13 (features in their default layout, two einsums)."""
+    """The previous formulation of the head (features in their default layout, two einsums)."""
 
     @staticmethod
     def logits(feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,7 +75,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     old, new = med.values()
     result = {
-        "command": f"python benchmarks/head_speed.py --repeats {a.repeats} --threads {a.threads}",
+        "command": f"python benchmarks/experiments/head_speed.py --repeats {a.repeats} --threads {a.threads}",
         "volume": {"study": a.study, "size": list(image.GetSize()), "slices_on_model_grid": int(stack.shape[0])},
         "torch_threads": a.threads,
         "adapt_seconds_median": {k: round(v, 3) for k, v in med.items()},
@@ -94,7 +94,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.boxplot(list(times.values()), orientation="horizontal", tick_labels=list(times))
-    ax.axvline(5.0, color="grey", ls="--", label="issue's 5 s target")
+    ax.axvline(5.0, color="grey", ls="--", label="5 s target")
     ax.set_xlabel(f"k=1 adaptation, seconds ({a.threads} threads, {a.repeats} runs each)")
     ax.set_xlim(0, max(5.5, max(max(v) for v in times.values()) * 1.1))
     ax.legend(fontsize=8)
