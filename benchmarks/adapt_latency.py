@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stock_flow import measure_stock_flow  # noqa: E402
 
 from monailabel_metaapp.devserver import Server, free_port  # noqa: E402
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, shared_datasets  # noqa: E402
 
 
@@ -133,6 +134,7 @@ def main() -> None:
         "stock": stock,
         "stock_over_metaapp": ratios,
         "targets": {"save_reply_s": 0.2, "save_to_live_s_cpu": 5.0, "infer_s_cpu": 10.0},
+        "provenance": stamp([SHIPPED_SEG]),
     }
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

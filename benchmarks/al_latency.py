@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from monailabel_metaapp.devserver import Server
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
 
@@ -48,6 +49,7 @@ def main() -> None:
             result["strategies"][strategy] = {"median_s": statistics.median(times), "max_s": max(times)}
             print(strategy, json.dumps(result["strategies"][strategy]))
         result["command"] = "python " + " ".join(sys.argv)
+        result["provenance"] = stamp([SHIPPED_SEG])
         Path(a.out).write_text(json.dumps(result, indent=2))
     finally:
         server.stop()

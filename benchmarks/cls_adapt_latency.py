@@ -35,6 +35,7 @@ from monailabel_metaapp.core.cls_model import adapt
 from monailabel_metaapp.devserver import Server
 from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS, ClsService
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 
@@ -147,6 +148,7 @@ def main() -> None:
     if a.device == "cpu":
         cmr2 = cmr_view(tmp / "cmr_server", list(range(26, 36)))
         result["region"]["correction_to_new_head_s"] = round(through_server(cmr2, regions, "region", tmp / "s.log"), 3)
+    result["provenance"] = stamp([DEFAULT_CLS_WEIGHTS])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

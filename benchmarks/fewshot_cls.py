@@ -36,6 +36,7 @@ from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX, meta_train_
 from monailabel_metaapp.core.cls_model import ClsModelConfig
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import evaluate_cls, plot
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.samples import build_samples
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
 
@@ -134,6 +135,7 @@ def main() -> None:
     }
     result["command"] = "python " + " ".join(sys.argv)
     result["minutes"] = round((time.time() - t0) / 60, 1)
+    result["provenance"] = stamp([model])
     out.write_text(json.dumps(result, indent=2, default=str))
     plot(result, out.with_suffix(".png"))
     for r in sorted(result["rows"], key=lambda r: (r["shots"], r["method"])):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from monailabel_metaapp.evaluate import evaluate_seg, plot_rows
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 TEST_IDS = list(range(26, 36))
@@ -75,6 +76,7 @@ def main() -> None:
                 "minutes": round((time.time() - t0) / 60, 1),
                 "runs": runs,
                 "rows": rows,
+                "provenance": stamp(sorted(models.glob("fold*.pt"))),
             },
             indent=2,
         )

@@ -16,6 +16,7 @@ import torch
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import load_bank
+from monailabel_metaapp.provenance import stamp
 
 
 def main() -> None:
@@ -52,6 +53,7 @@ def main() -> None:
         "adapt_seconds_median": statistics.median(times),
         "adapt_seconds_all": times,
         "predict_seconds": time.perf_counter() - t,
+        "provenance": stamp([a.model]),
     }
     print(json.dumps(result, indent=2))
 

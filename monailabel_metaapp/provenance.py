@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED_SEG = Path(__file__).resolve().parent / "weights" / "metaseg.pt"
+SHIPPED_CLS = Path(__file__).resolve().parent / "weights" / "metacls.pt"
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:

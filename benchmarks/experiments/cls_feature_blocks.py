@@ -34,6 +34,7 @@ from monailabel_metaapp.core.checkpoint import load_cls_model
 from monailabel_metaapp.core.cls_data import ClsSet, load_medmnist, region_set
 from monailabel_metaapp.core.episodes import load_studies
 from monailabel_metaapp.evaluate_cls import embed
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
 
@@ -126,6 +127,7 @@ def main() -> None:
                 "rows": rows,
                 "command": "python " + " ".join(sys.argv),
                 "settings": {"supports": a.supports, "shots": shots, "seed": 0},
+                "provenance": stamp(a.models),
             },
             indent=2,
         )

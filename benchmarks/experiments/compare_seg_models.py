@@ -21,6 +21,7 @@ import torch
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.volume import label_slices, read_image, stack_to_original, to_slices
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, require_shared_datasets
 
 
@@ -60,6 +61,7 @@ def main() -> None:
             per[name] = {"dice_mean": float(np.mean(scores)), "dice_std": float(np.std(scores)), "dice": scores}
         result["models"][path] = per
         print(path, {n: round(v["dice_mean"], 3) for n, v in per.items()})
+    result["provenance"] = stamp(a.models)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -33,6 +33,7 @@ from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, a
 from monailabel_metaapp.core.distill import distill_cls, half_width
 from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.evaluate_cls import DEFAULT_CLS_STEPS, evaluate_cls
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets, totalseg_view
 
 
@@ -181,6 +182,7 @@ def main() -> None:
     result["settings"]["distill"] = "alpha 0.5, T 4 (core/distill.py)"
     result["command"] = "python " + " ".join(sys.argv)
     result["minutes"] = round((time.time() - t0) / 60, 1)
+    result["provenance"] = stamp(list(paths.values()))
     out.write_text(json.dumps(result, indent=2, default=str))
     plot(result, out.with_suffix(".png"))
     for name, m in result["models"].items():

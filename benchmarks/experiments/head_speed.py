@@ -27,6 +27,7 @@ from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.networks import PrototypeHead
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 from monailabel_metaapp.shared_data import require_shared_datasets
 
 
@@ -84,6 +85,7 @@ def main() -> None:
         "max_logit_difference_of_the_two_adapted_heads": gap,
     }
     print(json.dumps(result, indent=2))
+    result["provenance"] = stamp([SHIPPED_SEG])
     out = Path(a.out)
     out.write_text(json.dumps(result, indent=2))
 

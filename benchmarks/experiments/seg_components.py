@@ -31,6 +31,7 @@ from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.volume import stack_to_original
 from monailabel_metaapp.evaluate import load_eval_studies
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 from monailabel_metaapp.samples import build_samples
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
@@ -80,6 +81,7 @@ def main() -> None:
                 "model": a.model or "shipped",
                 "minutes": round((time.time() - t0) / 60, 1),
                 "rows": rows,
+                "provenance": stamp([a.model or SHIPPED_SEG]),
             },
             indent=2,
         )

@@ -31,6 +31,7 @@ from monai.networks.nets import BasicUNet
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.evaluate import evaluate_seg, load_eval_studies
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 
@@ -134,6 +135,7 @@ def main() -> None:
         result["speed"]["3D (same widths, not trained)"] = speed_3d(tuple(features), emb, stack, a.timing_repeats)
     result["torch_threads"] = torch.get_num_threads()
     result["command"] = "python " + " ".join(sys.argv)
+    result["provenance"] = stamp(list(models.values()))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import load_studies, with_context
 from monailabel_metaapp.core.networks import prototypes
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets
 
 LEVELS = ["upcat_4", "upcat_3", "upcat_2", "upcat_1", "final_conv"]
@@ -118,7 +119,12 @@ def main() -> None:
         print(json.dumps(t))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": table, "rows": rows, "command": "python " + " ".join(sys.argv)}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"summary": table, "rows": rows, "command": "python " + " ".join(sys.argv), "provenance": stamp(a.models)},
+            indent=2,
+        )
+    )
     plot(table, out.with_suffix(".png"))
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.evaluate import _oracle, _probs_to_mask, load_eval_studies
+from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
 STEPS, SLICES, WEIGHTS = (0, 3, 10, 30), (24, 48), (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -143,6 +144,7 @@ def main() -> None:
                 "torch_threads": torch.get_num_threads(),
                 "minutes": round((time.time() - t0) / 60, 1),
                 "folds": folds,
+                "provenance": stamp([m.split("=", 1)[1] for m in a.models]),
             },
             indent=2,
         )
