@@ -1,27 +1,42 @@
-"""The classifier's meta-objective ablations over meta-training seeds, in one table and one plot.
+"""The classifier's meta-objective ablations over meta-training seeds, each set folded into one file.
 
-Reads result files written by `benchmarks/fewshot_cls.py` (one per variant and seed, val and test
-splits) and writes `benchmarks/results/cls_ablations/objective.json` + `.png`: per variant, the
-mean, the spread and every seed's AUC at each number of shots. Nothing is recomputed here.
+Every variant is a few runs of `benchmarks/fewshot_cls.py` (one per meta-training seed, val and test
+splits, written with `--out benchmarks/results/cls_ablations/<variant>_seed<S>_<split>.json`). This
+script folds them into one summary per ablation, with each run's command, settings and meta rows
+kept, and a plot. Nothing is recomputed.
 
-    python benchmarks/experiments/cls_objective_ablation.py            # the committed files
-    python benchmarks/experiments/cls_objective_ablation.py --out OTHER.json \
-        --variant "no KL term=cls_ablations/small_nokl_seed*_{split}.json" ...   # patterns under benchmarks/results
+- `objective.json` + `.png`: the current recipe (16-32-32-32 encoder, centre crop), with and without
+  the brain sample studies; default, no KL term, fixed inner-loop rates; four seeds each.
+- `before_crop.json`: the earlier recipe (no centre crop): the 32-64-64-64 encoder's variants
+  (seed 0 and 1, no KL, KL 1e-2, fixed rates) and the 16-32-32-32 encoder over four seeds.
+
+The per-run files are not kept in the working tree; they are read from git history (``--ref``,
+default the last commit that held them) when they are absent.
+
+    python benchmarks/experiments/cls_objective_ablation.py [--ref COMMIT]
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import fnmatch
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+from monailabel_metaapp.provenance import stamp
+
+BENCH = Path(__file__).resolve().parent.parent
+RESULTS = BENCH / "results"
 ABL = RESULTS / "cls_ablations"
-# variant name -> file pattern per split (relative to benchmarks/results)
-DEFAULT_VARIANTS = {
+REPO = BENCH.parent
+# the last commit whose tree holds every per-run file
+REF = "8aac714"
+CPU = "2-core x86-64 CPU, 24 GiB (one torch thread per run)"
+
+CURRENT = {
     "default (KL 1e-3, Meta-SGD rates)": "cls_ablations/small_brain_seed*_{split}.json",
     "no KL term (lambda 0)": "cls_ablations/small_brain_nokl_seed*_{split}.json",
     "fixed inner-loop rates (no Meta-SGD)": "cls_ablations/small_brain_fixedlr_seed*_{split}.json",
@@ -29,26 +44,81 @@ DEFAULT_VARIANTS = {
     "without brain studies: no KL term": "cls_ablations/small_nokl_seed*_{split}.json",
     "without brain studies: fixed rates": "cls_ablations/small_fixedlr_seed*_{split}.json",
 }
+BEFORE_CROP = {
+    "32-64-64-64: default (KL 1e-3, Meta-SGD rates), seed 0": "cls_ablations/wide_{split}.json",
+    "32-64-64-64: default, seed 1": "cls_ablations/seed1_{split}.json",
+    "32-64-64-64: no KL term": "cls_ablations/nokl_{split}.json",
+    "32-64-64-64: KL weight 1e-2": "cls_ablations/kl1e-2_{split}.json",
+    "32-64-64-64: fixed inner-loop rates": "cls_ablations/fixedlr_{split}.json",
+    # seed 0's test run is the leave-one-dataset-out result of that time (fewshot_cls.json at 2554abc)
+    "16-32-32-32, seeds 0-3": {
+        "val": "cls_ablations/small_val.json cls_ablations/small_seed[123]_val.json",
+        "test": "git:2554abc:fewshot_cls.json cls_ablations/small_seed[123]_test.json",
+    },
+}
 
 
-def meta_auc(path: Path) -> dict[int, float]:
-    rows = json.loads(path.read_text())["rows"]
-    return {r["shots"]: r["auc_mean"] for r in rows if r["method"] == "meta"}
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
 
 
-def summarise(pattern: str) -> dict:
+def expand(pattern: str, ref: str) -> list[tuple[str, str]]:
+    """(ref or "", path relative to benchmarks/results) for each file a pattern names."""
+    out = []
+    for part in pattern.split():
+        if part.startswith("git:"):
+            _, commit, rel = part.split(":", 2)
+            out.append((commit, rel))
+            continue
+        local = sorted(p.relative_to(RESULTS).as_posix() for p in RESULTS.glob(part))
+        if local:
+            out += [("", p) for p in local]
+            continue
+        tree = _git("ls-tree", "-r", "--name-only", ref, "benchmarks/results/").split()
+        out += [(ref, t.removeprefix("benchmarks/results/")) for t in sorted(tree) if fnmatch.fnmatch(t, f"*/{part}")]
+    if not out:
+        raise FileNotFoundError(f"no result file matches {pattern} (here or at {ref})")
+    return out
+
+
+def read(commit: str, rel: str) -> dict:
+    if not commit:
+        return json.loads((RESULTS / rel).read_text())
+    return json.loads(_git("show", f"{commit}:benchmarks/results/{rel}"))
+
+
+def run_record(commit: str, rel: str) -> dict:
+    d = read(commit, rel)
+    wrote = _git("log", "-1", "--format=%H", commit or "HEAD", "--", f"benchmarks/results/{rel}").strip()
+    rows = [r for r in d["rows"] if r["method"] == "meta"]
+    s = d.get("settings", {})
+    return {
+        "file": rel if not commit else f"{rel} at {commit}",
+        "command": d.get("command"),
+        "settings": {k: s.get(k) for k in ("model", "query_split", "repeats", "shots", "seed", "torch_threads")},
+        "meta_train_sources": (d.get("meta_train") or {}).get("sources"),
+        "rows": rows,
+        "provenance": {
+            "commit": wrote or None,
+            "weights": "model meta-trained for this result, not kept",
+            "recorded_after_the_fact": True,
+            "host": CPU,
+        },
+    }
+
+
+def summarise(spec: str | dict, ref: str) -> dict:
     out = {}
     for split in ("val", "test"):
-        files = sorted(glob.glob(str(RESULTS / pattern.format(split=split))))
-        if not files:
-            raise FileNotFoundError(f"no result file matches {pattern.format(split=split)} under {RESULTS}")
-        per_seed = [meta_auc(Path(f)) for f in files]
+        pattern = spec[split] if isinstance(spec, dict) else spec.format(split=split)
+        runs = [run_record(c, r) for c, r in expand(pattern, ref)]
+        per_seed = [{r["shots"]: r["auc_mean"] for r in run["rows"]} for run in runs]
         shots = sorted(per_seed[0])
         out[split] = {
-            "files": [str(Path(f).relative_to(RESULTS)) for f in files],
             "auc_mean": {k: round(float(np.mean([s[k] for s in per_seed])), 4) for k in shots},
             "auc_seed_std": {k: round(float(np.std([s[k] for s in per_seed])), 4) for k in shots},
             "auc_per_seed": {k: [round(s[k], 4) for s in per_seed] for k in shots},
+            "runs": runs,
         }
     return out
 
@@ -80,16 +150,17 @@ def plot(summary: dict, png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", help='"NAME=PATTERN" with {split} in the pattern; repeatable')
-    ap.add_argument("--out", default=str(ABL / "objective.json"))
+    ap.add_argument("--ref", default=REF, help="commit to read per-run files from when they are absent here")
     a = ap.parse_args()
-    variants = dict(v.split("=", 1) for v in a.variant) if a.variant else DEFAULT_VARIANTS
-    summary = {name: summarise(pattern) for name, pattern in variants.items()}
-    out = Path(a.out)
-    out.write_text(json.dumps({"variants": summary, "patterns": variants}, indent=2))
-    plot(summary, out.with_suffix(".png"))
-    for name, s in summary.items():
-        print(f"{name}: val {s['val']['auc_mean']}  test {s['test']['auc_mean']}")
+    for name, variants, png in (("objective", CURRENT, True), ("before_crop", BEFORE_CROP, False)):
+        summary = {v: summarise(spec, a.ref) for v, spec in variants.items()}
+        out = ABL / f"{name}.json"
+        record = {"variants": summary, "patterns": variants, "provenance": stamp([])}
+        out.write_text(json.dumps(record, indent=2, default=str))
+        if png:
+            plot(summary, out.with_suffix(".png"))
+        for v, s in summary.items():
+            print(f"{name}: {v}: val {s['val']['auc_mean']}  test {s['test']['auc_mean']}")
 
 
 if __name__ == "__main__":
