@@ -33,7 +33,8 @@ import torch
 
 from monailabel_metaapp.core.cls_model import adapt
 from monailabel_metaapp.devserver import Server
-from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS, ClsService
+from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
+from monailabel_metaapp.lib.cls.service import ClsService
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
 from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets

@@ -186,7 +186,7 @@ def evaluate_cls_store(
     from monailabel.config import settings as ml_settings
 
     from monailabel_metaapp.core.episodes import label_names
-    from monailabel_metaapp.lib.cls_service import ClsService
+    from monailabel_metaapp.lib.cls.service import ClsService
     from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
     studies = Path(studies)
@@ -271,7 +271,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
         raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout) or --studies DIR (stored class corrections)")
     shots = [int(s) for s in a.shots.split(",")]
     if a.studies:
-        from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS
+        from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
 
         baselines = [b for b in (a.baselines if a.baselines is not None else "linear").split(",") if b]
         model = a.model or DEFAULT_CLS_WEIGHTS

@@ -17,8 +17,9 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from monailabel_metaapp.cli import main as cli_main
-from monailabel_metaapp.lib.cls_heads import NEEDS_TWO
-from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_WEIGHTS, ClsService
+from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
+from monailabel_metaapp.lib.cls.heads import NEEDS_TWO
+from monailabel_metaapp.lib.cls.service import ClsService
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view
 
@@ -84,7 +85,7 @@ def test_service_adapts_from_stored_corrections_and_reloads(shared, tmp_path):
     assert again == svc.classify("cmr_31", region="rv blood pool")["prediction"]
 
     # a head written by another classifier model (the app's weights changed) is re-adapted at start-up
-    from monailabel_metaapp.lib.cls_heads import ClsHead
+    from monailabel_metaapp.lib.cls.heads import ClsHead
 
     old = ClsHead({"W": torch.zeros(2, 64), "b": torch.zeros(2)}, ["left", "right"], {"left": 5, "right": 5})
     svc2.heads.publish("region", old)

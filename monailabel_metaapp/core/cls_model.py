@@ -184,6 +184,9 @@ class FewShotClsModel(nn.Module):
         return f.reshape(n, v, -1).mean(1)
 
 
+DEFAULT_CLS_STEPS = 20  # inner-loop steps of a classifier head's adaptation, in the app and its evaluation
+
+
 def adapt(
     model: FewShotClsModel,
     feats: torch.Tensor,

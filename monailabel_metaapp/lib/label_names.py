@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import SimpleITK as sitk
+
+from monailabel_metaapp.core.volume import read_image
+
 
 def named_values(info: dict[str, Any] | None, defaults: dict[str, int]) -> dict[str, int]:
-    """name -> value for one label, from its datastore info (the save request's params)."""
+    """name -> value for one label, from its datastore info (the save request's params).
+
+    Args:
+        info: the label's datastore info (`label_info`, `label_names` or `params.label_names`).
+        defaults: the names to fall back on (the datastore folder's `labels.json`).
+    """
     info = info or {}
     items = info.get("label_info")
     if isinstance(items, list) and items:
@@ -30,7 +40,32 @@ def named_values(info: dict[str, Any] | None, defaults: dict[str, int]) -> dict[
 
 
 def split_named(values: list[int], names: dict[str, int]) -> tuple[dict[str, int], list[int]]:
-    """({name: value} present in the label, [values present that have no name])."""
+    """({name: value} present in the label, [values present that have no name]).
+
+    Args:
+        values: the label values present in a label map.
+        names: name -> value, as `named_values` gives it.
+    """
     by_value = {v: n for n, v in names.items()}
     named = {by_value[v]: v for v in values if v in by_value}
     return named, [v for v in values if v not in by_value]
+
+
+def final_label_structures(datastore: Any, image_id: str, defaults: dict[str, int]) -> dict[str, int]:
+    """name -> value of the named structures in an image's final label.
+
+    The names checked when the label was saved (`label_info.metaapp.named`) when there, else the
+    label's own naming rules applied to the values its file holds.
+
+    Args:
+        datastore: a MONAI Label datastore holding a final label of the image.
+        image_id: the image.
+        defaults: the names to fall back on (the datastore folder's `labels.json`).
+    """
+    info = datastore.get_label_info(image_id, "final") or {}
+    checked = info.get("metaapp")
+    if checked:
+        return dict(checked["named"])
+    path = datastore.get_label_uri(image_id, "final")
+    values = [int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(path))) if v > 0]
+    return split_named(values, named_values(info, defaults))[0]

@@ -9,7 +9,9 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from monailabel_metaapp.lib.cls_service import DEFAULT_CLS_STEPS, DEFAULT_CLS_WEIGHTS, ClsService
+from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS
+from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
+from monailabel_metaapp.lib.cls.service import ClsService
 from monailabel_metaapp.lib.infers.fewshot_cls import FewShotClsInfer
 
 logger = logging.getLogger(__name__)
@@ -36,4 +38,4 @@ class FewShotCls(TaskConfig):
         return {self.name: FewShotClsInfer(self.service)}
 
     def trainer(self) -> dict:
-        return {}  # POST /train/fewshot_cls is answered in-process (lib/cls_routes.py)
+        return {}  # POST /train/fewshot_cls is answered in-process (lib/cls/routes.py)

@@ -1,0 +1,1 @@
+"""Few-shot classification in the app: heads, class corrections, region views, the service, routes."""

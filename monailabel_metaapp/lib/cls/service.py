@@ -1,0 +1,299 @@
+"""The app's classification runtime: the meta-learned classifier encoder (frozen) and its
+task-specific heads, adapted in the background from the class corrections stored in the datastore.
+
+Every classification task has its own head and classes. Each kind of example (`image`, `region`:
+see `views.py`) has a default task named after it (an X-ray's classes are not a lesion's classes);
+a correction or a request naming a `task` (e.g. `malignancy`, `tumour_type`) teaches or asks that
+task instead, so one lesion can carry a class per task. A task classifies one kind of example, the
+kind of its first correction. A correction of a structure that only a prediction outlines stores
+the prediction's box, so the example does not move when the segmentation head changes later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.adapt_queue import AdaptQueue
+from monailabel_metaapp.lib.cls.classifier import Classifier
+from monailabel_metaapp.lib.cls.corrections import CorrectionStore, label_classes, store_label_classes, task_of
+from monailabel_metaapp.lib.cls.heads import NEEDS_TWO, ClsHead, ClsHeadStore
+from monailabel_metaapp.lib.cls.views import RegionViews
+from monailabel_metaapp.lib.label_names import final_label_structures
+
+logger = logging.getLogger(__name__)
+
+TEACH = (
+    "teach it with PUT /metaapp/classes/{image_id} "
+    '{"class": NAME[, "region": STRUCTURE | "roi": [x0,y0,z0,x1,y1,z1]][, "task": TASK]}, '
+    'or MONAILabelClient.train_start("fewshot_cls", {"image": ID, "class": NAME, ...}), '
+    'or a saved label whose label_info entries carry "class"'
+)
+
+
+class NoHead(LookupError):
+    """The classifier cannot answer yet (no head for this task)."""
+
+
+class ClsService:
+    """Class corrections in, adapted heads and class predictions out.
+
+    Args:
+        datastore: the MONAI Label datastore (images, final labels, and the corrections in image info).
+        store_dir: the heads go to `store_dir/cls`.
+        model_path: the meta-trained classifier (default: the shipped `weights/metacls.pt`).
+        device: "auto", "cpu", "cuda", ...
+        steps: inner-loop steps of each adaptation.
+        seg: the SegService whose labels name structures and whose predictions outline the others
+            (None: the final labels' names only, and no predicted regions).
+    """
+
+    def __init__(
+        self,
+        datastore,
+        store_dir: str | Path,
+        model_path: str | Path | None = None,
+        device: str = "auto",
+        steps: int = DEFAULT_CLS_STEPS,
+        seg=None,
+    ):
+        self.datastore = datastore
+        self.classifier = cl = Classifier(model_path, device, steps)
+        self.device, self.model_path, self.model, self.steps = cl.device, cl.model_path, cl.model, steps
+        self.size, self.seg, self.embed, self.predict = self.model.cfg.size, seg, cl.embed, cl.predict
+        self.heads = ClsHeadStore(Path(store_dir) / "cls")
+        self.store = CorrectionStore(datastore)
+        self.regions = RegionViews(datastore, self.size, self.model.cfg.image_crop, self.label_structures, seg)
+        self._views, self._stacks = self.regions.cache, self.regions.stacks  # what a latency benchmark clears
+        self.id_of = self.regions.id_of  # infer requests carry the image's path
+        self.queue = AdaptQueue(self._adapt, self.heads.set_state)
+
+    # -- the datastore --------------------------------------------------------------------------
+    def image_ids(self) -> list[str]:
+        """Every image of the datastore, sorted."""
+        return self.store.image_ids()
+
+    def corrections(self, image_id: str) -> dict[str, dict]:
+        """key -> stored correction of one image.
+
+        Args:
+            image_id: the image.
+        """
+        return self.store.of_image(image_id)
+
+    def examples(self, task: str) -> list[tuple[str, str, dict]]:
+        """(image id, key, correction) of every stored correction of one task.
+
+        Args:
+            task: the task name.
+        """
+        return self.store.of_task(task)
+
+    def tasks(self) -> dict[str, str]:
+        """task -> kind, for every task with a head record or a stored correction."""
+        found = {task: recs[0]["kind"] for task, recs in self.store.by_task().items()}
+        return {t: rec["kind"] for t, rec in self.heads.snapshot().items()} | found
+
+    def label_structures(self, image_id: str) -> dict[str, int]:
+        """name -> value of the structures in an image's final label (none without one).
+
+        Args:
+            image_id: the image.
+        """
+        if not self.datastore.get_label_uri(image_id, "final"):
+            return {}
+        if self.seg is not None:
+            return self.seg.label_structures(image_id)
+        return final_label_structures(self.datastore, image_id, getattr(self.datastore, "default_names", {}))
+
+    def views(self, image_id: str, rec: dict) -> torch.Tensor:
+        """The classifier's input for a stored correction (see `RegionViews.views`).
+
+        Args:
+            image_id: the image.
+            rec: the correction.
+        """
+        return self.regions.views(image_id, rec)
+
+    # -- corrections ----------------------------------------------------------------------------
+    def correct(
+        self, image_id: str, cls: Any, region: str | None = None, roi: Any = None, task: str | None = None
+    ) -> dict:
+        """Store one class correction and queue the adaptation of its task's head; the reply comes at once.
+
+        Args:
+            image_id: the image.
+            cls: the class name.
+            region: a structure name (None: the whole image).
+            roi: a box [x0, y0, z0, x1, y1, z1].
+            task: a named task (None: the default task of the example's kind).
+        """
+        if not isinstance(cls, str) or not cls.strip() or len(cls) > 128:
+            raise ValueError(f'"class" must be a non-empty class name (at most 128 characters), got {cls!r}')
+        key, rec = self.regions.resolve(image_id, region, roi)
+        task = rec["kind"] if task in (None, "") else task
+        self.heads.check(task, rec["kind"])  # a valid name, of this kind
+        if task != rec["kind"]:
+            key = f"{task}/{key}"
+        rec.update({"class": cls.strip(), "task": task, "ts": int(time.time())})
+        self.views(image_id, rec)  # refuse now what could never be learned from (empty region, unreadable)
+        self.heads.register(task, rec["kind"])
+        self.store.put(image_id, key, rec)
+        queued = self.queue.submit([task])
+        logger.info("class correction: %s %s -> %s (%s, task %s)", image_id, key, rec["class"], rec["source"], task)
+        return {"image": image_id, "key": key, **rec, "adapting": queued}
+
+    def remove(self, image_id: str, key: str) -> dict:
+        """Drop one stored correction and queue the re-adaptation of its task.
+
+        Args:
+            image_id: the image.
+            key: the correction's key, as `correct` replied it.
+        """
+        self.regions.image_path(image_id)
+        rec = self.store.pop(image_id, key)
+        return {"image": image_id, "key": key, "removed": rec, "adapting": self.queue.submit([task_of(rec)])}
+
+    def on_label_saved(self, image_id: str) -> dict:
+        """Classes carried by a saved final label -> region corrections of its named structures:
+        `label_info: [{"name", "idx", "class"}]` or `classes: {name: class}`, where a class is a name
+        (the default region task) or `{task: class, ...}` (named tasks, e.g. malignancy and type).
+
+        Args:
+            image_id: the image whose final label was saved.
+        """
+        info = self.datastore.get_label_info(image_id, "final") or {}
+        classes = label_classes(info)
+        if not classes:
+            return {}
+        named = (info.get("metaapp") or {}).get("named") or self.label_structures(image_id)
+        return store_label_classes(classes, named, lambda name, c, task: self.correct(image_id, c, name, task=task))
+
+    # -- adaptation -------------------------------------------------------------------------------
+    def adapt_all(self) -> list[str]:
+        """Queue the re-adaptation of every task that has stored corrections."""
+        return self.queue.submit(sorted(self.store.by_task()))
+
+    def sync(self) -> list[str]:
+        """At start-up: adapt the heads whose stored corrections differ from what they learned from,
+        or that another classifier model made (the app's weights changed)."""
+        snap, live = self.heads.snapshot(), self.heads.heads()
+        stale = []
+        for task, recs in sorted(self.store.by_task().items()):
+            try:
+                self.heads.register(task, recs[0]["kind"])  # a registry lost or older than the corrections
+            except ValueError as e:
+                logger.warning("class corrections of task %r not learned from: %s", task, e)
+                continue
+            counts = dict(Counter(rec["class"] for rec in recs))
+            foreign = task in live and not self.classifier.matches(live[task])
+            if foreign or counts != snap.get(task, {}).get("examples"):
+                stale.append(task)
+        return self.queue.submit(stale)
+
+    def _adapt(self, task: str) -> None:
+        t0 = time.perf_counter()
+        views, names = [], []
+        for image_id, key, rec in self.examples(task):
+            try:
+                views.append(self.views(image_id, rec))
+                names.append(rec["class"])
+            except (LookupError, ValueError, VolumeError) as e:
+                logger.warning("class correction %s %s skipped: %s", image_id, key, e)
+        if len(set(names)) < 2:
+            counts = dict(sorted(Counter(names).items()))
+            self.heads.retire(task, NEEDS_TWO, examples=counts)
+            logger.info("%s classifier: examples of %s only; %s", task, sorted(counts), NEEDS_TWO)
+            return
+        head = self.classifier.fit(views, names)
+        fit_seconds, head.seconds = head.seconds, time.perf_counter() - t0
+        version = self.heads.publish(task, head)
+        logger.info(
+            "%s classifier adapted on %d examples of %d classes in %.3f s (embed + head %.3f s) -> version %d",
+            *(task, len(names), len(head.classes), head.seconds, fit_seconds, version),
+        )
+
+    # -- inference --------------------------------------------------------------------------------
+    def _head(self, task: str) -> tuple[ClsHead, int]:
+        head = self.heads.heads().get(task)
+        rec = self.heads.snapshot().get(task, {})
+        if head is None:
+            examples = rec.get("examples") or {}
+            have = f"examples so far: {examples}" if examples else "no class examples yet"
+            raise NoHead(f"the {task} classifier has no head yet ({have}; it needs 2 classes): {TEACH}")
+        return head, int(rec.get("version", 0))
+
+    def classify(self, image_id: str, region: str | None = None, roi: Any = None, task: str | None = None) -> dict:
+        """{"prediction": [{"idx", "label", "score"}] (best first), "kind", "task", "head_version", ...}.
+
+        Args:
+            image_id: the image.
+            region: a structure name (None: the whole image).
+            roi: a box [x0, y0, z0, x1, y1, z1].
+            task: a named task (None: the default task of the example's kind).
+        """
+        t0 = time.perf_counter()
+        self.regions.image_path(image_id)
+        kind = "image" if roi is None and region in (None, "", "image") else "region"
+        task = kind if task in (None, "") else task
+        self.heads.check(task, kind)
+        head, version = self._head(task)
+        rec = self.regions.describe(image_id, region, roi)
+        out: dict[str, Any] = {"kind": kind, "task": task}
+        if "roi" in rec:
+            out["roi"] = rec["roi"]
+        elif kind == "region":
+            out |= {"region": rec["region"], "source": rec["source"]}
+        out["prediction"] = self.predict(head, self.embed([self.views(image_id, rec)]))[0]
+        out["head_version"] = version
+        out["latency"] = round(time.perf_counter() - t0, 4)
+        return out
+
+    def classify_regions(self, path: str, label: sitk.Image, names: dict[str, int]) -> dict[str, dict]:
+        """The classes of each segmented structure of a result label map, as segmentation result params:
+        `classes` {name: {"label", "score", "idx"}} from the default region task and `task_classes`
+        {task: {name: ...}} from the named ones; a task without a head adds nothing.
+
+        Args:
+            path: the image file.
+            label: the segmentation result on the image's grid.
+            names: name -> value of the structures in `label`.
+        """
+        heads = {t: h for t, h in self.heads.heads().items() if self.heads.kind(t) == "region"}
+        if not heads or not names:
+            return {}
+        arr = sitk.GetArrayViewFromImage(label)
+        present = {n: v for n, v in names.items() if (arr == v).any()}
+        views, order = [], []
+        for name, value in present.items():
+            try:
+                views.append(self.regions.mask_views(path, label == value))
+                order.append(name)
+            except (ValueError, VolumeError) as e:
+                logger.warning("no class for %s: %s", name, e)
+        if not views:
+            return {}
+        feats = self.embed(views)
+        by_task = {
+            task: {name: dict(pred[0]) for name, pred in zip(order, self.predict(head, feats))}
+            for task, head in sorted(heads.items())
+        }
+        out: dict[str, dict] = {"classes": by_task.pop("region")} if "region" in by_task else {}
+        return out | ({"task_classes": by_task} if by_task else {})
+
+    def status(self) -> dict:
+        """What /info/ shows of the classifier: device, model, heads, and how to teach it."""
+        return {
+            "device": str(self.device),
+            "model": self.model_path,
+            "heads": self.heads.snapshot(),
+            "teach": TEACH,
+        }
