@@ -104,7 +104,7 @@ class MetaApp(MONAILabelApp):
 
         routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
-        from monailabel_metaapp.lib import cls_routes
+        from monailabel_metaapp.lib.cls import routes as cls_routes
 
         for name, cfg in self.cls_configs.items():
             cls_routes.install(fastapi_app, cfg.service, name)
