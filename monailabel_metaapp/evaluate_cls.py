@@ -17,7 +17,6 @@ the support and every other example is classified. The folder is only read."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -30,9 +29,8 @@ from tqdm import tqdm
 
 from monailabel_metaapp.core.checkpoint import load_cls_model, pick_device
 from monailabel_metaapp.core.cls_data import ClsSet, load_medmnist
-from monailabel_metaapp.core.cls_model import FewShotClsModel, adapt
-
-DEFAULT_CLS_STEPS = 20
+from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS, FewShotClsModel, adapt
+from monailabel_metaapp.evaluate_common import int_list, name_list, plot_curves, write_result
 
 
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -243,48 +241,43 @@ def evaluate_cls_store(
 
 
 def plot(result: dict, png: Path) -> None:
-    import matplotlib
+    """ROC AUC against shots per class, one curve per method.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in result["rows"]}):
-        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["shots"])
-        x = [r["shots"] for r in rows]
-        m = np.array([r["auc_mean"] for r in rows])
-        s = np.array([r["auc_std"] for r in rows])
-        ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=method)
-    ax.set_xlabel("shots per class")
-    ax.set_ylabel("ROC AUC on the test split")
-    ax.set_title(Path(result["settings"].get("npz") or result["settings"]["studies"]).name)
-    ax.set_xticks(result["settings"]["shots"])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    Args:
+        result: what `evaluate_cls` or `evaluate_cls_store` returns.
+        png: the image to write.
+    """
+    settings = result["settings"]
+    title = Path(settings.get("npz") or settings["studies"]).name
+    plot_curves(
+        result["rows"],
+        png,
+        "auc_mean",
+        "auc_std",
+        "ROC AUC on the test split",
+        "shots per class",
+        title=title,
+        panel=(6, 4),
+        xticks=settings["shots"],
+    )
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
     if not a.npz and not a.studies:
         raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout) or --studies DIR (stored class corrections)")
-    shots = [int(s) for s in a.shots.split(",")]
+    shots = int_list(a.shots)
     if a.studies:
         from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
 
-        baselines = [b for b in (a.baselines if a.baselines is not None else "linear").split(",") if b]
+        baselines = name_list(a.baselines, "linear")
         model = a.model or DEFAULT_CLS_WEIGHTS
         result = evaluate_cls_store(a.studies, model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
     else:
         if not a.model:
             raise ValueError("evaluate cls --npz needs --model FILE (made by `metaapp meta-train --task cls`)")
-        baselines = [b for b in (a.baselines if a.baselines is not None else "scratch,linear").split(",") if b]
+        baselines = name_list(a.baselines, "scratch,linear")
         result = evaluate_cls(a.npz, a.model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
+    write_result(result, a.out, plot)
     for r in result["rows"]:
         print(
             f"k={r['shots']:>2} {r['method']:>8}: AUC {r['auc_mean']:.3f} ± {r['auc_std']:.3f}, acc {r['acc_mean']:.3f}"
