@@ -14,15 +14,23 @@ import torch
 import torch.nn.functional as F
 
 
-class Head(Protocol):
-    """Task-specific layers as a pure function of their parameters (segmentation or classification)."""
+class TaskHead(Protocol):
+    """Task-specific layers as a pure function of their parameters (segmentation or classification).
+
+    Not to be confused with `core.adaptation.Head`, an adapted segmentation head's parameters.
+    """
 
     @staticmethod
     def logits(feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy + soft Dice over the whole batch (robust to empty slices)."""
+    """Binary cross-entropy + soft Dice over the whole batch (robust to empty slices).
+
+    Args:
+        logits: predicted logits, any shape.
+        target: the binary mask, the shape of `logits`.
+    """
     target = target.float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
@@ -32,7 +40,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def inner_adapt(
-    head: Head,
+    head: TaskHead,
     params: dict[str, torch.Tensor],
     lrs: dict[str, torch.Tensor],
     feats: torch.Tensor,
@@ -43,7 +51,22 @@ def inner_adapt(
 ) -> dict[str, torch.Tensor]:
     """`steps` gradient steps on the support: theta' = theta - lr (element-wise) * grad, for the
     parameters that have a learned rate (others, such as a support statistic, stay as they are).
-    Segmentation heads use `seg_loss`; classification heads pass `F.cross_entropy`."""
+    Segmentation heads use `seg_loss`; classification heads pass `F.cross_entropy` (Meta-SGD: Li et
+    al., 2017, arXiv:1707.09835).
+
+    Args:
+        head: whose `logits(feats, params)` is differentiated.
+        params: the head's initial parameters.
+        lrs: a learned learning rate per parameter (same shape); parameters without one are not stepped.
+        feats: the support's features.
+        target: the support's labels, as `loss_fn` takes them.
+        steps: how many gradient steps.
+        create_graph: keep the graph of the steps (meta-training differentiates through them).
+        loss_fn: (logits, target) -> scalar loss.
+
+    Returns:
+        The adapted parameters (a new dict; the inputs are not changed).
+    """
     names = [n for n in params if n in lrs]
     for _ in range(steps):
         loss = loss_fn(head.logits(feats, params), target)
