@@ -42,7 +42,7 @@ class MetaApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            from monailabel_metaapp.lib.pacs import pacs_datastore
+            from monailabel_metaapp.pacs.connect import pacs_datastore
 
             return pacs_datastore(self.studies, self.conf)
         names = {n: v for v, n in label_names(self.studies).items()}

@@ -63,11 +63,29 @@ def _dicom_time(ds: Dataset) -> float | None:
 
 
 class PacsUnavailable(HTTPException):
+    """503: the PACS did not answer; the detail says which and why.
+
+    Args:
+        url: the PACS's DICOMweb address.
+        err: what the request raised.
+    """
+
     def __init__(self, url: str, err: Exception):
         super().__init__(status_code=503, detail=f"the PACS at {url} is unreachable ({type(err).__name__}: {err})")
 
 
 class PacsDatastore(LabelChecks, DICOMWebDatastore):
+    """A MONAI Label datastore over a PACS, with a local cache that keeps labels until they are uploaded.
+
+    Args:
+        client: the DICOMweb client of the PACS.
+        search_filter: the QIDO-RS filter of the image series to serve (e.g. {"Modality": "MR"}).
+        cache_path: the local cache folder (default: MONAI Label's, named after the PACS).
+        default_names: name -> label value for SEGs and labels that name no structure.
+        poll_seconds: how often the PACS is asked for new SEGs (at least 1).
+        list_ttl: how long the image list is cached, in seconds.
+    """
+
     def __init__(
         self,
         client: DICOMwebClient,

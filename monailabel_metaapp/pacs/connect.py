@@ -10,7 +10,7 @@ from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
 
-from monailabel_metaapp.lib.pacs_datastore import PacsDatastore
+from monailabel_metaapp.pacs.datastore import PacsDatastore
 
 logger = logging.getLogger(__name__)
 
