@@ -25,18 +25,36 @@ from monailabel_metaapp.core.episodes import Study, augment
 
 @dataclass
 class ClsSet:
-    """Examples as views on the model grid: images (N, V, size, size) in [0, 1], labels (N,)."""
+    """Examples as views on the model grid.
+
+    Args:
+        images: (N, V, size, size) views in [0, 1].
+        labels: (N,) class indices.
+        name: where they come from (for logs and episode sources).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str
 
     def classes(self) -> list[int]:
+        """The class indices present, sorted."""
         return sorted(int(c) for c in torch.unique(self.labels))
 
 
 @dataclass
 class ClsEpisode:
+    """One N-way K-shot classification task.
+
+    Args:
+        x_support: (n_way * k, V, size, size) support views.
+        y_support: (n_way * k,) classes in 0..n_way-1.
+        x_query: query views.
+        y_query: query classes.
+        n_way: the number of classes.
+        source: the set it was drawn from ("ssl", "abnormal" or a set's name).
+    """
+
     x_support: torch.Tensor  # (n_way * k, V, size, size)
     y_support: torch.Tensor  # (n_way * k,) in 0..n_way-1
     x_query: torch.Tensor
@@ -45,6 +63,11 @@ class ClsEpisode:
     source: str
 
     def to(self, device: torch.device | str) -> ClsEpisode:
+        """The same episode with its tensors on `device`.
+
+        Args:
+            device: where to move them.
+        """
         return ClsEpisode(
             self.x_support.to(device),
             self.y_support.to(device),
@@ -74,7 +97,12 @@ IMAGE_CROP = 0.8
 
 
 def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The central `fraction` of the last two dimensions (rounded to whole pixels, at least one)."""
+    """The central `fraction` of the last two dimensions (rounded to whole pixels, at least one).
+
+    Args:
+        x: images (..., H, W).
+        fraction: the share of each side kept.
+    """
     h, w = x.shape[-2:]
     ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
     y0, x0 = (h - ch) // 2, (w - cw) // 2
@@ -85,7 +113,13 @@ def to_views(images: np.ndarray, size: int, crop: float = IMAGE_CROP) -> torch.T
     """MedMNIST-style images -> (N, V, size, size) views, each the central `crop` of its slice.
 
     2D: N x H x W, or N x H x W x C with C in (1, 3) (colour is averaged to grey): one view.
-    3D: N x D x H x W: the central axial, coronal and sagittal slices: three views."""
+    3D: N x D x H x W: the central axial, coronal and sagittal slices: three views.
+
+    Args:
+        images: the images (uint8 are divided by 255, others min-max scaled per image).
+        size: the side of each view.
+        crop: the central share of each slice kept.
+    """
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         images = images.mean(-1).astype(images.dtype) if images.shape[-1] == 3 else images[..., 0]
     if images.ndim == 3:
@@ -105,7 +139,14 @@ def to_views(images: np.ndarray, size: int, crop: float = IMAGE_CROP) -> torch.T
 
 
 def load_medmnist(path: str | Path, split: str, size: int, crop: float = IMAGE_CROP) -> ClsSet:
-    """One split of a MedMNIST-layout .npz, with clear errors for anything else."""
+    """One split of a MedMNIST-layout .npz, with clear errors for anything else.
+
+    Args:
+        path: the .npz file.
+        split: "train", "val" or "test".
+        size: the side of each view.
+        crop: the central share of each slice kept.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -130,7 +171,14 @@ def load_unlabelled_images(
 ) -> torch.Tensor:
     """Only the `{split}_images` array of a MedMNIST-layout .npz, as views: the labels are never
     read (an .npz member is loaded only when indexed), so a site's unlabelled images can feed
-    self-supervised tasks."""
+    self-supervised tasks.
+
+    Args:
+        path: the .npz file.
+        size: the side of each view.
+        crop: the central share of each slice kept.
+        split: whose images to read.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -143,7 +191,13 @@ def load_unlabelled_images(
 
 def region_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
     """A square crop of one slice (H, W) in [0, 1] around a region's mask (H, W), with a margin
-    (so the context differs from class to class), resized to (size, size)."""
+    (so the context differs from class to class), resized to (size, size).
+
+    Args:
+        image: one slice (H, W) in [0, 1].
+        mask: the region on it (H, W), not empty.
+        size: the side of the crop.
+    """
     ys, xs = torch.nonzero(mask, as_tuple=True)
     cy, cx = int(ys.float().mean()), int(xs.float().mean())
     half = max(int(ys.max() - ys.min()), int(xs.max() - xs.min()), 16) // 2 + 8
@@ -158,7 +212,15 @@ def region_views(
     """A 3D region as the classifier sees it: `region_crop`s of up to `n_views` slices of a stack
     (S, H, W) in [0, 1], spread over the slices where it covers `min_pixels` (as `region_set`) -> (V, size, size).
     The crops are those `region_set` meta-trains on (one slice, one example), so a region's feature
-    is the mean over a few in-distribution views. Raises ValueError for an empty region."""
+    is the mean over a few in-distribution views. Raises ValueError for an empty region.
+
+    Args:
+        stack: (S, H, W) slices in [0, 1].
+        mask: (S, H, W) the region.
+        size: the side of each crop.
+        n_views: at most this many slices.
+        min_pixels: slices where the region is smaller are passed over (unless it is smaller everywhere).
+    """
     if stack.shape != mask.shape:
         raise ValueError(f"image stack {tuple(stack.shape)} and mask {tuple(mask.shape)} differ")
     area = mask.flatten(1).sum(1)
@@ -171,7 +233,15 @@ def region_views(
 
 def region_set(studies: list[Study], size: int, per_class: int = 60, min_pixels: int = 40, seed: int = 0) -> ClsSet:
     """'Which structure is this region': a square crop around one structure on one slice (with a
-    margin, so the context differs from class to class), one class per (study set, label value)."""
+    margin, so the context differs from class to class), one class per (study set, label value).
+
+    Args:
+        studies: labelled segmentation studies.
+        size: the side of each crop.
+        per_class: at most this many crops per class.
+        min_pixels: a structure smaller than this on a slice is passed over there.
+        seed: for the choice of crops.
+    """
     rng = random.Random(seed)
     by_class: dict[int, list[torch.Tensor]] = {}
     for s in studies:
@@ -194,7 +264,13 @@ def region_set(studies: list[Study], size: int, per_class: int = 60, min_pixels:
 
 
 def ssl_views(image: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
-    """n random augmentations (crop-scale, rotation, gamma, noise) of one (V, size, size) example."""
+    """n random augmentations (crop-scale, rotation, gamma, noise) of one (V, size, size) example.
+
+    Args:
+        image: the example's views.
+        n: how many augmented copies.
+        rng: the random source.
+    """
     x = image[None].expand(n, *image.shape).contiguous()
     y = torch.zeros(n, *image.shape[1:])
     out, _ = augment(x, y, rng, strength=2.0)
@@ -202,7 +278,11 @@ def ssl_views(image: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
 
 
 def abnormal_style(rng: random.Random) -> dict:
-    """One task's kind of synthetic abnormality: focal or diffuse, brighter or darker, how strong."""
+    """One task's kind of synthetic abnormality: focal or diffuse, brighter or darker, how strong.
+
+    Args:
+        rng: the random source.
+    """
     diffuse = rng.random() < 0.5
     return {
         "blobs": rng.randint(1, 3),
@@ -214,7 +294,13 @@ def abnormal_style(rng: random.Random) -> dict:
 
 def synthetic_abnormal(x: torch.Tensor, style: dict, rng: random.Random) -> torch.Tensor:
     """(N, V, H, W) views in [0, 1] with a smooth opacity of `style` (`abnormal_style`) added: Gaussian
-    blobs at random places, modulated by a low-frequency texture, blended towards white or black."""
+    blobs at random places, modulated by a low-frequency texture, blended towards white or black.
+
+    Args:
+        x: the views.
+        style: the task's abnormality (`abnormal_style`).
+        rng: the random source.
+    """
     n, _, h, w = x.shape
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     masks = []
@@ -237,7 +323,20 @@ class ClsEpisodeSampler:
     Harder tasks (all off by default): `max_way` > n_way draws n_way..max_way classes per episode;
     `augment` > 0 augments labelled tasks (a fresh random affine, gamma and noise per example);
     `abnormal_fraction` of the episodes are synthetic 2-way "normal vs abnormal" tasks on the
-    unlabelled images (`synthetic_abnormal`)."""
+    unlabelled images (`synthetic_abnormal`).
+
+    Args:
+        sets: labelled sets; those without n_way classes of k_shot + n_query examples are left out.
+        unlabelled: views for UMTRA and synthetic-abnormality tasks (None: none).
+        n_way: classes per episode (the least, with `max_way`).
+        k_shot: support examples per class.
+        n_query: query examples per class.
+        ssl_fraction: the share of UMTRA tasks (Hsu et al.'s unsupervised meta-learning).
+        seed: the random seed.
+        max_way: the most classes per episode (0: always n_way).
+        augment: the strength of the augmentation of labelled tasks (0: none).
+        abnormal_fraction: the share of synthetic "normal vs abnormal" tasks.
+    """
 
     def __init__(
         self,
@@ -271,6 +370,7 @@ class ClsEpisodeSampler:
             raise ValueError(f"no set has {n_way} classes with {need} examples each, and no unlabelled images")
 
     def sample(self) -> ClsEpisode:
+        """One episode: synthetic-abnormality, UMTRA or labelled, in the configured shares."""
         if self.abnormal_fraction > 0 and self.rng.random() < self.abnormal_fraction:
             return self.abnormal_task()
         if not self.sets or self.rng.random() < self.ssl_fraction:
@@ -283,6 +383,7 @@ class ClsEpisodeSampler:
         return self.rng.randint(self.n_way, max(self.n_way, min(self.max_way, available)))
 
     def labelled_task(self) -> ClsEpisode:
+        """An episode from one labelled set: n_way of its classes, k_shot + n_query examples each."""
         s, idx = self.rng.choice(self.sets)
         n_way = self._ways(len(idx))
         classes = self.rng.sample(sorted(idx), n_way)
@@ -322,6 +423,7 @@ class ClsEpisodeSampler:
         return ClsEpisode(torch.cat(xs), torch.tensor(ys), torch.cat(xq), torch.tensor(yq), 2, "abnormal")
 
     def ssl_task(self) -> ClsEpisode:
+        """A UMTRA episode: n_way unlabelled examples, each its own class of augmented copies."""
         assert self.unlabelled is not None
         n_way = self._ways(len(self.unlabelled))
         picks = self.rng.sample(range(len(self.unlabelled)), n_way)

@@ -28,7 +28,15 @@ UNLABELLED_PREFIX = "unlabelled:"
 
 
 def sampler_for(train: list[ClsSet], pool: torch.Tensor, cfg: MetaTrainConfig, n_way: int, k_shot: int):
-    """The meta-training episode sampler of `cfg` (shared by meta-training and distillation)."""
+    """The meta-training episode sampler of `cfg` (shared by meta-training and distillation).
+
+    Args:
+        train: the labelled training sets.
+        pool: unlabelled views for self-supervised and synthetic-abnormality tasks.
+        cfg: the meta-training settings (SSL share, harder tasks, seed).
+        n_way: classes per episode.
+        k_shot: support examples per class.
+    """
     return ClsEpisodeSampler(
         train,
         pool,
@@ -44,6 +52,11 @@ def sampler_for(train: list[ClsSet], pool: torch.Tensor, cfg: MetaTrainConfig, n
 
 
 def is_medmnist(path: str | Path) -> bool:
+    """Whether a file is a MedMNIST-layout .npz (it has `train_images`).
+
+    Args:
+        path: the file.
+    """
     return str(path).endswith(".npz") and "train_images" in np.load(path).files
 
 
@@ -54,7 +67,14 @@ def cls_sources(
     and segmentation datastore folders (their validation regions come from held-out studies,
     `split_validation`, as in segmentation meta-training). `unlabelled:FILE.npz`
     (`UNLABELLED_PREFIX`) adds only the train images of a MedMNIST-layout file to the unlabelled
-    views: its labels are never read. Whole images are seen through their central `crop`."""
+    views: its labels are never read. Whole images are seen through their central `crop`.
+
+    Args:
+        paths: MedMNIST files, `unlabelled:` files, segmentation banks and datastore folders.
+        size: the model's view size.
+        crop: the central share of a whole image the model sees.
+        seed: for the validation split and the sampling of slices.
+    """
     train, val, pool = [], [], []
     for p in paths:
         if str(p).startswith(UNLABELLED_PREFIX):
@@ -91,6 +111,22 @@ def meta_train_cls(
     progress: bool = True,
     fresh: bool = False,
 ) -> dict:
+    """Meta-train the few-shot classifier (checkpointed, resumable), validating on held-out tasks.
+
+    Args:
+        paths: the training data (see `cls_sources`).
+        out: the weights file.
+        cfg: the outer loop's settings (minutes, steps, tasks per step, KL weight, SSL share, ...).
+        model_cfg: the classifier's design (default: `ClsModelConfig()`).
+        n_way: classes per episode.
+        k_shot: support examples per class.
+        device: "auto", "cpu", "cuda", ...
+        progress: show a progress bar.
+        fresh: start over instead of resuming from `out`'s checkpoint.
+
+    Returns:
+        The training summary (also in the weights' sidecar).
+    """
     cfg = cfg or MetaTrainConfig()
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)

@@ -37,6 +37,18 @@ from monailabel_metaapp.core.variational import VariationalNet, param_key
 
 @dataclass
 class ClsModelConfig:
+    """The classifier's design, saved with its weights.
+
+    Args:
+        size: every view is resized to size x size.
+        image_crop: the central share of a whole image's slice the model sees.
+        channels: the width of each encoder block.
+        head_views: the blocks each linear head sees.
+        block_norm: centre each block's features on the support mean and scale them to unit length.
+        prior_sigma: the standard deviation of the Gaussian prior over the encoder's weights.
+        init_log_sigma: the posterior's initial log standard deviation.
+    """
+
     size: int = 32  # every view is resized to size x size
     # whole images (not regions) are seen through their central `image_crop`; kept with the weights
     # so that a model is always fed what it was meta-trained on
@@ -58,6 +70,7 @@ class ClsModelConfig:
             raise ValueError(f"image_crop must be in (0, 1] (1 keeps the whole image), got {self.image_crop}")
 
     def to_dict(self) -> dict:
+        """The configuration as JSON-ready values (the weights' sidecar)."""
         d = asdict(self)
         d["channels"] = list(self.channels)
         d["head_views"] = [list(v) for v in self.head_views]
@@ -65,6 +78,11 @@ class ClsModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ClsModelConfig:
+        """The configuration a sidecar describes; fields it lacks take the values of older designs.
+
+        Args:
+            d: the sidecar's "config" (unknown keys are ignored).
+        """
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "channels" in d:
             d["channels"] = tuple(d["channels"])
@@ -76,7 +94,11 @@ class ClsModelConfig:
 
     @classmethod
     def from_channels(cls, text: str) -> ClsModelConfig:
-        """The default design with the widths of a command-line list such as "16,32,32,32"."""
+        """The default design with the widths of a command-line list such as "16,32,32,32".
+
+        Args:
+            text: comma-separated block widths.
+        """
         try:
             channels = tuple(int(c) for c in text.split(","))
         except ValueError:
@@ -96,7 +118,11 @@ class ClsModelConfig:
 
 class PooledBlocks(nn.Sequential):
     """Conv blocks (conv, norm, PReLU, max-pool) -> the concatenated global averages of every block's
-    output. A Sequential, so parameter names read `net.{2i}.conv...`."""
+    output. A Sequential, so parameter names read `net.{2i}.conv...`.
+
+    Args:
+        channels: the width of each block.
+    """
 
     def __init__(self, channels: tuple[int, ...]):
         layers: list[nn.Module] = []
@@ -107,6 +133,11 @@ class PooledBlocks(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) images -> (N, sum(channels)) pooled features.
+
+        Args:
+            x: the images.
+        """
         pooled = []
         for b in range(len(self) // 2):
             x = self[2 * b + 1](self[2 * b](x))
@@ -119,20 +150,37 @@ class ProtoLinearHead(nn.Module):
     softmax averaged. `logits` returns the log of that average, so softmax and cross-entropy
     apply to it as to any logits. With `blocks`, features are first centred on the support mean
     `mu` (kept in the parameters, fixed in the inner loop: it has no learned rate) and each block is
-    scaled to unit length."""
+    scaled to unit length.
+
+    Args:
+        view_dims: for each linear layer, the positions of the features it sees.
+        blocks: each block's slice of the features, to normalise per block (None: no normalisation).
+    """
 
     def __init__(self, view_dims: list[list[int]], blocks: list[slice] | None = None):
         super().__init__()
         self.view_dims, self.blocks = view_dims, blocks
 
     def normalise(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The features the linear layers see (unchanged without `blocks`)."""
+        """The features the linear layers see (unchanged without `blocks`).
+
+        Args:
+            feats: (N, D) features.
+            params: the head's parameters (`mu`, the support mean, is used).
+        """
         if not self.blocks:
             return feats
         z = feats - params["mu"]
         return torch.cat([F.normalize(z[:, b], dim=1) for b in self.blocks], 1)
 
     def init_params(self, feats: torch.Tensor, labels: torch.Tensor, n_way: int) -> dict[str, torch.Tensor]:
+        """Proto-MAML initialisation from the support: W_c = 2 p_c, b_c = -|p_c|^2 per linear layer.
+
+        Args:
+            feats: (N, D) support features.
+            labels: (N,) class indices 0..n_way-1.
+            n_way: the number of classes.
+        """
         params = {"mu": feats.mean(0)} if self.blocks else {}
         z = self.normalise(feats, params)
         for i, dims in enumerate(self.view_dims):
@@ -141,17 +189,32 @@ class ProtoLinearHead(nn.Module):
         return params
 
     def logits(self, feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, D) features -> (N, C) logits: the log of the linear layers' averaged probabilities.
+
+        Args:
+            feats: the features.
+            params: the head's parameters.
+        """
         return self.linear_logits(self.normalise(feats, params), params)
 
     def linear_logits(self, z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`logits` on features already normalised (the inner loop normalises the support once)."""
+        """`logits` on features already normalised (the inner loop normalises the support once).
+
+        Args:
+            z: normalised features (`normalise`).
+            params: the head's parameters.
+        """
         probs = [
             F.softmax(z[:, dims] @ params[f"W{i}"].T + params[f"b{i}"], 1) for i, dims in enumerate(self.view_dims)
         ]
         return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
 
     def matches(self, params: dict[str, torch.Tensor]) -> bool:
-        """Whether stored head parameters fit this head (they may come from another model)."""
+        """Whether stored head parameters fit this head (they may come from another model).
+
+        Args:
+            params: a stored head's parameters.
+        """
         want = {f"{p}{i}": len(d) for i, d in enumerate(self.view_dims) for p in "Wb"}
         if self.blocks:
             want["mu"] = self.blocks[-1].stop
@@ -163,6 +226,12 @@ class ProtoLinearHead(nn.Module):
 
 
 class FewShotClsModel(nn.Module):
+    """The few-shot classifier: a variational encoder, the prototype-linear head and its Meta-SGD rates.
+
+    Args:
+        cfg: its design (default: `ClsModelConfig()`).
+    """
+
     def __init__(self, cfg: ClsModelConfig | None = None):
         super().__init__()
         self.cfg = cfg or ClsModelConfig()
@@ -175,10 +244,16 @@ class FewShotClsModel(nn.Module):
         self.log_lr = nn.ParameterDict({param_key(k): nn.Parameter(v) for k, v in rates.items()})
 
     def lrs(self) -> dict[str, torch.Tensor]:
+        """The learned inner-loop learning rate of each head parameter (W: per feature, b: one)."""
         return {k: torch.exp(v) for k, v in self.log_lr.items()}
 
     def embed(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """(N, V, size, size) views in [0, 1] -> (N, D) features (mean over views)."""
+        """(N, V, size, size) views in [0, 1] -> (N, D) features (mean over views).
+
+        Args:
+            x: the views of N examples.
+            sample: use one sample of the encoder's weights (meta-training) instead of their mean.
+        """
         n, v = x.shape[:2]
         f = self.encoder(x.reshape(n * v, 1, *x.shape[2:]), sample=sample)
         return f.reshape(n, v, -1).mean(1)
@@ -195,7 +270,19 @@ def adapt(
     steps: int,
     create_graph: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Prototype init + Meta-SGD steps of the head on support features (the encoder is untouched)."""
+    """Prototype init + Meta-SGD steps of the head on support features (the encoder is untouched).
+
+    Args:
+        model: the classifier.
+        feats: (N, D) support features.
+        labels: (N,) class indices 0..n_way-1.
+        n_way: the number of classes.
+        steps: inner-loop steps.
+        create_graph: keep the graph (meta-training differentiates through the steps).
+
+    Returns:
+        The adapted head parameters.
+    """
     head = model.head
     params = head.init_params(feats, labels, n_way)
     if not create_graph:

@@ -24,7 +24,11 @@ from monailabel_metaapp.core.objective import with_kl
 
 
 def half_width(teacher: ClsModelConfig) -> ClsModelConfig:
-    """The default student: the teacher's design with half its channels in every block."""
+    """The default student: the teacher's design with half its channels in every block.
+
+    Args:
+        teacher: the teacher's configuration.
+    """
     return replace(teacher, channels=tuple(max(1, c // 2) for c in teacher.channels))
 
 
@@ -36,6 +40,16 @@ def distill_task_loss(
     temperature: float = 4.0,
     alpha: float = 0.5,
 ) -> torch.Tensor:
+    """One task's distillation loss: (1 - alpha) CE on the labels + alpha T^2 KL to the adapted teacher.
+
+    Args:
+        student: the classifier being trained (sampled weights, differentiated through its inner loop).
+        teacher: the frozen larger classifier, adapted to the same support.
+        ep: one classification episode.
+        inner_steps: head adaptation steps, for both.
+        temperature: T, softening both distributions.
+        alpha: the weight of the teacher's soft targets.
+    """
     n_s = ep.y_support.shape[0]
     x = torch.cat([ep.x_support, ep.x_query])
     with torch.no_grad():
@@ -64,6 +78,23 @@ def distill_cls(
     progress: bool = True,
     fresh: bool = False,
 ) -> dict:
+    """Meta-train a student classifier distilled from a meta-trained teacher; checkpointed, resumable.
+
+    Args:
+        teacher_path: the teacher's weights.
+        paths: the training data (MedMNIST-layout files, datastore folders), as for meta-training.
+        out: the student's weights file.
+        cfg: the outer loop's settings (minutes, steps, tasks per step, KL weight, ...).
+        student_cfg: the student's design (default: `half_width` of the teacher's).
+        n_way: classes per episode.
+        k_shot: support examples per class.
+        device: "auto", "cpu", "cuda", ...
+        progress: show a progress bar.
+        fresh: start over instead of resuming from `out`'s checkpoint.
+
+    Returns:
+        The training summary (also in the weights' sidecar).
+    """
     cfg = cfg or MetaTrainConfig()
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)

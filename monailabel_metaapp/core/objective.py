@@ -21,7 +21,15 @@ from monailabel_metaapp.core.variational import VariationalNet
 def task_loss(
     model: FewShotSegModel, ep: Episode, inner_steps: int, first_order: bool = False, sample: bool = True
 ) -> torch.Tensor:
-    """Query loss after adapting the head on the support: one task's L_task_i."""
+    """Query loss after adapting the head on the support: one task's L_task_i.
+
+    Args:
+        model: the few-shot segmentation model.
+        ep: one episode (support and query slices with masks).
+        inner_steps: head adaptation steps on the support.
+        first_order: do not differentiate through the inner steps.
+        sample: embed with one sample of the encoder's weights (else their mean).
+    """
     n_s = ep.x_support.shape[0]
     feats = model.embed(torch.cat([ep.x_support, ep.x_query]), sample=sample)
     f_s, f_q = feats[:n_s], feats[n_s:]
@@ -33,7 +41,13 @@ def task_loss(
 def with_kl(
     task_losses: list[torch.Tensor], encoder: VariationalNet, lambda_kl: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over tasks of [L_task_i + lambda * KL]; returns the loss and its parts for logging."""
+    """Mean over tasks of [L_task_i + lambda * KL]; returns the loss and its parts for logging.
+
+    Args:
+        task_losses: one query loss per episode.
+        encoder: the variational encoder whose KL is added.
+        lambda_kl: the weight of the KL (0: none, and the KL is not computed).
+    """
     task = torch.stack(task_losses).mean()
     kl = encoder.kl() if lambda_kl > 0 else torch.zeros((), device=task.device)
     return task + lambda_kl * kl, {"task": float(task.detach()), "kl": float(kl.detach())}
@@ -42,14 +56,30 @@ def with_kl(
 def meta_objective(
     model: FewShotSegModel, episodes: list[Episode], lambda_kl: float, inner_steps: int, first_order: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The segmentation meta-objective over a batch of episodes."""
+    """The segmentation meta-objective over a batch of episodes.
+
+    Args:
+        model: the few-shot segmentation model.
+        episodes: the batch of tasks.
+        lambda_kl: the weight of the KL term.
+        inner_steps: head adaptation steps per task.
+        first_order: do not differentiate through the inner steps.
+    """
     return with_kl([task_loss(model, ep, inner_steps, first_order) for ep in episodes], model.encoder, lambda_kl)
 
 
 def cls_task_loss(
     model: FewShotClsModel, ep: ClsEpisode, inner_steps: int, first_order: bool = False, sample: bool = True
 ) -> torch.Tensor:
-    """Query cross-entropy after adapting the prototype-initialised linear head on the support."""
+    """Query cross-entropy after adapting the prototype-initialised linear head on the support.
+
+    Args:
+        model: the few-shot classifier.
+        ep: one classification episode.
+        inner_steps: head adaptation steps on the support.
+        first_order: do not differentiate through the inner steps.
+        sample: embed with one sample of the encoder's weights (else their mean).
+    """
     n_s = ep.y_support.shape[0]
     feats = model.embed(torch.cat([ep.x_support, ep.x_query]), sample=sample)
     params = cls_adapt(model, feats[:n_s], ep.y_support, ep.n_way, inner_steps, create_graph=not first_order)
@@ -59,5 +89,13 @@ def cls_task_loss(
 def cls_meta_objective(
     model: FewShotClsModel, episodes: list[ClsEpisode], lambda_kl: float, inner_steps: int, first_order: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The classification meta-objective: the same L_meta, with classification tasks."""
+    """The classification meta-objective: the same L_meta, with classification tasks.
+
+    Args:
+        model: the few-shot classifier.
+        episodes: the batch of tasks.
+        lambda_kl: the weight of the KL term.
+        inner_steps: head adaptation steps per task.
+        first_order: do not differentiate through the inner steps.
+    """
     return with_kl([cls_task_loss(model, ep, inner_steps, first_order) for ep in episodes], model.encoder, lambda_kl)

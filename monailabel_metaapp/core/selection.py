@@ -15,7 +15,16 @@ import torch.nn.functional as F
 
 
 def soft_dice_uncertainty(probs: torch.Tensor, threshold: float = 0.5, eps: float = 1.0) -> float:
-    """probs: foreground probabilities of one structure over a study, any shape -> score in [0, 1]."""
+    """How unsure a head is about a study: 1 - soft Dice of its probabilities with their own mask.
+
+    Args:
+        probs: foreground probabilities of one structure over a study, any shape.
+        threshold: the probability that makes the mask.
+        eps: below this much foreground (probabilities + mask) nothing is predicted: the score is 1.
+
+    Returns:
+        A score in [0, 1], higher for a less certain head.
+    """
     p = probs.float().flatten()
     hard = (p >= threshold).float()
     denom = p.sum() + hard.sum()
@@ -25,7 +34,11 @@ def soft_dice_uncertainty(probs: torch.Tensor, threshold: float = 0.5, eps: floa
 
 
 def study_descriptor(feats: torch.Tensor) -> torch.Tensor:
-    """(S, C, H, W) embeddings of a study -> (2C,) unit vector: mean and std of every channel."""
+    """(S, C, H, W) embeddings of a study -> (2C,) unit vector: mean and std of every channel.
+
+    Args:
+        feats: the study's slice embeddings.
+    """
     f = feats.float().flatten(2)
     d = torch.cat([f.mean((0, 2)), f.std(2).mean(0)])
     return F.normalize(d, dim=0)
@@ -36,7 +49,12 @@ def farthest_first(candidates: torch.Tensor, anchors: torch.Tensor) -> list[int]
 
     The first index is the candidate farthest from every anchor; each next one is farthest from the
     anchors and the candidates already taken. With no anchors the first is the medoid-like point
-    closest to the mean (the most representative study), then farthest-first."""
+    closest to the mean (the most representative study), then farthest-first.
+
+    Args:
+        candidates: (N, D) descriptors of the studies to order.
+        anchors: (M, D) descriptors of the studies already covered (M may be 0).
+    """
     n = candidates.shape[0]
     if n == 0:
         return []

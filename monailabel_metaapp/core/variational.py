@@ -13,18 +13,35 @@ from torch.func import functional_call
 
 
 def param_key(name: str) -> str:
-    """A parameter name usable as a ParameterDict / buffer key."""
+    """A parameter name usable as a ParameterDict / buffer key.
+
+    Args:
+        name: a dotted parameter name, such as "blocks.0.weight".
+    """
     return name.replace(".", "__")
 
 
 def gaussian_kl(mu_q: torch.Tensor, log_sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: float) -> torch.Tensor:
-    """Element-wise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2))."""
+    """Element-wise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)).
+
+    Args:
+        mu_q: the posterior's means.
+        log_sigma_q: the posterior's log standard deviations (same shape).
+        mu_p: the prior's means (same shape).
+        sigma_p: the prior's standard deviation, one for all.
+    """
     var_q = torch.exp(2 * log_sigma_q)
     return math.log(sigma_p) - log_sigma_q + (var_q + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
 
 
 class VariationalNet(nn.Module):
-    """Wraps `net`: forward with the posterior mean, or with one reparameterised sample of it."""
+    """Wraps `net`: forward with the posterior mean, or with one reparameterised sample of it.
+
+    Args:
+        net: the network whose weights are the posterior's means.
+        prior_sigma: the prior's standard deviation.
+        init_log_sigma: the posterior's initial log standard deviation, for every weight.
+    """
 
     def __init__(self, net: nn.Module, prior_sigma: float, init_log_sigma: float):
         super().__init__()
@@ -48,6 +65,12 @@ class VariationalNet(nn.Module):
         }
 
     def forward(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """`net(x)` with the mean weights, or with one sample of them.
+
+        Args:
+            x: the network's input.
+            sample: draw the weights from the posterior (meta-training) instead of using the mean.
+        """
         if sample:  # meta-training only (one thread): functional_call swaps the weights in place
             return functional_call(self.net, self.sample_weights(), (x,))
         return self.net(x)

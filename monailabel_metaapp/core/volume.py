@@ -21,7 +21,11 @@ CANONICAL = "RAS"
 
 
 def read_image(path: str | Path) -> sitk.Image:
-    """Read any SimpleITK-readable file (NIfTI, NRRD, MHA, a DICOM folder); 2D becomes 1-slice 3D."""
+    """Read any SimpleITK-readable file (NIfTI, NRRD, MHA, a DICOM folder); 2D becomes 1-slice 3D.
+
+    Args:
+        path: the file or DICOM folder; VolumeError when it cannot be read.
+    """
     path = Path(path)
     try:
         if path.is_dir():
@@ -45,7 +49,13 @@ def read_image(path: str | Path) -> sitk.Image:
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
-    """True when two images share size, spacing, origin and direction (labels must match images)."""
+    """True when two images share size, spacing, origin and direction (labels must match images).
+
+    Args:
+        a: one image.
+        b: the other.
+        tol: the tolerance on spacing and direction (origin: scaled by the largest spacing).
+    """
     return (
         a.GetSize() == b.GetSize()
         and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
@@ -55,7 +65,11 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
 
 
 def normalise_intensity(arr: np.ndarray) -> np.ndarray:
-    """Percentile clip and scale to [0, 1]: one rule for CT and MRI of any scanner."""
+    """Percentile clip and scale to [0, 1]: one rule for CT and MRI of any scanner.
+
+    Args:
+        arr: intensities (z, y, x); the percentiles come from every 16th slice or so.
+    """
     arr = arr.astype(np.float32)
     sample = arr[:: max(1, arr.shape[0] // 16)]
     lo, hi = np.percentile(sample, [0.5, 99.5])
@@ -66,7 +80,14 @@ def normalise_intensity(arr: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SliceGeometry:
-    """How a volume was turned into a stack of square slices, and how to undo it."""
+    """How a volume was turned into a stack of square slices, and how to undo it.
+
+    Args:
+        reference: the original image (only its geometry is used).
+        oriented: its reoriented copy, the grid the slices were cut from.
+        axis: the numpy axis (z-y-x order, of the oriented array) the slices are cut along.
+        shape: the oriented array's shape.
+    """
 
     reference: sitk.Image  # the original image (geometry only is used)
     oriented: sitk.Image  # reoriented copy, the grid the slices were cut from
@@ -75,17 +96,28 @@ class SliceGeometry:
 
     @property
     def n_slices(self) -> int:
+        """How many slices the stack has."""
         return self.shape[self.axis]
 
 
 def slice_axis(spacing_zyx: tuple[float, float, float]) -> int:
-    """Cut along the thickest axis (short-axis cine, thick CT); axial when isotropic."""
+    """Cut along the thickest axis (short-axis cine, thick CT); axial when isotropic.
+
+    Args:
+        spacing_zyx: voxel spacing in numpy order.
+    """
     sp = np.asarray(spacing_zyx)
     return int(np.argmax(sp)) if sp.max() > 1.2 * sp.min() else 0
 
 
 def to_slices(img: sitk.Image, size: int, label: bool = False) -> tuple[torch.Tensor, SliceGeometry]:
-    """Volume -> (S, size, size) float tensor (intensity in [0,1], or label values) and its geometry."""
+    """Volume -> (S, size, size) float tensor (intensity in [0,1], or label values) and its geometry.
+
+    Args:
+        img: the volume.
+        size: the side of the square slices.
+        label: a label map (nearest-neighbour, values kept) rather than an image (normalised, smoothed).
+    """
     oriented = sitk.DICOMOrient(img, CANONICAL)
     arr = sitk.GetArrayFromImage(oriented)  # z, y, x
     spacing_zyx = tuple(reversed(oriented.GetSpacing()))
@@ -102,7 +134,13 @@ def to_slices(img: sitk.Image, size: int, label: bool = False) -> tuple[torch.Te
 
 
 def label_slices(lbl: sitk.Image, geom: SliceGeometry, size: int) -> torch.Tensor:
-    """A label cut the same way as its image (after checking it lies on the same grid)."""
+    """A label cut the same way as its image (after checking it lies on the same grid).
+
+    Args:
+        lbl: the label map; VolumeError when it does not lie on the image's grid.
+        geom: the image's geometry (`to_slices`).
+        size: the side of the square slices.
+    """
     if not same_geometry(lbl, geom.reference):
         raise VolumeError(
             f"label geometry {lbl.GetSize()} spacing {np.round(lbl.GetSpacing(), 3).tolist()} does not match "
@@ -113,7 +151,12 @@ def label_slices(lbl: sitk.Image, geom: SliceGeometry, size: int) -> torch.Tenso
 
 
 def stack_to_original(prob: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
-    """(C, S, size, size) per-class probabilities -> (C, z, y, x) on the original image grid."""
+    """(C, S, size, size) per-class probabilities -> (C, z, y, x) on the original image grid.
+
+    Args:
+        prob: probabilities on the slice grid.
+        geom: the image's geometry (`to_slices`).
+    """
     c = prob.shape[0]
     ax_shape = [d for i, d in enumerate(geom.shape) if i != geom.axis]
     p = F.interpolate(prob.transpose(0, 1).float(), size=tuple(ax_shape), mode="bilinear", align_corners=False)
@@ -129,7 +172,12 @@ def stack_to_original(prob: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
 
 
 def labels_to_image(labels_zyx: np.ndarray, geom: SliceGeometry) -> sitk.Image:
-    """A label array on the original grid -> SimpleITK image with the original geometry."""
+    """A label array on the original grid -> SimpleITK image with the original geometry.
+
+    Args:
+        labels_zyx: label values (cast to uint8).
+        geom: the image's geometry (`to_slices`).
+    """
     im = sitk.GetImageFromArray(labels_zyx.astype(np.uint8))
     im.CopyInformation(geom.reference)
     return im
