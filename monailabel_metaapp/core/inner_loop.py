@@ -21,7 +21,14 @@ class TaskHead(Protocol):
     """
 
     @staticmethod
-    def logits(feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def logits(feats: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features -> logits, a pure function of `params`.
+
+        Args:
+            feats: the features.
+            params: the head's parameters.
+        """
+        ...
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
