@@ -82,18 +82,9 @@ def distill_cls(
 
     Args:
         teacher_path: the teacher's weights.
-        paths: the training data (MedMNIST-layout files, datastore folders), as for meta-training.
-        out: the student's weights file.
-        cfg: the outer loop's settings (minutes, steps, tasks per step, KL weight, ...).
         student_cfg: the student's design (default: `half_width` of the teacher's).
-        n_way: classes per episode.
-        k_shot: support examples per class.
-        device: "auto", "cpu", "cuda", ...
-        progress: show a progress bar.
-        fresh: start over instead of resuming from `out`'s checkpoint.
-
-    Returns:
-        The training summary (also in the weights' sidecar).
+        paths, out, cfg, n_way, k_shot, device, progress, fresh: as for
+            `core.cls_metatrain.meta_train_cls` (`out` is the student's weights file).
     """
     cfg = cfg or MetaTrainConfig()
     dev = pick_device(device)
