@@ -34,6 +34,12 @@ from monailabel_metaapp.evaluate_common import int_list, name_list, plot_curves,
 
 
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """ROC AUC (macro one-vs-rest beyond two classes), accuracy and balanced accuracy.
+
+    Args:
+        y: (N,) true classes.
+        proba: (N, C) predicted probabilities.
+    """
     pred = proba.argmax(1)
     if proba.shape[1] == 2:
         auc = roc_auc_score(y, proba[:, 1])
@@ -43,6 +49,13 @@ def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
 
 
 def support_indices(labels: torch.Tensor, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k examples per class drawn without replacement; ValueError when a class has fewer.
+
+    Args:
+        labels: (N,) classes of the pool.
+        k: shots per class.
+        rng: the random source.
+    """
     idx = []
     for c in sorted(int(c) for c in torch.unique(labels)):
         pool = torch.nonzero(labels == c).flatten().numpy()
@@ -54,10 +67,31 @@ def support_indices(labels: torch.Tensor, k: int, rng: np.random.Generator) -> n
 
 @torch.no_grad()
 def embed(model: FewShotClsModel, images: torch.Tensor, dev: torch.device, batch: int = 256) -> torch.Tensor:
+    """(N, V, size, size) views -> (N, D) features, in batches.
+
+    Args:
+        model: the classifier.
+        images: the views.
+        dev: where to compute.
+        batch: examples per batch.
+    """
     return torch.cat([model.embed(images[i : i + batch].to(dev)) for i in range(0, len(images), batch)])
 
 
 def run_meta(model, f_s, y_s, f_test, n_way, steps) -> tuple[np.ndarray, float]:
+    """The product: adapt the head on the support features, classify the test features.
+
+    Args:
+        model: the classifier.
+        f_s: support features.
+        y_s: support classes.
+        f_test: features to classify.
+        n_way: the number of classes.
+        steps: inner-loop steps.
+
+    Returns:
+        (probabilities, seconds the adaptation took).
+    """
     t0 = time.perf_counter()
     params = adapt(model, f_s, y_s, n_way, steps)
     seconds = time.perf_counter() - t0
@@ -67,13 +101,36 @@ def run_meta(model, f_s, y_s, f_test, n_way, steps) -> tuple[np.ndarray, float]:
 
 
 def run_linear(f_s, y_s, f_test) -> tuple[np.ndarray, float]:
+    """Baseline: logistic regression on the frozen features.
+
+    Args:
+        f_s: support features.
+        y_s: support classes.
+        f_test: features to classify.
+
+    Returns:
+        (probabilities, seconds the fit took).
+    """
     t0 = time.perf_counter()
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(f_s.cpu().numpy(), y_s.cpu().numpy())
     return clf.predict_proba(f_test.cpu().numpy()), time.perf_counter() - t0
 
 
 def run_scratch(x_s, y_s, x_test, n_way, dev, steps: int = 150, seed: int = 0) -> tuple[np.ndarray, float]:
-    """ResNet-18 (torchvision, random init, 1-channel stem) trained on the support with flips."""
+    """ResNet-18 (torchvision, random init, 1-channel stem) trained on the support with flips.
+
+    Args:
+        x_s: support views (the first view is used).
+        y_s: support classes.
+        x_test: views to classify.
+        n_way: the number of classes.
+        dev: where to train.
+        steps: Adam steps.
+        seed: the random seed.
+
+    Returns:
+        (probabilities, seconds the training took).
+    """
     from torchvision.models import resnet18
 
     torch.manual_seed(seed)
@@ -97,7 +154,13 @@ def run_scratch(x_s, y_s, x_test, n_way, dev, steps: int = 150, seed: int = 0) -
 
 
 def summary_row(shots: int, method: str, runs: list[dict]) -> dict:
-    """One row of the results: scores over the repeats of one (shots, method)."""
+    """One row of the results: scores over the repeats of one (shots, method).
+
+    Args:
+        shots: examples per class.
+        method: "meta", "linear", "scratch", ...
+        runs: each repeat's scores and seconds.
+    """
     return {
         "shots": shots,
         "method": method,
@@ -122,7 +185,20 @@ def evaluate_cls(
     progress: bool = True,
     query_split: str = "test",
 ) -> dict:
-    """`query_split="val"` classifies the validation split instead (for choices; the test split is for reporting)."""
+    """Few-shot classification on a MedMNIST-layout file, the product against baselines.
+
+    Args:
+        npz: the MedMNIST-layout file.
+        model_path: the meta-trained classifier.
+        shots: the k values (examples per class).
+        repeats: supports drawn per k.
+        baselines: of "linear", "scratch" (None: both).
+        seed: the seed of the supports.
+        steps: the head's inner-loop steps.
+        device: "auto", "cpu", "cuda", ...
+        progress: show a progress bar.
+        query_split: "val" classifies the validation split instead (for choices; the test split is for reporting).
+    """
     dev = pick_device(device)
     model = load_cls_model(model_path, dev)
     baselines = ["scratch", "linear"] if baselines is None else baselines
@@ -178,7 +254,13 @@ def evaluate_cls_store(
     steps: int = DEFAULT_CLS_STEPS,
     device: str = "auto",
 ) -> dict:
-    """Few-shot evaluation on the class corrections stored in a datastore folder (read only)."""
+    """Few-shot evaluation on the class corrections stored in a datastore folder (read only).
+
+    Args:
+        studies: the datastore folder (with `datastore_v2.json`).
+        model_path, shots, repeats, seed, steps, device: as for `evaluate_cls`.
+        baselines: of "linear" (None: it); "scratch" is not run on stored corrections.
+    """
     import tempfile
 
     from monailabel.config import settings as ml_settings
@@ -263,6 +345,11 @@ def plot(result: dict, png: Path) -> None:
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
+    """`metaapp evaluate cls`: evaluate, write the JSON and its plot, print the rows.
+
+    Args:
+        a: the parsed command line (`--npz` or `--studies`, `--model`, `--shots`, `--baselines`, ...).
+    """
     if not a.npz and not a.studies:
         raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout) or --studies DIR (stored class corrections)")
     shots = int_list(a.shots)

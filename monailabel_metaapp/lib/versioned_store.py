@@ -106,7 +106,11 @@ class VersionedStore(Generic[H]):
         rec.setdefault("by_version", {})[str(version)] = self._fields(head)
 
     def dirname(self, name: str) -> str:
-        """The folder of a record's versions (default: `slug(name)`)."""
+        """The folder of a record's versions (default: `slug(name)`).
+
+        Args:
+            name: the record.
+        """
         return slug(name)
 
     # -- records ------------------------------------------------------------------------------

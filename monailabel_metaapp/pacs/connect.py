@@ -16,7 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 def pacs_datastore(url: str, conf: dict[str, str]) -> PacsDatastore:
-    """conf: `pacs_poll_seconds` (default 5), `labels` ({"name": value} JSON: names of label values)."""
+    """The PACS datastore of a DICOMweb address, with MONAI Label's credentials, prefixes and cache.
+
+    Args:
+        url: the DICOMweb root, such as http://127.0.0.1:8042/dicom-web.
+        conf: the app's conf: `pacs_poll_seconds` (default 5), `labels` ({"name": value} JSON: the
+            names of label values).
+    """
     user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
     session = create_session_from_user_pass(user, password) if user and password else None

@@ -132,7 +132,11 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         return out
 
     def remote_images(self, fresh: bool = False) -> list[str]:
-        """The image series on the PACS (cached for `list_ttl` s unless `fresh`); raises PacsUnavailable."""
+        """The image series on the PACS (cached for `list_ttl` s unless `fresh`); raises PacsUnavailable.
+
+        Args:
+            fresh: ask the PACS even when the cached list is recent.
+        """
         if not fresh and time.time() - self._images_at < self.list_ttl and self._images:
             return list(self._images)
         found = self._reach(self._client.search_for_series, search_filters=self._search_filter)
@@ -149,6 +153,11 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
             return list(self._images) or LocalDatastore.list_images(self)
 
     def get_image_uri(self, image_id: str) -> str:
+        """The local NIfTI of an image series, fetched from the PACS the first time.
+
+        Args:
+            image_id: the series instance UID; 404 when the PACS does not hold it.
+        """
         cached = os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
         if os.path.exists(cached) and image_id in self._datastore.objects:
             return os.path.realpath(cached)
@@ -158,16 +167,40 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
             return self._reach(super().get_image_uri, image_id)
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """The images with a label in the local cache (where every label is kept first).
+
+        Args:
+            label_tag: only labels of this tag (None: any).
+            labels: as MONAI Label's datastore takes it.
+        """
         return LocalDatastore.get_labeled_images(self, label_tag, labels)
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """The PACS's images without such a label.
+
+        Args:
+            label_tag: only labels of this tag count (None: any).
+            labels: as MONAI Label's datastore takes it.
+        """
         labelled = set(self.get_labeled_images(label_tag, labels))
         return [i for i in self.list_images() if i not in labelled]
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """The local file of a label ("" when there is none).
+
+        Args:
+            label_id: the label (the image id for final labels).
+            label_tag: "final" or another tag.
+            image_id: unused (MONAI Label's signature).
+        """
         return LocalDatastore.get_label_uri(self, label_id, label_tag)
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """The labelled images of the local cache, as MONAI Label's training lists them.
+
+        Args:
+            full_path: absolute paths rather than names.
+        """
         return LocalDatastore.datalist(self, full_path)
 
     def _image_files(self, image_id: str) -> list[str]:
@@ -180,7 +213,14 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
 
     # -- writing ------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Check and keep locally; the poller then stores it on the PACS as a SEG (retried while it is down)."""
+        """Check and keep locally; the poller then stores it on the PACS as a SEG (retried while it is down).
+
+        Args:
+            image_id: the image.
+            label_filename: the uploaded label file.
+            label_tag: "final" (checked, uploaded) or another tag (kept locally).
+            label_info: the save request's params (structure names, classes, ...).
+        """
         image_uri = self.get_image_uri(image_id)  # 404 / 503 before anything is kept
         label_info = dict(label_info or {})
         if label_filename.endswith(".bin"):  # raw voxels on the image grid, as OHIF's MONAI Label panels send
@@ -215,6 +255,7 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         return True
 
     def pending(self) -> list[str]:
+        """The images whose final label waits to be stored on the PACS."""
         return sorted(
             i
             for i in LocalDatastore.get_labeled_images(self)
@@ -223,11 +264,13 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
 
     # -- the poller ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the poller (uploads pending labels, imports new SEGs); a second call does nothing."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="pacs-poller", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Ask the poller to stop (it ends within one poll)."""
         self._stop.set()
         self._wake.set()
 

@@ -104,6 +104,11 @@ class ClsHeadStore(VersionedStore[ClsHead]):
         return {"n_examples": sum(rec.get("examples", {}).values())}
 
     def dirname(self, task: str) -> str:
+        """A task's folder: its name, already checked to be one (`check_task_name`).
+
+        Args:
+            task: the task name.
+        """
         return task  # a checked task name is already a folder name
 
     def check(self, task: str, kind: str) -> None:

@@ -35,7 +35,13 @@ def _body(raw: bytes) -> dict:
 
 
 def store_correction(service, image_id: str, body: dict) -> dict:
-    """One correction -> stored record, with errors as HTTP statuses (404 image, 400/422 request)."""
+    """One correction -> stored record, with errors as HTTP statuses (404 image, 400/422 request).
+
+    Args:
+        service: the ClsService.
+        image_id: the image.
+        body: {"class", "region"?, "roi"?, "task"?}.
+    """
     if "class" not in body:
         raise HTTPException(400, 'missing "class": send {"class": NAME[, "region": STRUCTURE | "roi": [...]]}')
     try:
@@ -49,6 +55,13 @@ def store_correction(service, image_id: str, body: dict) -> dict:
 
 
 def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
+    """Add the classifier's routes ahead of MONAI Label's (see the module's docstring).
+
+    Args:
+        app: MONAI Label's FastAPI app.
+        service: the ClsService.
+        model: the classifier's name in MONAI Label (its `/train/{model}` route).
+    """
     router = APIRouter()
 
     @router.put("/metaapp/classes/{image_id}", summary="Store a class correction; the classifier adapts")

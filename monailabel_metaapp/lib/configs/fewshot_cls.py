@@ -18,8 +18,18 @@ logger = logging.getLogger(__name__)
 
 
 class FewShotCls(TaskConfig):
+    """The few-shot classifier's TaskConfig (conf keys: `cls_model`, `cls_adapt_steps`, `store_dir`, `device`)."""
+
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
-        """kwargs: datastore, studies, and `seg` (the SegService whose labels and predictions give regions)."""
+        """Build the ClsService.
+
+        Args:
+            name: the model's name in MONAI Label.
+            model_dir: MONAI Label's model folder (unused: the weights are named by `cls_model`).
+            conf: the app's conf.
+            planner: unused.
+            kwargs: `datastore`, `studies`, and `seg` (the SegService whose labels and predictions give regions).
+        """
         super().init(name, model_dir, conf, planner, **kwargs)
         store_dir = Path(conf.get("store_dir") or Path(kwargs["studies"]) / ".metaapp")
         model = conf.get("cls_model") or str(DEFAULT_CLS_WEIGHTS)
@@ -35,7 +45,9 @@ class FewShotCls(TaskConfig):
         logger.info("few-shot classification: model %s on %s, heads in %s", model, self.service.device, store_dir)
 
     def infer(self) -> dict:
+        """The `fewshot_cls` infer task."""
         return {self.name: FewShotClsInfer(self.service)}
 
     def trainer(self) -> dict:
+        """None: POST /train/fewshot_cls is answered by the classifier's routes."""
         return {}  # POST /train/fewshot_cls is answered in-process (lib/cls/routes.py)

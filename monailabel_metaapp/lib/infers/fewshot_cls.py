@@ -15,7 +15,11 @@ from monailabel_metaapp.lib.cls.service import ClsService, NoHead
 class FewShotClsInfer(InferTask):
     """Params: none (the whole image), `{"region": STRUCTURE}` or `{"roi": [x0, y0, z0, x1, y1, z1]}`,
     and `"task"` for a named task (default: the task of that kind, `image` or `region`).
-    Result (JSON only): `{"prediction": [{"idx", "label", "score"}, ...]}`, best first."""
+    Result (JSON only): `{"prediction": [{"idx", "label", "score"}, ...]}`, best first.
+
+    Args:
+        service: the ClsService that answers.
+    """
 
     def __init__(self, service: ClsService):
         super().__init__(
@@ -28,6 +32,7 @@ class FewShotClsInfer(InferTask):
         self.service = service
 
     def info(self) -> dict[str, Any]:
+        """MONAI Label's task info, with each task's classes and heads."""
         info = super().info()
         snap = self.service.heads.snapshot()
         info["labels"] = {task: rec.get("classes", []) for task, rec in snap.items()}
@@ -35,6 +40,7 @@ class FewShotClsInfer(InferTask):
         return info
 
     def is_valid(self) -> bool:
+        """Always: a task without a head answers 409 with how to teach it."""
         return True
 
     def __call__(self, request: dict) -> tuple[None, dict]:
