@@ -1,4 +1,4 @@
-"""`metaapp` command line: serve, pacs, samples, meta-train, bank, evaluate. Imports are per command so
+"""`metaapp` command line: serve, pacs, samples, meta-train, adapt-site, bank, evaluate. Imports are per command so
 `meta-train` runs on a bare GPU machine without MONAI Label installed."""
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ def _meta_train(a: argparse.Namespace) -> None:
             raise ValueError("--image-crop is for --task cls")
         mcfg = SegModelConfig(size=a.size, context=a.context)
         summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _adapt_site(a: argparse.Namespace) -> None:
+    from monailabel_metaapp.core.site_adaptation import SiteConfig, adapt_site
+
+    cfg = SiteConfig(
+        lambda_kl=a.lambda_kl,
+        lr=a.lr,
+        tasks_per_step=a.tasks_per_step,
+        ssl_fraction=a.ssl_fraction,
+        margin=a.margin,
+        seed=a.seed,
+        checkpoint_seconds=a.checkpoint_seconds,
+    )
+    summary = adapt_site(
+        a.studies, a.out, a.init, a.minutes, cfg, a.device, a.check_minutes, fresh=a.fresh, keep_candidates=a.keep
+    )
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -181,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")
     s.set_defaults(func=_meta_train)
 
+    s = sub.add_parser(
+        "adapt-site", help="site adaptation: the encoder keeps meta-training on a site's images, guarded"
+    )
+    s.add_argument("--studies", nargs="+", required=True, help="datastore folders (labels optional) or .npz banks")
+    s.add_argument("--minutes", type=float, required=True, help="training time budget")
+    s.add_argument("--out", required=True, help="weights the guard chose (the candidate, or the --init weights)")
+    s.add_argument("--init", help="starting weights, the prior's centre (default: the shipped model)")
+    s.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    s.add_argument("--check-minutes", type=float, default=0.0, help="also check the candidate every N minutes")
+    s.add_argument("--keep-candidates", dest="keep", action="store_true", help="keep each checked candidate")
+    s.add_argument("--margin", type=float, default=0.0, help="the candidate must be better by more than this")
+    s.add_argument("--lambda-kl", type=float, default=1e-3)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--tasks-per-step", type=int, default=4)
+    s.add_argument("--ssl-fraction", type=float, default=0.5, help="share of superpixel tasks when labels exist")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint-seconds", type=float, default=60.0)
+    s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")
+    s.set_defaults(func=_adapt_site)
+
     s = sub.add_parser("distill", help="model-aware distillation of a meta-trained classifier into a compact one")
     s.add_argument("--teacher", required=True, help="classifier weights from `meta-train --task cls`")
     s.add_argument("--studies", nargs="+", required=True, help="the same kinds of sources as meta-train --task cls")
@@ -209,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", default=None, help="seg: scratch,finetune,proto (default); cls: scratch,linear")
     s.add_argument("--scratch-seconds", type=float, default=150.0)
     s.add_argument("--protocol", choices=["volume", "oracle"], default="volume")
+    s.add_argument(
+        "--timeline",
+        help="seg: seconds after the save, e.g. 2,10,30,60,150,300: Dice of what the app serves at each "
+        "(quick head, then guarded refinement) against finetune and scratch given the same seconds",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)

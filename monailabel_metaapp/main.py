@@ -104,6 +104,9 @@ class MetaApp(MONAILabelApp):
 
         routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
+        from monailabel_metaapp.lib import site_routes
+
+        site_routes.install(fastapi_app, {name: cfg.site for name, cfg in self.configs.items()})
         from monailabel_metaapp.lib.cls import routes as cls_routes
 
         for name, cfg in self.cls_configs.items():
@@ -135,6 +138,7 @@ class MetaApp(MONAILabelApp):
                 "model": cfg.service.model_path,
                 "structures": cfg.service.heads.snapshot(),
                 "activelearning": cfg.scores.status(),
+                "site_adaptation": cfg.site.status(),
             }
             for name, cfg in self.configs.items()
         }

@@ -84,6 +84,8 @@ def start_server(tmp_path):
     servers = []
 
     def _start(studies: Path | str, conf: dict | None = None, env: dict | None = None) -> Server:
+        # background learning (site adaptation, refinement) only where a test asks for it
+        conf = {"site_adapt": "false", "refine": "false", **(conf or {})}
         s = Server(studies, tmp_path / f"server{len(servers)}.log", conf, env=env).start()
         servers.append(s)
         return s

@@ -44,12 +44,22 @@ class MetaTrainConfig:
     cls_abnormal_fraction: float = 0.0  # share of synthetic "normal vs abnormal" tasks
 
 
-def _dist() -> tuple[int, int]:
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): a process group under torchrun, (0, 1) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_device(device: str, world: int) -> torch.device:
+    """The device of this rank: its own GPU (LOCAL_RANK) under torchrun on CUDA."""
+    dev = pick_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def _average_gradients(model: torch.nn.Module, world: int) -> None:
@@ -71,11 +81,8 @@ def meta_train(
 ) -> dict:
     """Meta-train on datastore folders (or preloaded studies / a saved bank); returns a summary."""
     cfg = cfg or MetaTrainConfig()
-    rank, world = _dist()
-    dev = pick_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
+    rank, world = init_distributed()
+    dev = rank_device(device, world)
     torch.manual_seed(cfg.seed + rank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +132,51 @@ def meta_train(
     return outer_loop(model, sampler.sample, objective, validate, cfg, out, dev, rank, world, progress, fresh)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: MetaTrainConfig) -> tuple[torch.optim.Adam, list]:
+    """Adam on what the outer loop learns: every parameter, the inner-loop rates only with Meta-SGD."""
+    params = [p for n, p in model.named_parameters() if cfg.learned_lr or not n.startswith("log_lr")]
+    if not cfg.learned_lr:
+        model.log_lr.requires_grad_(False)
+    return torch.optim.Adam(params, lr=cfg.lr), params
+
+
+def outer_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list,
+    sample: Callable[[], Any],
+    objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
+    tasks_per_step: int,
+    world: int = 1,
+) -> dict[str, float]:
+    """One outer step: a batch of episodes, the meta-objective, gradients averaged across ranks under
+    torchrun, clipped, one Adam step, the inner-loop rates and posterior widths kept in range."""
+    episodes = [sample() for _ in range(tasks_per_step)]
+    loss, parts = objective(episodes)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        _average_gradients(model, world)
+    torch.nn.utils.clip_grad_norm_(params, 5.0)
+    opt.step()
+    with torch.no_grad():
+        for v in model.log_lr.values():
+            v.clamp_(-8, 1)
+        for v in model.encoder.log_sigma.values():
+            v.clamp_(max=math.log(model.cfg.prior_sigma))
+    return parts
+
+
+def any_rank(flag: bool, dev: torch.device, world: int = 1) -> bool:
+    """True when `flag` is true on any rank: every rank must stop on the same step, or the gradient
+    all-reduce would hang."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([float(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def check_resumable_config(out: Path, config: dict) -> None:
     """A resumed run must keep the architecture and preprocessing it started with (e.g. the
     classifier's image crop): refuse, with the differences, rather than mix two setups in one model."""
@@ -159,10 +211,7 @@ def outer_loop(
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = Path(str(out) + ".state.pt")
     log_path = Path(str(out) + ".log.jsonl")
-    params = [p for n, p in model.named_parameters() if cfg.learned_lr or not n.startswith("log_lr")]
-    if not cfg.learned_lr:
-        model.log_lr.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt, params = make_optimizer(model, cfg)
     step, elapsed = 0, 0.0
     if state_path.exists() and not fresh:
         check_resumable_config(out, model.cfg.to_dict())
@@ -188,26 +237,9 @@ def outer_loop(
     last_ckpt, ema, t_prev = time.time(), None, time.time()
     log = open(log_path, "a" if step else "w", buffering=1) if rank == 0 else None  # a resumed run appends
     while True:
-        done = elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps)
-        if world > 1:  # every rank must stop on the same step, or the gradient all-reduce would hang
-            flag = torch.tensor([float(done)], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            done = bool(flag.item())
-        if done:
+        if any_rank(elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps), dev, world):
             break
-        episodes = [sample() for _ in range(cfg.tasks_per_step)]
-        loss, parts = objective(episodes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            _average_gradients(model, world)
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        with torch.no_grad():
-            for v in model.log_lr.values():
-                v.clamp_(-8, 1)
-            for v in model.encoder.log_sigma.values():
-                v.clamp_(max=math.log(model.cfg.prior_sigma))
+        parts = outer_step(model, opt, params, sample, objective, cfg.tasks_per_step, world)
         step += 1
         now = time.time()
         elapsed += now - t_prev

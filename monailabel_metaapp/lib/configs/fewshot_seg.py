@@ -16,6 +16,7 @@ from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
 from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.site_adaptation import SiteAdaptationLoop
 from monailabel_metaapp.lib.trainers.meta_train import MetaTrain
 from monailabel_metaapp.lib.trainers.quick_adapt import QuickAdapt
 
@@ -29,6 +30,8 @@ class FewShotSeg(TaskConfig):
         self.store_dir = Path(conf.get("store_dir") or Path(studies) / ".metaapp")
         self.site_model = self.store_dir / "model" / "metaseg.pt"
         model = conf.get("model") or (str(self.site_model) if self.site_model.exists() else str(DEFAULT_SEG_WEIGHTS))
+        self.site = SiteAdaptationLoop(self.store_dir, conf)  # idle-time site adaptation of the encoder
+        model = self.site.live_weights(model)  # its live version when there is one
         names = {n: v for v, n in label_names(studies).items()}
         self.service = SegService(
             datastore,
@@ -38,6 +41,7 @@ class FewShotSeg(TaskConfig):
             steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
         )
+        self.site.attach(self.service)
         self.scores = ALScores(self.service)  # started by the app once start-up adaptation is queued
         self.lease = float(conf.get("al_lease_seconds", DEFAULT_LEASE_SECONDS))
         self.path = model

@@ -1,0 +1,397 @@
+"""Site adaptation: the encoder keeps meta-training on a site's own images, and a guard decides whether
+the result is better than the live encoder.
+
+Training continues the meta-training recipe (`metatrain.outer_step`, the same meta-objective) from the
+live weights, with the KL prior centred on those starting weights so that the encoder cannot drift far:
+superpixel tasks on every training image, plus labelled tasks where final labels exist. It runs in
+short steps (`SiteAdaptation.step`) that a caller can interleave with other work, keeps its elapsed
+time, and checkpoints atomically so that a restart resumes it.
+
+A few images (about one in eight, at least one) are held out of training. The guard (`check`) compares
+a candidate with the live encoder on them:
+* with labelled structures: the Dice of heads adapted on the other labelled studies (leave one study
+  out, each held-out labelled study predicted in turn), candidate against live;
+* without: the self-supervised validation loss (fixed superpixel tasks on the held-out images).
+The candidate goes live only when it is better by more than `margin`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
+from monailabel_metaapp.core.checkpoint import atomic_write, load_model, save_model, sidecar
+from monailabel_metaapp.core.episodes import EpisodeSampler, Study, add_superpixels, load_bank, load_studies
+from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.core.metatrain import (
+    MetaTrainConfig,
+    any_rank,
+    init_distributed,
+    make_optimizer,
+    outer_step,
+    rank_device,
+)
+from monailabel_metaapp.core.networks import FewShotSegModel
+from monailabel_metaapp.core.objective import meta_objective, task_loss
+
+Pause = Callable[[], bool]  # called before each unit of work; False: stop now
+
+
+@dataclass
+class SiteConfig:
+    lambda_kl: float = 1e-3  # weight of KL(q || p), p centred on the starting weights
+    lr: float = 1e-3
+    inner_steps: int = 3
+    tasks_per_step: int = 4
+    ssl_fraction: float = 0.5  # share of superpixel tasks when labelled structures exist (all tasks otherwise)
+    holdout_fraction: float = 0.125  # images held out of training for the guard
+    val_tasks: int = 16  # fixed superpixel tasks on the held-out images: the validation loss
+    max_support: int = 4  # labelled studies a head adapts on in the guard's Dice check
+    margin: float = 0.0  # the candidate must beat the live encoder by more than this
+    seed: int = 0
+    checkpoint_seconds: float = 60.0
+    val_every: int = 50  # steps between validation losses in the log
+
+    def meta(self) -> MetaTrainConfig:
+        return MetaTrainConfig(
+            lambda_kl=self.lambda_kl,
+            lr=self.lr,
+            inner_steps=self.inner_steps,
+            tasks_per_step=self.tasks_per_step,
+            ssl_fraction=self.ssl_fraction,
+            seed=self.seed,
+        )
+
+
+def _rank_key(name: str, seed: int) -> str:
+    return hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()
+
+
+def split_holdout(studies: list[Study], fraction: float, seed: int = 0) -> tuple[list[Study], list[Study]]:
+    """(train, held-out) images. Labelled and unlabelled images are held out separately (about
+    `fraction` of each, at least one of each kind that has two or more), chosen by a hash of the name,
+    so that the choice stays put as a datastore grows."""
+    if len(studies) < 2:
+        raise VolumeError(
+            f"site adaptation needs at least 2 images (some are held out for the check), got {len(studies)}"
+        )
+    held: list[Study] = []
+    for group in ([s for s in studies if s.label is not None], [s for s in studies if s.label is None]):
+        if len(group) >= 2:
+            ranked = sorted(group, key=lambda s: _rank_key(s.name, seed))
+            held += ranked[: max(1, round(len(group) * fraction))]
+    ids = {id(s) for s in held}
+    return [s for s in studies if id(s) not in ids], held
+
+
+def structure_key(s: Study, value: int) -> str:
+    """Structures are keyed by folder and value, as in the episode sampler."""
+    return f"{s.name.split('/')[0]}:{value}"
+
+
+class SiteAdaptation:
+    """Continued meta-training on a site's images, in steps, with a guard.
+
+    Args:
+        studies: every image of the site (`Study`, labels where final labels exist).
+        init: weights of the live encoder: the start, and the centre of the KL prior.
+        state_path: the resumable state (written atomically by `checkpoint`).
+        fresh: ignore an existing state instead of resuming it.
+    """
+
+    def __init__(
+        self,
+        studies: list[Study],
+        init: str | Path | None,
+        state_path: str | Path,
+        cfg: SiteConfig | None = None,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world: int = 1,
+        fresh: bool = False,
+    ):
+        self.cfg = cfg or SiteConfig()
+        self.device = torch.device(device)
+        self.rank, self.world = rank, world
+        self.state_path = Path(state_path)
+        self.init = str(init) if init else "shipped"
+        self.model = load_model(init).to(self.device)
+        self.model.encoder.set_prior_to_current()  # p(theta) centred on the live weights
+        self.start = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self.model.train()
+        self.opt, self.params = make_optimizer(self.model, self.cfg.meta())
+        self.steps, self.elapsed = 0, 0.0
+        self.resumed = False
+        if self.state_path.exists() and not fresh:
+            self._resume()
+        self.set_studies(studies)
+
+    def set_studies(self, studies: list[Study]) -> None:
+        """(Re)build the held-out split, the episode sampler and the validation tasks, e.g. after a
+        datastore gained images or labels."""
+        train, held = split_holdout(studies, self.cfg.holdout_fraction, self.cfg.seed)
+        ctx = self.model.cfg.context
+        seed = self.cfg.seed + 1000 * self.rank + self.steps  # a resumed run draws other episodes
+        sampler = EpisodeSampler(train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed)
+        add_superpixels(held, progress=False)
+        val_sampler = EpisodeSampler(held, ctx, set(), 1.0, device=self.device, seed=12345)
+        self.val_episodes = [val_sampler.ssl_task() for _ in range(self.cfg.val_tasks)]
+        self.train_studies, self.held, self.all_studies, self.sampler = train, held, list(studies), sampler
+
+    # -- state ------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if st.get("init") != self.init:
+            raise ValueError(
+                f"{self.state_path} continues site adaptation from {st.get('init')}, not {self.init}: "
+                "use the same starting weights to resume, or start afresh"
+            )
+        self.model.load_state_dict(st["start"])
+        self.model.encoder.set_prior_to_current()
+        self.start = {k: v.clone() for k, v in st["start"].items()}
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.steps, self.elapsed = int(st["steps"]), float(st["elapsed"])
+        self.resumed = True
+
+    def checkpoint(self) -> None:
+        """The whole training state, atomically (rank 0 only under torchrun)."""
+        if self.rank != 0:
+            return
+        state = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "start": self.start,
+            "init": self.init,
+            "steps": self.steps,
+            "elapsed": self.elapsed,
+        }
+        atomic_write(self.state_path, lambda p: torch.save(state, p))
+
+    @property
+    def minutes(self) -> float:
+        return self.elapsed / 60
+
+    # -- training ---------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One outer step of meta-training (a few seconds on a CPU); returns its log record."""
+        t0 = time.perf_counter()
+        self.model.train()
+        cfg = self.cfg
+
+        def objective(episodes):
+            return meta_objective(self.model, episodes, cfg.lambda_kl, cfg.inner_steps)
+
+        parts = outer_step(
+            self.model, self.opt, self.params, self.sampler.sample, objective, cfg.tasks_per_step, self.world
+        )
+        self.steps += 1
+        self.elapsed += time.perf_counter() - t0
+        return {
+            "step": self.steps,
+            "seconds": round(self.elapsed, 1),
+            "task_loss": round(parts["task"], 4),
+            "kl": round(parts["kl"], 4),
+        }
+
+    def candidate(self) -> FewShotSegModel:
+        """A copy of the weights trained so far, for checking and installing."""
+        m = copy.deepcopy(self.model).eval()
+        return m
+
+    def save_candidate(self, path: str | Path, info: dict | None = None) -> None:
+        save_model(self.model, path, {"site_adaptation": self.summary(), **(info or {})})
+
+    def summary(self) -> dict:
+        return {
+            "init": self.init,
+            "steps": self.steps,
+            "minutes": round(self.minutes, 2),
+            "train_images": len(self.train_studies),
+            "held_out_images": [s.name for s in self.held],
+            "config": asdict(self.cfg),
+        }
+
+    # -- the guard --------------------------------------------------------------------------
+    def val_loss(self, model: FewShotSegModel, pause: Pause | None = None) -> float:
+        """Mean query loss of the fixed superpixel tasks on the held-out images (lower is better)."""
+        model = model.to(self.device)
+        losses = []
+        for ep in self.val_episodes:
+            if pause is not None and not pause():
+                raise InterruptedError("stopped")
+            losses.append(float(task_loss(model, ep, self.cfg.inner_steps, first_order=True, sample=False).detach()))
+        return statistics.fmean(losses)
+
+    def labelled_checks(self) -> list[tuple[str, int, Study, list[Study]]]:
+        """(structure, value, held-out query, support studies) for the leave-one-study-out Dice."""
+        out = []
+        for q in self.held:
+            for v in q.values():
+                key = structure_key(q, v)
+                pool = [s for s in self.all_studies if s is not q and structure_key(s, v) == key and v in s.values()]
+                if pool:
+                    out.append((key, v, q, pool[: self.cfg.max_support]))
+        return out
+
+    def loso_dice(self, model: FewShotSegModel, pause: Pause | None = None) -> dict[str, float]:
+        """structure -> mean Dice over its held-out studies, each predicted by a head adapted on the other
+        labelled studies (on the model's slice grid)."""
+        adapter = SegAdapter(model, self.device)
+        per: dict[str, list[float]] = {}
+        query_feats: dict[int, torch.Tensor] = {}  # a query holding several structures is embedded once
+        for key, v, q, support in self.labelled_checks():
+            if pause is not None and not pause():
+                raise InterruptedError("stopped")
+            head = adapter.adapt([s.image.float() / 255 for s in support], [s.label == v for s in support])
+            if id(q) not in query_feats:
+                query_feats[id(q)] = adapter.embed(q.image.float() / 255)
+            probs = adapter.predict(q.image.float() / 255, [head], feats=query_feats[id(q)]).numpy()
+            pred = probabilities_to_labels(probs, [1], one_piece=head.one_piece) == 1
+            per.setdefault(key, []).append(dice(pred, (q.label == v).numpy()))
+        return {k: statistics.fmean(d) for k, d in per.items()}
+
+    def check(self, candidate: FewShotSegModel, live: FewShotSegModel, pause: Pause | None = None) -> dict:
+        """Candidate against live on the held-out images; `accepted` when the candidate is better by more
+        than the margin. Raises InterruptedError when `pause` says stop."""
+        t0 = time.perf_counter()
+        rec: dict = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "steps": self.steps}
+        rec["minutes"] = round(self.minutes, 2)
+        if self.labelled_checks():
+            cand, base = self.loso_dice(candidate, pause), self.loso_dice(live, pause)
+            c, b = statistics.fmean(cand.values()), statistics.fmean(base.values())
+            rec.update(metric="dice", candidate=round(c, 4), live=round(b, 4), accepted=c > b + self.cfg.margin)
+            rec["per_structure"] = {k: {"candidate": round(cand[k], 4), "live": round(base[k], 4)} for k in cand}
+        else:
+            c, b = self.val_loss(candidate, pause), self.val_loss(live, pause)
+            rec.update(metric="ssl_loss", candidate=round(c, 4), live=round(b, 4), accepted=c < b - self.cfg.margin)
+        rec["margin"] = self.cfg.margin
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        return rec
+
+
+def load_site_studies(sources: list[str | Path], size: int, progress: bool = True) -> list[Study]:
+    """Datastore folders and/or `.npz` banks -> studies."""
+    missing = [str(p) for p in sources if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such studies folder or bank: {', '.join(missing)}")
+    banks = [p for p in sources if str(p).endswith(".npz")]
+    folders = [p for p in sources if not str(p).endswith(".npz")]
+    for f in folders:
+        if not Path(f).is_dir():
+            raise ValueError(f"{f} is neither a datastore folder nor a .npz bank")
+    studies = [s for b in banks for s in load_bank(b)]
+    if folders:
+        studies += load_studies(folders, size, progress=progress)
+    return studies
+
+
+def adapt_site(
+    sources: list[str | Path],
+    out: str | Path,
+    init: str | Path | None = None,
+    minutes: float = 30.0,
+    cfg: SiteConfig | None = None,
+    device: str = "auto",
+    check_minutes: float = 0.0,
+    progress: bool = True,
+    fresh: bool = False,
+    keep_candidates: bool = False,
+) -> dict:
+    """Offline site adaptation (`metaapp adapt-site`): train for `minutes`, check the candidate against
+    the starting weights (also every `check_minutes` when > 0), and write to `out` the encoder the guard
+    chose: the candidate when accepted, the starting weights otherwise (the last candidate is then kept
+    as `out.candidate.pt`). Resumes from `out.state.pt`; a JSON-lines log in `out.log.jsonl`.
+    `keep_candidates`: every checked candidate is also kept, as `out.stepNNNNN.pt`."""
+    cfg = cfg or SiteConfig()
+    if minutes <= 0:
+        raise ValueError(f"--minutes must be > 0, got {minutes}")
+    if init and not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: no such weights file")
+    rank, world = init_distributed()
+    dev = rank_device(device, world)
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    live = load_model(init, dev)
+    studies = load_site_studies(sources, live.cfg.size, progress=progress and rank == 0)
+    site = SiteAdaptation(studies, init, Path(str(out) + ".state.pt"), cfg, dev, rank, world, fresh)
+    if site.resumed and rank == 0:
+        print(f"resuming from {site.state_path} at step {site.steps} ({site.minutes:.1f} min done)")
+    log_path = Path(str(out) + ".log.jsonl")
+    log = open(log_path, "a" if site.resumed else "w", buffering=1) if rank == 0 else None
+    checks: list[dict] = []
+
+    def do_check() -> dict:
+        rec = site.check(site.candidate(), live)
+        checks.append(rec)
+        if keep_candidates:
+            site.save_candidate(f"{out}.step{site.steps:05d}.pt", {"check": rec})
+        if log:
+            log.write(json.dumps({"check": rec}) + "\n")
+        return rec
+
+    budget = minutes * 60
+    bar = tqdm(
+        total=int(budget),
+        unit="s",
+        desc="adapt-site",
+        disable=not (progress and rank == 0),
+        initial=int(min(site.elapsed, budget)),
+    )
+    last_ckpt = time.time()
+    next_check = site.elapsed + check_minutes * 60 if check_minutes > 0 else math.inf
+    if log and not site.resumed:
+        log.write(json.dumps({"step": 0, "seconds": 0.0, "val_loss": round(site.val_loss(live), 4)}) + "\n")
+    while not any_rank(site.elapsed >= budget, dev, world):
+        rec = site.step()
+        if site.steps % cfg.val_every == 0 and rank == 0:
+            rec["val_loss"] = round(site.val_loss(site.model), 4)
+        bar.update(int(min(site.elapsed, budget)) - bar.n)
+        bar.set_postfix(loss=rec["task_loss"], **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
+        if log:
+            log.write(json.dumps(rec) + "\n")
+        if time.time() - last_ckpt > cfg.checkpoint_seconds:
+            site.checkpoint()
+            last_ckpt = time.time()
+        if rank == 0 and site.elapsed >= next_check:
+            do_check()
+            next_check += check_minutes * 60
+    bar.close()
+    site.checkpoint()
+    if rank != 0:
+        return {"rank": rank, "steps": site.steps}
+    final = do_check()
+    info = {"site_adaptation": {**site.summary(), "checks": checks, "accepted": final["accepted"]}}
+    candidate_path = Path(str(out) + ".candidate.pt")
+    if final["accepted"]:
+        site.save_candidate(out, info)
+        if candidate_path.exists():
+            candidate_path.unlink()
+            sidecar(candidate_path).unlink(missing_ok=True)
+    else:
+        site.save_candidate(candidate_path, info)
+        save_model(live, out, info)  # the guard kept the starting weights
+    if log:
+        log.write(json.dumps({"step": site.steps, "seconds": round(site.elapsed, 1), "final": True}) + "\n")
+        log.close()
+    return {
+        "out": str(out),
+        "accepted": final["accepted"],
+        "check": final,
+        "steps": site.steps,
+        "minutes": round(site.minutes, 2),
+        **({} if final["accepted"] else {"candidate": str(candidate_path)}),
+    }

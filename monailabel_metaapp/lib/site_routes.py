@@ -1,0 +1,45 @@
+"""REST routes of idle-time site adaptation:
+* `GET /metaapp/site`: per segmentation model, the state, the live encoder version, its minutes of site
+  training and the last check (both scores, the decision);
+* `POST /metaapp/site/rollback[?version=N][&model=NAME]`: make an earlier encoder live again (default:
+  the one before the live one; version 0 is the encoder the server started with); every head re-adapts
+  on it before it goes live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, FastAPI, HTTPException
+
+
+def install(app: FastAPI, loops: dict) -> None:
+    """loops: segmentation model name -> SiteAdaptationLoop."""
+    router = APIRouter()
+
+    def pick(model: str | None):
+        loop = loops.get(model) if model else next(iter(loops.values()), None)
+        if loop is None:
+            raise HTTPException(404, f"unknown model {model!r}" if model else "no segmentation model")
+        return loop
+
+    @router.get("/metaapp/site", summary="Site adaptation of the encoder: state, versions, last check")
+    async def site_status():
+        return {name: loop.status() for name, loop in loops.items()}
+
+    @router.post("/metaapp/site/rollback", summary="Make an earlier site-adapted encoder live again")
+    async def rollback(version: int | None = None, model: str | None = None):
+        loop = pick(model)
+        if loop.service is None:
+            raise HTTPException(409, "site adaptation is not attached to a service")
+        try:  # heads re-adapt on the encoder first: off the event loop
+            v = await asyncio.to_thread(loop.rollback, version)
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from e
+        return {"version": v, "site_adaptation": loop.status()}
+
+    before = len(app.router.routes)
+    app.include_router(router)
+    added = app.router.routes[before:]  # ahead of MONAI Label's routes, as lib/routes.py does
+    del app.router.routes[before:]
+    app.router.routes[0:0] = added

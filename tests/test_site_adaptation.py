@@ -1,0 +1,218 @@
+"""Site adaptation: the encoder keeps meta-training on the site's images; a guard decides what goes live.
+
+Core (no server): resumable steps, the prior centred on the starting weights, the guard's two metrics.
+Through `MONAILabelClient` against a real `metaapp serve`: the idle loop makes a candidate, checks it and
+swaps it in (head versions bump, inference answers throughout) or keeps the live encoder; a restart
+resumes; rollback; the conf key turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from monailabel.client import MONAILabelClient
+
+from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS, load_model
+from monailabel_metaapp.core.episodes import load_studies
+from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig, split_holdout
+
+CFG = dict(tasks_per_step=1, val_tasks=4, checkpoint_seconds=1e9)
+
+
+@pytest.fixture(scope="module")
+def brain_studies(samples_src):
+    return load_studies([samples_src], 160, progress=False)
+
+
+def _encoder_delta(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return sum(float((p - q).abs().sum()) for p, q in zip(a.encoder.net.parameters(), b.encoder.net.parameters()))
+
+
+def test_holdout_keeps_labelled_and_unlabelled_images_out_of_training(brain_studies):
+    train, held = split_holdout(brain_studies, 0.125)
+    assert {s.name for s in held}.isdisjoint(s.name for s in train)
+    assert sum(s.label is not None for s in held) == 1 and sum(s.label is None for s in held) == 1
+    again, held2 = split_holdout(list(reversed(brain_studies)), 0.125)
+    assert [s.name for s in held2] == [s.name for s in held]  # by name, not by order
+    with pytest.raises(ValueError, match="at least 2 images"):
+        split_holdout(brain_studies[:1], 0.125)
+
+
+def test_steps_resume_from_checkpoint_and_prior_stays_on_the_start(brain_studies, tmp_path):
+    state = tmp_path / "state.pt"
+    site = SiteAdaptation(brain_studies, None, state, SiteConfig(**CFG), "cpu")
+    live = load_model(None)
+    live.encoder.set_prior_to_current()
+    assert site.model.encoder.kl().item() == pytest.approx(live.encoder.kl().item(), rel=1e-5)  # mean: no term
+    for _ in range(2):
+        rec = site.step()
+    assert rec["step"] == 2 and site.elapsed > 0
+    assert _encoder_delta(site.model, live) > 0
+    site.checkpoint()
+
+    again = SiteAdaptation(brain_studies, None, state, SiteConfig(**CFG), "cpu")
+    assert again.resumed and again.steps == 2 and again.elapsed == pytest.approx(site.elapsed)
+    assert _encoder_delta(again.model, site.model) == 0
+    for n, p in live.encoder.net.named_parameters():  # the prior is the start, not the resumed weights
+        key = n.replace(".", "__")
+        assert torch.equal(getattr(again.model.encoder, f"prior_mean__{key}"), p)
+    with pytest.raises(ValueError, match="continues site adaptation from shipped"):
+        SiteAdaptation(brain_studies, str(DEFAULT_SEG_WEIGHTS), state, SiteConfig(**CFG), "cpu")
+
+
+def test_guard_scores_both_encoders_and_applies_the_margin(brain_studies, tmp_path):
+    site = SiteAdaptation(brain_studies, None, tmp_path / "s.pt", SiteConfig(**CFG), "cpu")
+    live = load_model(None)
+    site.step()
+    rec = site.check(site.candidate(), live)
+    assert rec["metric"] == "dice"  # a held-out labelled study: leave-one-study-out Dice
+    assert set(rec["per_structure"]) == {"sample_studies:1", "sample_studies:2", "sample_studies:3"}
+    assert 0 < rec["live"] < 1 and 0 < rec["candidate"] < 1
+    assert rec["accepted"] == (rec["candidate"] > rec["live"])
+
+    unlabelled = [s for s in brain_studies if s.label is None]
+    ssl = SiteAdaptation(unlabelled, None, tmp_path / "u.pt", SiteConfig(**CFG), "cpu")
+    rec = ssl.check(live, live)  # no labels: the self-supervised validation loss, lower is better
+    assert rec["metric"] == "ssl_loss" and rec["candidate"] == rec["live"] > 0
+    assert not rec["accepted"]  # not better than itself
+    ssl.cfg.margin = -1.0
+    assert ssl.check(live, live)["accepted"]  # within a margin of -1, equal passes
+
+
+def test_adapt_site_cli_refuses_bad_input(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "monailabel_metaapp", "adapt-site", *args], capture_output=True, text=True
+        )
+
+    r = run("--studies", str(tmp_path / "nope"), "--minutes", "1", "--out", str(tmp_path / "o.pt"))
+    assert r.returncode == 2 and "no such studies folder" in r.stderr
+    r = run("--studies", str(tmp_path), "--minutes", "0", "--out", str(tmp_path / "o.pt"))
+    assert r.returncode == 2 and "--minutes must be > 0" in r.stderr
+    r = run("--studies", str(tmp_path), "--minutes", "1", "--out", str(tmp_path / "o.pt"), "--init", "x.pt")
+    assert r.returncode == 2 and "no such weights file" in r.stderr
+    r = run("--studies", str(tmp_path), "--minutes", "1", "--out", str(tmp_path / "o.pt"))
+    assert r.returncode == 2 and "no images found" in r.stderr
+
+
+def test_adapt_site_cli_writes_the_guarded_encoder(samples_src, tmp_path):
+    site = tmp_path / "site"  # three unlabelled images: the guard uses the self-supervised loss
+    site.mkdir()
+    for name in ("mni_03.nii.gz", "mni_04.nrrd", "mni_05.nii.gz"):
+        (site / name).symlink_to(samples_src / name)
+    out = tmp_path / "site.pt"
+    args = ["--studies", str(site), "--minutes", "0.05", "--out", str(out), "--device", "cpu"]
+    r = subprocess.run(
+        [sys.executable, "-m", "monailabel_metaapp", "adapt-site", *args, "--margin", "10"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{") :])
+    assert not summary["accepted"]  # a loss 10 lower cannot be met: the starting weights are kept
+    kept = torch.load(out, weights_only=True)
+    assert all(torch.equal(kept[k], v) for k, v in torch.load(DEFAULT_SEG_WEIGHTS, weights_only=True).items())
+    side = json.loads(Path(str(out) + ".json").read_text())["site_adaptation"]
+    assert side["checks"][-1]["metric"] == "ssl_loss" and side["accepted"] is False
+    assert side["checks"][-1]["candidate"] > 0 and side["checks"][-1]["live"] > 0
+    assert Path(summary["candidate"]).exists() and Path(str(out) + ".state.pt").exists()
+    load_model(summary["candidate"])  # a loadable model, like OUT
+
+
+# -- through the server ------------------------------------------------------------------------
+
+FAST = {"site_check_minutes": "0.05", "refine": "false"}
+
+
+def _site(client: MONAILabelClient) -> dict:
+    return client.info()["metaapp"]["fewshot_seg"]["site_adaptation"]
+
+
+def _heads(client: MONAILabelClient) -> dict[str, int]:
+    return {n: r["version"] for n, r in client.info()["metaapp"]["fewshot_seg"]["structures"].items()}
+
+
+def _wait(client: MONAILabelClient, until, timeout: float = 240) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = _site(client)
+        if until(st):
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"site adaptation did not get there in {timeout} s: {st}")
+
+
+def test_idle_loop_swaps_in_a_better_encoder_resumes_after_restart_and_rolls_back(sample_store, start_server, tmp_path):
+    conf = {**FAST, "site_adapt": "true", "site_adapt_minutes": "0.05", "site_margin": "-10"}  # accept
+    server = start_server(sample_store, conf)
+    server.wait_ready()
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    before = _heads(client)
+    assert min(before.values()) >= 1
+
+    answers, errors, stop = [], [], threading.Event()
+
+    def infer_all_along():
+        while not stop.is_set():
+            try:
+                _, params = client.infer("fewshot_seg", "mni_04", {})
+                answers.append((_site(client)["state"], params["head_versions"]))
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(e))
+
+    t = threading.Thread(target=infer_all_along)
+    t.start()
+    try:
+        st = _wait(client, lambda s: s["version"] == 1)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert len(answers) >= 2 and {"training", "checking", "paused"} & {s for s, _ in answers}
+    check = st["last_check"]
+    assert check["accepted"] and check["metric"] == "dice" and "candidate" in check and "live" in check
+    after = _heads(client)
+    assert all(after[n] > before[n] for n in before), (before, after)
+    assert st["minutes"] > 0 and (sample_store / ".metaapp" / "site" / "encoders" / "v0001.pt").exists()
+    info = client.info()["metaapp"]["fewshot_seg"]
+    assert info["model"].endswith("v0001.pt")
+    _wait(client, lambda s: s["state"] == "idle")  # the cap is reached
+    trained = _site(client)["trained_minutes"]
+    server.stop()
+
+    # restart: the live encoder stays v1, training resumes from the checkpoint; a margin of 10 refuses
+    conf.update(site_adapt_minutes="0.1", site_margin="10")
+    server = start_server(sample_store, conf)
+    server.wait_ready()
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    assert client.info()["metaapp"]["fewshot_seg"]["model"].endswith("v0001.pt")
+    st = _wait(client, lambda s: (s["last_check"] or {}).get("live_version") == 1 and s["state"] == "idle")
+    assert st["trained_minutes"] >= 0.1 > trained
+    assert st["resumed_at_step"] and st["resumed_at_step"] < st["steps"]
+    assert st["version"] == 1 and not st["last_check"]["accepted"]  # kept the live one
+    heads = _heads(client)
+
+    r = requests.post(f"{server.url}/metaapp/site/rollback", timeout=120)
+    assert r.status_code == 200 and r.json()["version"] == 0
+    assert client.info()["metaapp"]["fewshot_seg"]["model"] == str(DEFAULT_SEG_WEIGHTS)
+    assert all(v > heads[n] for n, v in _heads(client).items())
+    r = requests.post(f"{server.url}/metaapp/site/rollback", timeout=30)
+    assert r.status_code == 409  # nothing before version 0
+
+
+def test_conf_key_turns_site_adaptation_off(sample_store, start_server, tmp_path):
+    server = start_server(sample_store, {"refine": "false"})  # conftest: site_adapt false
+    server.wait_ready()
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    time.sleep(2)
+    st = _site(client)
+    assert st["state"] == "off" and st["version"] == 0 and st["last_check"] is None
+    assert not (sample_store / ".metaapp" / "site").exists()
