@@ -124,7 +124,18 @@ def _simulate_al(a: argparse.Namespace) -> None:
     from monailabel_metaapp.simulate_al import simulate_al
 
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    r = simulate_al(a.studies, a.structure, strategies, a.budget, a.repeats, a.eval_studies, a.pool, a.seed, a.out)
+    r = simulate_al(
+        a.studies,
+        a.structure,
+        strategies,
+        a.budget,
+        a.repeats,
+        a.eval_studies,
+        a.pool,
+        a.seed,
+        a.out,
+        seconds_per_study=a.seconds_per_study,
+    )
     print(json.dumps({k: {m: v[m] for m in v if m != "curve"} for k, v in r["summary"].items()}, indent=2))
 
 
@@ -265,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--eval-studies", type=int, default=5, help="held-out studies Dice is measured on")
     s.add_argument("--pool", type=int, default=0, help="limit the pool to this many studies (0 = all the rest)")
+    s.add_argument(
+        "--seconds-per-study",
+        type=float,
+        default=0.0,
+        help="seconds from each save to the next (background refinement on); 0 = back to back, refinement off",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="benchmarks/results/active_learning.json")
     s.set_defaults(func=_simulate_al)

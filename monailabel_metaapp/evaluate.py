@@ -37,6 +37,7 @@ from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import augment, image_files, label_names, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
+from monailabel_metaapp.evaluate_common import int_list, write_result
 
 
 @dataclass
@@ -68,29 +69,53 @@ def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) ->
     return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
 
+class ScratchTrainer:
+    """A 2D MONAI UNet from random init, trained step by step on every slice of the support studies.
+
+    Args:
+        stacks: (S, size, size) support images.
+        masks: (S, size, size) binary masks of the structure.
+        device: where to train.
+        seed: seed of the init, the batches and the augmentation.
+    """
+
+    def __init__(self, stacks: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device, seed: int):
+        torch.manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.device = device
+        self.net = UNet(2, 1, 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1).to(device)
+        xs = [st[i : i + 1] for st in stacks for i in range(st.shape[0])]
+        ys = [m[i].float() for m in masks for i in range(m.shape[0])]
+        self.x_all, self.y_all = torch.stack(xs).to(device), torch.stack(ys).to(device)
+        self.opt = torch.optim.Adam(self.net.parameters(), 1e-3)
+
+    def step(self) -> None:
+        self.net.train()
+        idx = torch.tensor([self.rng.randrange(self.x_all.shape[0]) for _ in range(8)])
+        x, y = augment(self.x_all[idx], self.y_all[idx], self.rng, 0.5)
+        loss = seg_loss(self.net(x)[:, 0], y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def predict(self, stack: torch.Tensor) -> torch.Tensor:
+        """(S, size, size) -> (1, S, size, size) foreground probabilities."""
+        self.net.eval()
+        x = stack[:, None].to(self.device)
+        probs = torch.cat([torch.sigmoid(self.net(x[i : i + 16])) for i in range(0, x.shape[0], 16)])
+        return probs[:, 0][None].cpu()
+
+
 def train_scratch(
     stacks: list[torch.Tensor], masks: list[torch.Tensor], seconds: float, device: torch.device, seed: int
-) -> torch.nn.Module:
-    """A 2D MONAI UNet from random init on every support slice holding the structure (+ neighbours)."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    net = UNet(2, 1, 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1).to(device)
-    xs, ys = [], []
-    for st, m in zip(stacks, masks):
-        for i in range(st.shape[0]):
-            xs.append(st[i : i + 1])
-            ys.append(m[i].float())
-    x_all, y_all = torch.stack(xs).to(device), torch.stack(ys).to(device)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
+) -> ScratchTrainer:
+    """`ScratchTrainer` trained for `seconds` of wall time."""
+    trainer = ScratchTrainer(stacks, masks, device, seed)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        idx = torch.tensor([rng.randrange(x_all.shape[0]) for _ in range(8)])
-        x, y = augment(x_all[idx], y_all[idx], rng, 0.5)
-        loss = seg_loss(net(x)[:, 0], y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+        trainer.step()
+    return trainer
 
 
 def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> tuple[SegAdapter, Head]:
@@ -221,12 +246,7 @@ def evaluate_seg(
                         pred = _probs_to_mask(ad.predict(q.stack, [h]), q.geom, h.one_piece)
                         results.setdefault((name, k, method), []).append((dice(pred, ref), sec))
                     if scratch_net is not None:
-                        with torch.no_grad():
-                            x = q.stack[:, None].to(dev)
-                            probs = torch.cat(
-                                [torch.sigmoid(scratch_net(x[i : i + 16])) for i in range(0, x.shape[0], 16)]
-                            )
-                        pred = _probs_to_mask(probs[:, 0][None].cpu(), q.geom, head.one_piece)
+                        pred = _probs_to_mask(scratch_net.predict(q.stack), q.geom, head.one_piece)
                         results.setdefault((name, k, "scratch"), []).append((dice(pred, ref), scratch_seconds))
                 bar.update(1)
     bar.close()
@@ -298,6 +318,24 @@ def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:
 def run_from_args(a) -> None:
     if not a.studies:
         raise ValueError("evaluate seg needs --studies DIR (a datastore folder with final labels)")
+    if a.timeline:
+        from monailabel_metaapp.evaluate_timeline import evaluate_timeline, plot_timeline
+
+        res = evaluate_timeline(
+            a.studies,
+            int_list(a.shots),
+            [float(m) for m in str(a.timeline).split(",")],
+            json.loads(a.labels) if a.labels else None,
+            a.model,
+            a.repeats,
+            a.queries,
+            a.seed,
+            a.device,
+        )
+        write_result(res, a.out, lambda r, png: plot_timeline(r["rows"], png, "served Dice after a save"))
+        for r in res["rows"]:
+            print(f"{r['structure']:>20} k={r['shots']} {r['seconds']:>6.0f}s {r['method']:>9}: {r['dice_mean']:.3f}")
+        return
     res = evaluate_seg(
         a.studies,
         [int(s) for s in str(a.shots).split(",")],

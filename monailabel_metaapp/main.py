@@ -20,6 +20,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from monailabel_metaapp import __version__
 from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.configs.fewshot_cls import FewShotCls
 from monailabel_metaapp.lib.configs.fewshot_seg import FewShotSeg
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
@@ -118,11 +119,21 @@ class MetaApp(MONAILabelApp):
             if queued:
                 logger.info("adapting heads from existing labels: %s", queued)
             cfg.scores.start()
+            cfg.service.refinement.start()
         if hasattr(self._datastore, "poll"):  # a PACS: SEGs stored there by others become final labels
             self._datastore.on_label_imported = lambda image_id: self.on_save_label(image_id, image_id)
             self._datastore.start()
 
+    def next_sample(self, request):
+        """Next Sample pre-empts background learning like any request an annotator waits for."""
+        with GATE.busy():
+            return super().next_sample(request)
+
     def on_save_label(self, image_id: str, label_id: str) -> dict:
+        with GATE.busy():
+            return self._on_save_label(image_id, label_id)
+
+    def _on_save_label(self, image_id: str, label_id: str) -> dict:
         super().on_save_label(image_id, label_id)
         reply = {name: s.on_label_saved(image_id) for name, s in self.seg_services().items()}
         for name, cfg in self.cls_configs.items():  # label_info entries that carry a "class"
@@ -136,7 +147,7 @@ class MetaApp(MONAILabelApp):
             name: {
                 "device": str(cfg.service.device),
                 "model": cfg.service.model_path,
-                "structures": cfg.service.heads.snapshot(),
+                "structures": cfg.service.structures(),
                 "activelearning": cfg.scores.status(),
                 "site_adaptation": cfg.site.status(),
             }

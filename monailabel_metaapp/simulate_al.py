@@ -75,14 +75,19 @@ def reference_masks(studies: Path, value: int, out: Path) -> dict[str, Path]:
 class Loop:
     """One strategy, one repeat: a fresh server on a fresh datastore of the pool."""
 
-    def __init__(self, root: Path, images: dict[str, Path], pool: list[str], name: str, value: int):
+    def __init__(
+        self, root: Path, images: dict[str, Path], pool: list[str], name: str, value: int, seconds_per_study: float = 0
+    ):
+        self.seconds_per_study = seconds_per_study
         self.store = root / "store"
         self.store.mkdir(parents=True)
         for i in pool:
             (self.store / images[i].name).symlink_to(images[i].resolve())
         (self.store / "labels.json").write_text(json.dumps({name: value}))
         self.name, self.value = name, value
-        self.server = Server(self.store, root / "server.log").start()
+        # labels back to back: nothing learns in the background; with time between saves, refinement does
+        conf = {"site_adapt": "false", "refine": "true" if seconds_per_study > 0 else "false"}
+        self.server = Server(self.store, root / "server.log", conf).start()
         from monailabel.client import MONAILabelClient
 
         self.client = MONAILabelClient(self.server.url, tmpdir=str(root / "client"))
@@ -92,10 +97,18 @@ class Loop:
         return requests.get(f"{self.server.url}/info/", timeout=30).json()["metaapp"][MODEL]
 
     def save(self, image_id: str, ref: Path, timeout: float = 600) -> None:
-        """Save a label as Slicer's Submit Label does, then wait for the new head and fresh scores."""
+        """Save a label as Slicer's Submit Label does, then wait for the new head and fresh scores, and
+        with `seconds_per_study`, until that long after the save (the annotator at the next study)."""
         v0 = self.status()["structures"].get(self.name, {}).get("version", 0)
         info = {"label_info": [{"name": self.name, "idx": 1}]}
+        t0 = time.time()
         self.client.save_label(image_id, str(ref), params=info)
+        try:
+            self._wait_head(v0, timeout)
+        finally:
+            time.sleep(max(0.0, t0 + self.seconds_per_study - time.time()))
+
+    def _wait_head(self, v0: int, timeout: float) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
             st = self.status()
@@ -130,6 +143,7 @@ class Setup:
     name: str
     value: int
     budget: int
+    seconds_per_study: float = 0.0  # from a save to the measurement and the next pick (refinement runs)
 
 
 def run_one(
@@ -137,7 +151,7 @@ def run_one(
 ) -> tuple[list[float], list[str]]:
     """Dice after 1..budget labels for one strategy on a fresh server (the first label is `start`)."""
     images, refs, name, budget = setup.images, setup.refs, setup.name, setup.budget
-    loop = Loop(root, images, pool, name, setup.value)
+    loop = Loop(root, images, pool, name, setup.value, setup.seconds_per_study)
     try:
         sessions = {i: loop.client.create_session(str(images[i]))["session_id"] for i in held}
         curve, picked, pick = [], [], start
@@ -164,6 +178,7 @@ def simulate_al(
     pool_size: int = 0,
     seed: int = 0,
     out: str | Path = "active_learning.json",
+    seconds_per_study: float = 0.0,
 ) -> dict:
     studies, out = Path(studies), Path(out)
     if budget < 2:
@@ -172,7 +187,7 @@ def simulate_al(
     work = Path(tempfile.mkdtemp(prefix="metaapp-al-"))
     images = image_ids(studies)
     refs = reference_masks(studies, value, work / "refs")
-    setup = Setup(images, refs, name, value, budget)
+    setup = Setup(images, refs, name, value, budget, seconds_per_study)
     if len(refs) < eval_studies + budget:
         raise ValueError(f"{len(refs)} studies hold {name!r}: need --eval-studies + --budget = {eval_studies + budget}")
     curves: dict[str, list[list[float]]] = {}
@@ -214,6 +229,7 @@ def simulate_al(
         "pool_size": pool_size or "all",
         "held_out": sorted({h for x in picks for h in x["held_out"]}),
         "seed": seed,
+        "seconds_per_study": seconds_per_study,
         "start": "one random pool study per repeat, the same for every strategy",
         "minutes": round((time.time() - t_start) / 60, 1),
     }

@@ -22,11 +22,15 @@ ONE_PIECE = 0.9  # support labels with at least this share of voxels in their la
 
 @dataclass
 class Head:
-    """An adapted task-specific head: the only per-structure state."""
+    """A structure's adapted task-specific head. A quick head (`stage` "head") runs on the shared
+    encoder's embeddings; a refined one ("refined") on its own fine-tuned encoder, whose weights live
+    in `encoder_file` and are loaded on demand."""
 
     params: dict[str, torch.Tensor]
     n_labels: int
     seconds: float
+    stage: str = "head"
+    encoder_file: str | None = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.params.items()}

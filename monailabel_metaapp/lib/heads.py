@@ -3,6 +3,8 @@
 Layout under the store folder:
   registry.json              structures: value, current version, labels learned from, state, times
   <slug>/v0003.pt            a head's parameters (plain state_dict, weights_only-loadable)
+  <slug>/v0004.encoder.pt    a refined version's own encoder weights (plain state_dict)
+A version is a quick head (stage `head`, on the shared encoder) or a refined network (`refined`).
 A restart reloads every head; `rollback` points a structure back at an earlier version.
 """
 
@@ -118,32 +120,59 @@ class HeadStore(VersionedStore):
             return {n: r["value"] for n, r in sorted(self.registry.items(), key=lambda kv: kv[1]["value"])}
 
     def snapshot(self) -> dict[str, dict]:
+        """Per structure: value, live version, its stage (`head` / `refined`) and held-out Dice, labels
+        learned from, adaptation state, last change."""
         with self._lock:
-            return {
-                n: {k: r[k] for k in ("value", "version", "n_labels", "state", "updated") if k in r}
-                | ({"error": r["error"]} if "error" in r else {})
-                for n, r in self.registry.items()
-            }
+            out = {}
+            for n, r in self.registry.items():
+                row = {k: r[k] for k in ("value", "version", "n_labels", "state", "updated") if k in r}
+                live = r.get("version_info", {}).get(str(r.get("version", 0)), {})
+                row["stage"] = live.get("stage", "head") if r.get("version") else None
+                row["val_dice"] = live.get("val_dice")
+                out[n] = row | ({"error": r["error"]} if "error" in r else {})
+            return out
 
     # -- heads ------------------------------------------------------------------------------
-    def publish(self, name: str, head: Head) -> int:
-        """Write the head as a new version, then make it live."""
+    def publish(
+        self,
+        name: str,
+        head: Head,
+        encoder: dict[str, torch.Tensor] | None = None,
+        info: dict | None = None,
+        live: bool = True,
+    ) -> int:
+        """Write the head (and a refined head's encoder weights) as a new version, then make it live
+        (`live=False` keeps it for rollback only). `info` (e.g. a held-out Dice) is kept with the version."""
         with self._lock:
             rec = self.ensure(name)
-            version = self._write_version(name, rec, head.state_dict())
-            # a save that arrived during this adaptation has queued the structure again: keep saying so
-            rec.update(
-                version=version,
-                n_labels=head.n_labels,
-                state=QUEUED if rec.get("state") == QUEUED else READY,
-                updated=now_iso(),
-                adapt_seconds=round(head.seconds, 3),
-            )
+            version = max(rec["versions"], default=0) + 1
+            if encoder is not None:  # the encoder first: a listed version always has its weights
+                atomic_write(self._encoder_path(name, version), lambda p: torch.save(encoder, p))
+                head.encoder_file = str(self._encoder_path(name, version))
+            self._write_version(name, rec, head.state_dict())
+            meta = {"stage": head.stage, "n_labels": head.n_labels, "created": now_iso(), **(info or {})}
+            rec.setdefault("version_info", {})[str(version)] = meta
             rec.setdefault("n_labels_by_version", {})[str(version)] = head.n_labels
-            rec.pop("error", None)
-            self._heads[name] = head
+            if live:
+                # a save that arrived during this adaptation has queued the structure again: keep saying so
+                rec.update(
+                    version=version,
+                    n_labels=head.n_labels,
+                    state=QUEUED if rec.get("state") == QUEUED else READY,
+                    updated=now_iso(),
+                    adapt_seconds=round(head.seconds, 3),
+                )
+                rec.pop("error", None)
+                self._heads[name] = head
             self._save_registry()
             return version
+
+    def version_info(self, name: str, version: int | None = None) -> dict:
+        """What is known of a version (default: the live one): stage, labels, held-out Dice."""
+        with self._lock:
+            rec = self.registry.get(name, {})
+            v = rec.get("version", 0) if version is None else version
+            return dict(rec.get("version_info", {}).get(str(v), {"stage": "head"} if v else {}))
 
     def rollback(self, name: str, version: int | None = None) -> int:
         """Make an earlier version live again (default: the one before the current)."""
@@ -164,7 +193,15 @@ class HeadStore(VersionedStore):
     def _path(self, name: str, version: int) -> Path:
         return self.folder / slug(name) / f"v{version:04d}.pt"
 
+    def _encoder_path(self, name: str, version: int) -> Path:
+        return self.folder / slug(name) / f"v{version:04d}.encoder.pt"
+
     def _load(self, name: str, version: int) -> Head:
         params = torch.load(self._path(name, version), map_location="cpu", weights_only=True)
-        n = self.registry.get(name, {}).get("n_labels_by_version", {}).get(str(version), 0)
-        return Head(params=params, n_labels=int(n), seconds=0.0)
+        rec = self.registry.get(name, {})
+        n = rec.get("n_labels_by_version", {}).get(str(version), 0)
+        stage = rec.get("version_info", {}).get(str(version), {}).get("stage", "head")
+        enc = self._encoder_path(name, version)
+        return Head(
+            params=params, n_labels=int(n), seconds=0.0, stage=stage, encoder_file=str(enc) if enc.exists() else None
+        )

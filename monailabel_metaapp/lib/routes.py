@@ -39,7 +39,7 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
 
     @router.get("/metaapp/structures", summary="Adapted heads: version, labels learned from, state")
     async def structures():
-        return {m: s.heads.snapshot() for m, s in services.items()}
+        return {m: s.structures() for m, s in services.items()}
 
     @router.post("/metaapp/structures/{name}/rollback", summary="Make an earlier head version live again")
     async def rollback(name: str, version: int | None = None, model: str | None = None):
@@ -52,8 +52,9 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
             raise HTTPException(404, str(e.args[0])) from e
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
+        service.refinement.hold(name)  # the administrator's choice stands until the structure's next label
         service.notify(name)
-        return {"structure": name, "version": v}
+        return {"structure": name, "version": v, "stage": service.heads.version_info(name).get("stage", "head")}
 
     @router.post("/scoring/{method}", include_in_schema=False)
     async def scoring(method: str, request: Request):

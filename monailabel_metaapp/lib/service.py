@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,43 +19,34 @@ import torch
 from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, Head, SegAdapter, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.core.refine import RefineConfig, refined_adapter
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
+from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.adapt_queue import AdaptQueue
 from monailabel_metaapp.lib.heads import HeadStore
-from monailabel_metaapp.lib.label_names import named_values, split_named
+from monailabel_metaapp.lib.label_names import final_label_structures
+from monailabel_metaapp.lib.lru import LRU, tensor_bytes
+from monailabel_metaapp.lib.refinement import RefinementWorker
 
 logger = logging.getLogger(__name__)
 
 
-class StudyCache:
-    """LRU of (slices, geometry, embeddings) per image file, bounded in bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, tuple] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, make) -> tuple:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        item = make()
-        with self._lock:
-            self._items[key] = item
-            while (
-                sum(i[2].numel() * i[2].element_size() for i in self._items.values()) > self.max_bytes
-                and len(self._items) > 1
-            ):
-                self._items.popitem(last=False)
-        return item
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
 class SegService:
+    """The segmentation runtime of the app: the live encoder, one versioned head per structure, the
+    adaptation queue that runs after each save and the background refinement after it.
+
+    Args:
+        datastore: MONAI Label datastore holding the images and their final labels.
+        store_dir: where heads, refinement checkpoints and site weights live (`<studies>/.metaapp`).
+        model_path: encoder weights (default: the shipped checkpoint).
+        device: `auto`, `cpu` or `cuda`.
+        steps: inner-loop steps of a quick head adaptation.
+        cache_mb: bound of the cache of studies' slices and embeddings.
+        default_names: structure name -> label value known before any save (`labels.json`).
+        refine: settings of the background refinement; None turns it off.
+        refined_in_ram: refined encoders kept in memory at once (the others load from disk on demand).
+    """
+
     def __init__(
         self,
         datastore,
@@ -66,6 +56,8 @@ class SegService:
         steps: int = DEFAULT_ADAPT_STEPS,
         cache_mb: int = 2048,
         default_names: dict[str, int] | None = None,
+        refine: RefineConfig | None = None,
+        refined_in_ram: int = 4,
     ):
         self.datastore = datastore
         self.device = pick_device(device)
@@ -78,14 +70,23 @@ class SegService:
         self.heads = HeadStore(Path(store_dir) / "heads")
         for name, value in self.default_names.items():
             self.heads.ensure(name, value)
-        self.cache = StudyCache(cache_mb * 2**20)
+        self.cache: LRU[tuple] = LRU(max_bytes=cache_mb * 2**20, size=lambda item: tensor_bytes(item[-1]))
+        self.refined: LRU[SegAdapter] = LRU(max_items=max(1, refined_in_ram))  # encoder file -> adapter
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
         self.listeners: list[Callable[[str], None]] = []  # called with a structure name as its head changes
+        self.refinement = RefinementWorker(
+            self, Path(store_dir) / "refine", refine or RefineConfig(), refine is not None
+        )
 
     @property
     def model_id(self) -> str:
         """Which encoder embeddings come from: scores and caches computed under another one are stale."""
         return f"{self.model_path}@{self._model_stamp}"
+
+    def structures(self) -> dict[str, dict]:
+        """Per structure: the live version (stage, held-out Dice, labels) and its refinement."""
+        refining = self.refinement.status()
+        return {n: row | {"refinement": refining.get(n)} for n, row in self.heads.snapshot().items()}
 
     def notify(self, name: str) -> None:
         for listener in self.listeners:
@@ -98,43 +99,71 @@ class SegService:
         return self.site_model.stat().st_mtime if self.site_model.exists() else None
 
     def refresh_model(self) -> bool:
-        """Switch to newly meta-trained site weights: new encoder, so drop embeddings, re-adapt every head."""
+        """Switch to newly meta-trained site weights (written by the meta-train task)."""
         stamp = self._stamp()
         if stamp is None or stamp == self._model_stamp:
             return False
-        with self._model_lock:
-            if stamp == self._model_stamp:
-                return False
-            self.adapter = SegAdapter(load_model(self.site_model), self.device, steps=self.adapter.steps)
-            self.model_path, self._model_stamp = str(self.site_model), stamp
-            self.cache.clear()
+        self._model_stamp = stamp
         logger.info("new meta-trained weights %s: re-adapting every head", self.site_model)
-        self.adapt_all()
+        self.install_encoder(self.site_model)
         return True
 
+    def live(self) -> tuple[SegAdapter, dict[str, Head]]:
+        """The live encoder and heads, read together: every head in it was adapted on that encoder."""
+        with self._model_lock:
+            return self.adapter, self.heads.heads()
+
+    def install_encoder(self, path: str | Path) -> dict[str, int]:
+        """Make a new encoder live together with heads adapted on it. Every structure's head is adapted
+        on the new encoder first, then encoder and heads swap in one step, so inference never pairs
+        an encoder with a head adapted on another. Returns structure -> new head version."""
+        adapter = SegAdapter(load_model(path), self.device, steps=self.adapter.steps)
+        new_heads = {}
+        for name, items in self.labelled_structures().items():
+            with GATE.busy():
+                stacks, masks = self.support(items, adapter)
+                new_heads[name] = adapter.adapt(stacks, masks)
+        with self._model_lock:
+            self.adapter, self.model_path = adapter, str(path)
+            versions = {n: self.heads.publish(n, h) for n, h in new_heads.items()}
+        self.cache.clear()
+        for name in new_heads:
+            self.notify(name)
+            self.refinement.submit(name)
+        logger.info("encoder %s is live; heads re-adapted on it: %s", path, versions)
+        return versions
+
     # -- study preparation ------------------------------------------------------------------
-    def study(self, path: str) -> tuple[torch.Tensor, SliceGeometry, torch.Tensor]:
-        """Slices, geometry and (half-precision, CPU) embeddings of one image, cached by file + mtime."""
-        key = (os.path.realpath(path), os.path.getmtime(path))
+    def study(
+        self, path: str, adapter: SegAdapter | None = None, encoder: str = ""
+    ) -> tuple[torch.Tensor, SliceGeometry, torch.Tensor]:
+        """Slices, geometry and (half-precision, CPU) embeddings of one image under `adapter` (default:
+        the live one), cached by file, modification time and encoder (`encoder` names a refined one)."""
+        adapter = adapter or self.adapter
+        key = (os.path.realpath(path), os.path.getmtime(path), encoder or id(adapter.model))
 
         def make():
-            stack, geom = to_slices(read_image(path), self.adapter.size)
-            feats = self.adapter.embed(stack).to("cpu", torch.float16)
+            stack, geom = to_slices(read_image(path), adapter.size)
+            feats = adapter.embed(stack).to("cpu", torch.float16)
             return stack, geom, feats
 
         return self.cache.get(key, make)
 
+    def support(self, items: list[tuple[str, int]], adapter: SegAdapter) -> tuple[list, list]:
+        """(image stacks, binary masks) of a structure's labelled studies [(image id, value)]."""
+        stacks, masks = [], []
+        for image_id, value in items:
+            path = self.datastore.get_image_uri(image_id)
+            stack, geom = to_slices(read_image(path), adapter.size)
+            lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, adapter.size)
+            stacks.append(stack)
+            masks.append(lbl == value)
+        return stacks, masks
+
     # -- labels in the datastore ------------------------------------------------------------
     def label_structures(self, image_id: str) -> dict[str, int]:
         """name -> value of the named structures in an image's final label."""
-        info = self.datastore.get_label_info(image_id, "final") or {}
-        checked = info.get("metaapp")
-        if checked:
-            return dict(checked["named"])
-        names = named_values(info, self.default_names)
-        path = self.datastore.get_label_uri(image_id, "final")
-        values = [int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(path))) if v > 0]
-        return split_named(values, names)[0]
+        return final_label_structures(self.datastore, image_id, self.default_names)
 
     def labelled_structures(self) -> dict[str, list[tuple[str, int]]]:
         """structure name -> [(image id, value)] over every final label in the datastore."""
@@ -181,46 +210,70 @@ class SegService:
         items = self.labelled_structures().get(name, [])
         if not items:
             raise VolumeError(f"no final label holds {name!r}")
-        stacks, masks, feats = [], [], []
-        for image_id, value in items:
-            stack, geom, f = self.study(self.datastore.get_image_uri(image_id))
-            lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, self.adapter.size)
-            stacks.append(stack)
-            masks.append(lbl == value)
-            feats.append(f.float())
-        head = self.adapter.adapt(stacks, masks, feats=feats)
-        # listeners first: the scorer then waits for this adaptation to end, so a client that sees the
-        # new version never sees the old scores marked fresh
-        self.notify(name)
-        version = self.heads.publish(name, head)
+        with GATE.busy():
+            adapter, _ = self.live()
+            stacks, masks, feats = [], [], []
+            for image_id, value in items:
+                stack, geom, f = self.study(self.datastore.get_image_uri(image_id), adapter)
+                lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, adapter.size)
+                stacks.append(stack)
+                masks.append(lbl == value)
+                feats.append(f.float())
+            head = adapter.adapt(stacks, masks, feats=feats)
+            # listeners first: the scorer then waits for this adaptation to end, so a client that sees the
+            # new version never sees the old scores marked fresh
+            self.notify(name)
+            with self._model_lock:
+                if adapter is not self.adapter:  # the encoder changed meanwhile: adapt again on the new one
+                    self.queue.submit([name])
+                    return
+                version = self.heads.publish(name, head)
         logger.info("adapted %s from %d label(s) in %.2f s -> version %d", name, len(items), head.seconds, version)
+        self.refinement.submit(name)
 
     # -- inference --------------------------------------------------------------------------
     def infer(self, path: str, structures: list[str] | None = None) -> tuple[sitk.Image, dict]:
-        """Label image on the original grid + result parameters (names, versions, timing)."""
+        """Label image on the original grid + result parameters (names, versions, stages, timing)."""
+        with GATE.busy():
+            return self._infer(path, structures)
+
+    def _infer(self, path: str, structures: list[str] | None) -> tuple[sitk.Image, dict]:
         t0 = time.perf_counter()
         self.refresh_model()
-        stack, geom, feats = self.study(path)
-        live = self.heads.heads()
+        adapter, live = self.live()
+        stack, geom, feats = self.study(path, adapter)
         labels = self.heads.labels()
         names = [n for n in (structures or labels) if n in live]
         if structures:
             unknown = [n for n in structures if n not in labels]
             if unknown:
                 raise KeyError(f"unknown structure(s) {unknown}; known: {sorted(labels)}")
-        params: dict = {"label_names": {n: labels[n] for n in names}, "head_versions": {}}
+        params: dict = {"label_names": {n: labels[n] for n in names}, "head_versions": {}, "head_stages": {}}
         if not names:
             out = np.zeros(sitk.GetArrayViewFromImage(geom.reference).shape, np.uint8)
             params["message"] = "no structure has an adapted head yet: save a label to teach one"
         else:
             heads: list[Head] = [live[n] for n in names]
-            probs = self.adapter.predict(stack, heads, feats=feats.float())
+            probs = torch.cat([self._probabilities(path, stack, feats, adapter, h) for h in heads])
             out = probabilities_to_labels(
                 stack_to_original(probs, geom), [labels[n] for n in names], one_piece=[h.one_piece for h in heads]
             )
             snap = self.heads.snapshot()
             params["head_versions"] = {n: snap[n]["version"] for n in names}
+            params["head_stages"] = {n: h.stage for n, h in zip(names, heads)}
         img = sitk.GetImageFromArray(out)
         img.CopyInformation(geom.reference)
         params["latencies"] = {"total": round(time.perf_counter() - t0, 3)}
         return img, params
+
+    def _probabilities(self, path: str, stack, feats, adapter: SegAdapter, head: Head) -> torch.Tensor:
+        """(1, S, size, size) foreground probabilities of one head: on the shared embeddings for a quick
+        head, on its own encoder's (loaded on demand, embeddings cached) for a refined one."""
+        if head.encoder_file is None:
+            return adapter.predict(stack, [head], feats=feats.float())
+        own = self.refined.get(
+            head.encoder_file,
+            lambda: refined_adapter(adapter, torch.load(head.encoder_file, map_location="cpu", weights_only=True)),
+        )
+        _, _, own_feats = self.study(path, own, encoder=head.encoder_file)
+        return own.predict(stack, [head], feats=own_feats.float())

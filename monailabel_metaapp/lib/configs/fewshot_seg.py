@@ -12,6 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS
 from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.core.refine import RefineConfig
 from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_SECONDS, Diversity, Hybrid, Uncertainty
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
@@ -21,6 +22,13 @@ from monailabel_metaapp.lib.trainers.meta_train import MetaTrain
 from monailabel_metaapp.lib.trainers.quick_adapt import QuickAdapt
 
 logger = logging.getLogger(__name__)
+
+
+def refine_config(conf: dict[str, str]) -> RefineConfig | None:
+    """Background refinement settings from the app's conf (None when `refine` is false)."""
+    if str(conf.get("refine", "true")).lower() in ("false", "0", "no", "off"):
+        return None
+    return RefineConfig(budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)))
 
 
 class FewShotSeg(TaskConfig):
@@ -40,6 +48,8 @@ class FewShotSeg(TaskConfig):
             device=conf.get("device", "auto"),
             steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
+            refine=refine_config(conf),
+            refined_in_ram=int(conf.get("refine_models_in_ram", 4)),
         )
         self.site.attach(self.service)
         self.scores = ALScores(self.service)  # started by the app once start-up adaptation is queued

@@ -1,0 +1,263 @@
+"""Refinement of one structure after its quick head is live: the meta-learned encoder and the adapted
+head fine-tuned end to end on all of the structure's labels, under a guard.
+
+The quick head (seconds) learns only a few parameters on frozen features; a network trained end to
+end keeps improving with time and labels. Refinement starts from the meta-learned encoder and the
+adapted head, so it begins where the quick head is and only has to get better from there.
+
+The guard: a contiguous block of each study's structure slices is held out (`holdout_split`). The
+refined network trains on the rest; a candidate is published only when its Dice on the held-out
+blocks beats, by `RefineConfig.min_gain`, both the quick head adapted on the same training slices
+and every candidate published before it. A study's block depends only on its own label, so a new
+label adds a block without changing the others, and every version is judged on slices it never saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component_share
+from monailabel_metaapp.core.episodes import augment, with_context
+from monailabel_metaapp.core.inner_loop import seg_loss
+
+HEAD, REFINED = "head", "refined"  # the two stages a structure's live version can be in
+
+
+@dataclass
+class RefineConfig:
+    """Settings of one structure's refinement.
+
+    Args:
+        lr_encoder: Adam learning rate of the encoder's weights.
+        lr_head: Adam learning rate of the head's parameters (prototypes, scale, bias, conv).
+        batch: slices per step.
+        augment: strength of the random affine/gamma/noise augmentation (`episodes.augment`).
+        val_every: steps between two validations on the held-out blocks.
+        patience: validations without a new best before the run counts as a plateau.
+        min_gain: Dice a candidate must gain over the best so far to be published.
+        holdout: share of each study's structure slices held out for the guard.
+        budget_seconds: seconds of refinement per set of labels (a new label grants a new budget).
+    """
+
+    lr_encoder: float = 3e-4
+    lr_head: float = 3e-3
+    batch: int = 4
+    augment: float = 0.5
+    val_every: int = 15
+    patience: int = 8
+    min_gain: float = 0.005
+    holdout: float = 0.25
+    budget_seconds: float = 600.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def holdout_split(mask: torch.Tensor, share: float) -> tuple[list[int], list[int]]:
+    """(training slices, held-out slices) of one study: the held-out block is the `share` of the
+    structure's slices around its middle one; every other slice, with or without the structure, trains.
+    A structure on fewer than 3 slices holds nothing out (such a study cannot be checked)."""
+    has = mask.flatten(1).any(1)
+    fg = [int(i) for i in torch.nonzero(has).flatten()]
+    if len(fg) < 3 or share <= 0:
+        return list(range(mask.shape[0])), []
+    n = max(1, round(share * len(fg)))
+    start = max(0, len(fg) // 2 - n // 2)
+    val = fg[start : start + n]
+    held = set(val)
+    return [i for i in range(mask.shape[0]) if i not in held], val
+
+
+def pooled_dice(probs: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
+    """Dice of thresholded probabilities over all held-out slices together (1.0 when both are empty)."""
+    inter = total = 0.0
+    for p, m in zip(probs, masks):
+        pred, ref = p >= 0.5, m.bool()
+        inter += float((pred & ref).sum())
+        total += float(pred.sum() + ref.sum())
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+class Refinement:
+    """End-to-end fine-tuning of one structure's network, stepped from outside (a background thread
+    in the app, a timed loop in the evaluation), with validation, plateau and the guard.
+
+    Args:
+        adapter: the live adapter (meta-learned encoder); it is copied, never changed.
+        stacks: (S, size, size) image stacks of the structure's labelled studies.
+        masks: (S, size, size) binary masks of the structure, one per stack.
+        head: the live quick head (warm start of the head's parameters).
+        cfg: settings.
+        seed: seed of slice sampling and augmentation.
+        guard: False trains on every slice and never validates (the unguarded `finetune` baseline).
+        state: a `state_dict()` of an earlier run to continue from (same structure; the labels may
+            have grown since).
+        floor: the held-out Dice a candidate must beat besides the quick head's (e.g. the live refined
+            version's score on the current blocks).
+    """
+
+    def __init__(
+        self,
+        adapter: SegAdapter,
+        stacks: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        head: Head,
+        cfg: RefineConfig | None = None,
+        seed: int = 0,
+        guard: bool = True,
+        state: dict | None = None,
+        floor: float | None = None,
+    ):
+        self.cfg = cfg or RefineConfig()
+        self.device = adapter.device
+        self.context = adapter.model.cfg.context
+        self.stacks, self.masks = stacks, [m.bool() for m in masks]
+        self.guard = guard
+        splits = [holdout_split(m, self.cfg.holdout if guard else 0.0) for m in self.masks]
+        self.train_idx = [t for t, _ in splits]
+        self.val_idx = [v for _, v in splits]
+        self.share = largest_component_share(self.masks)
+        self.model = copy.deepcopy(adapter.model).to(self.device)
+        self.model.encoder.net.train()
+        self.adapter = SegAdapter(self.model, self.device, steps=0)
+        self.params = {
+            k: v.detach().clone().to(self.device).requires_grad_(True)
+            for k, v in head.params.items()
+            if k != COMPONENT_KEY
+        }
+        self.opt = torch.optim.Adam(
+            [
+                {"params": list(self.model.encoder.net.parameters()), "lr": self.cfg.lr_encoder},
+                {"params": list(self.params.values()), "lr": self.cfg.lr_head},
+            ]
+        )
+        self.rng = random.Random(seed)
+        self.steps = 0
+        self.seconds = 0.0  # compute spent on this run (steps and validations)
+        self.since_best = 0
+        fg = [(j, i) for j, m in enumerate(self.masks) for i in self.train_idx[j] if bool(m[i].any())]
+        self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
+        self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
+        self.baseline = self._head_baseline(adapter) if self.checkable else None
+        self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
+        if state is not None:
+            self._load(state)
+
+    # -- training -----------------------------------------------------------------------------
+    @property
+    def checkable(self) -> bool:
+        """Whether any held-out slice exists (a guarded run that cannot check never publishes)."""
+        return self.guard and any(self.val_idx)
+
+    def step(self) -> float:
+        """One optimiser step on a batch of training slices (3 in 4 holding the structure)."""
+        t0 = time.perf_counter()
+        pick = [self._draw() for _ in range(self.cfg.batch)]
+        x = torch.cat([with_context(self.stacks[j], [i], self.context) for j, i in pick]).to(self.device)
+        y = torch.stack([self.masks[j][i].float() for j, i in pick]).to(self.device)
+        x, y = augment(x, y, self.rng, self.cfg.augment)
+        loss = seg_loss(self.model.head.logits(self.model.embed(x), self.params), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.steps += 1
+        self.seconds += time.perf_counter() - t0
+        return float(loss)
+
+    def _draw(self) -> tuple[int, int]:
+        pool = self.pool_fg if self.rng.random() < 0.75 else self.pool_all
+        return pool[self.rng.randrange(len(pool))]
+
+    # -- validation and the guard ---------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, adapter: SegAdapter, head: Head) -> float:
+        """Held-out Dice of (adapter, head) over every study's block."""
+        probs, refs = [], []
+        for stack, mask, idx in zip(self.stacks, self.masks, self.val_idx):
+            if idx:
+                probs.append(adapter.predict(stack, [head], feats=adapter.embed(stack, idx))[0])
+                refs.append(mask[idx])
+        return pooled_dice(probs, refs)
+
+    def _head_baseline(self, adapter: SegAdapter) -> float:
+        """The quick head's recipe on the same training slices, scored on the held-out blocks."""
+        train_masks = [m.clone() for m in self.masks]
+        for m, idx in zip(train_masks, self.val_idx):
+            m[idx] = False  # hidden from the head: it adapts on the structure's other slices
+        keep = [j for j, m in enumerate(train_masks) if m.any()]
+        head = adapter.adapt([self.stacks[j] for j in keep], [train_masks[j] for j in keep])
+        return self.score(adapter, head)
+
+    def head(self) -> Head:
+        """The current head parameters as a `Head` (with the support's component share)."""
+        params = {k: v.detach().clone() for k, v in self.params.items()}
+        params[COMPONENT_KEY] = torch.tensor(self.share)
+        return Head(params=params, n_labels=len(self.stacks), seconds=self.seconds)
+
+    def validate(self) -> tuple[float, bool]:
+        """(held-out Dice now, whether it is a candidate to publish: a new best by `min_gain`)."""
+        t0 = time.perf_counter()
+        self.model.encoder.net.eval()
+        d = self.score(self.adapter, self.head())
+        self.model.encoder.net.train()
+        self.seconds += time.perf_counter() - t0
+        better = d >= self.best + self.cfg.min_gain
+        if better:
+            self.best, self.since_best = d, 0
+        else:
+            self.since_best += 1
+        return d, better
+
+    @property
+    def plateau(self) -> bool:
+        return self.since_best >= self.cfg.patience
+
+    @property
+    def spent(self) -> bool:
+        return self.seconds >= self.cfg.budget_seconds
+
+    def advance(self) -> tuple[float, bool] | None:
+        """One step, then a validation every `val_every` steps: (held-out Dice, publish?) or None."""
+        self.step()
+        if self.checkable and self.steps % self.cfg.val_every == 0:
+            return self.validate()
+        return None
+
+    # -- the result and its state ---------------------------------------------------------------
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The refined encoder's weights (posterior mean only: all inference needs)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.encoder.net.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """Everything to continue this run after a restart (plain tensors and numbers)."""
+        return {
+            "encoder": self.encoder_state(),
+            "head": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+            "optimizer": self.opt.state_dict(),
+            "steps": self.steps,
+            "seconds": self.seconds,
+        }
+
+    def _load(self, state: dict) -> None:
+        self.model.encoder.net.load_state_dict(state["encoder"])
+        with torch.no_grad():
+            for k, v in state["head"].items():
+                if k in self.params and self.params[k].shape == v.shape:
+                    self.params[k].copy_(v.to(self.device))
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError):  # an optimiser of another layout: start its moments afresh
+            pass
+        self.steps = int(state.get("steps", 0))
+
+
+def refined_adapter(base: SegAdapter, encoder: dict[str, torch.Tensor]) -> SegAdapter:
+    """An adapter whose encoder carries a refined structure's weights (the base one is not changed)."""
+    model = copy.deepcopy(base.model)
+    model.encoder.net.load_state_dict(encoder)
+    return SegAdapter(model.eval(), base.device, steps=0, chunk=base.chunk, max_slices=base.max_slices)

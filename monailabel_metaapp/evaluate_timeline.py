@@ -1,0 +1,222 @@
+"""`metaapp evaluate seg --timeline 2,10,30,60,150,300`: the Dice of what the app would serve at each
+number of seconds after a save, against baselines given the same seconds on the same support.
+
+Methods, each with its own clock (the compute it has spent), advanced in turn so that a busy machine
+slows them alike:
+  * `meta`: what the app serves. The quick head (its adaptation time starts the clock), then the
+    guarded refinement of `core/refine.py`; a refined version is served from the moment it passes
+    the guard.
+  * `candidate`: the guarded refinement's current network, served or not (it tells whether the guard
+    held back a version that was better on new studies).
+  * `finetune`: the meta-trained network fine-tuned end to end on every support slice, no guard.
+  * `scratch`: a MONAI UNet from random init on the same support (as `evaluate seg`).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from monailabel_metaapp.core.adaptation import SegAdapter, dice
+from monailabel_metaapp.core.checkpoint import load_model, pick_device
+from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, load_eval_studies
+
+METHODS = ("meta", "candidate", "finetune", "scratch")
+
+
+def _copy_net(run: Refinement) -> tuple[dict, object]:
+    return run.encoder_state(), run.head()
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+class _Clocked:
+    """One method under test: its clock, its next step, and what it would serve now."""
+
+    def __init__(self, name: str, start: float, step, serve):
+        self.name, self.clock, self._step, self._serve = name, start, step, serve
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._step()
+        self.clock += time.perf_counter() - t0
+
+    def serve(self):
+        return self._serve()
+
+
+def timeline_episode(
+    adapter: SegAdapter,
+    stacks: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    marks: list[float],
+    seed: int,
+    cfg: RefineConfig,
+) -> tuple[dict[tuple[str, float], object], dict]:
+    """Run every method up to the last mark on one support; return (method, mark) -> what is served
+    (("head"|"net", weights...) or the scratch trainer's state) and the guard's record."""
+    feats = [adapter.embed(st) for st in stacks]  # the app has them cached from the study's inference
+    t0 = time.perf_counter()
+    head = adapter.adapt(stacks, masks, feats=feats)
+    head_seconds = time.perf_counter() - t0
+    guarded = Refinement(adapter, stacks, masks, head, cfg, seed=seed)
+    served: dict = {"version": ("head", None, head)}
+    record = {"published": [], "validations": 0, "head_val_dice": guarded.baseline, "head_seconds": head_seconds}
+
+    def guarded_step() -> None:
+        result = guarded.advance()
+        if result is not None:
+            record["validations"] += 1
+            if result[1]:
+                enc, h = _copy_net(guarded)
+                served["version"] = ("net", enc, h)
+                record["published"].append({"steps": guarded.steps, "val_dice": round(result[0], 4)})
+
+    free = Refinement(adapter, stacks, masks, head, cfg, seed=seed, guard=False)
+    scratch = ScratchTrainer(stacks, masks, adapter.device, seed)
+    clocks = [
+        _Clocked("meta", head_seconds, guarded_step, lambda: served["version"]),
+        _Clocked("finetune", head_seconds, free.step, lambda: ("net", *_copy_net(free))),
+        _Clocked(
+            "scratch",
+            0.0,
+            scratch.step,
+            lambda: ("scratch", {k: v.clone() for k, v in scratch.net.state_dict().items()}),
+        ),
+    ]
+    out: dict = {}
+    pending = {c.name: sorted(marks) for c in clocks}
+    while any(pending.values()):
+        for c in clocks:  # a mark already passed is served as it stood then
+            while pending[c.name] and c.clock >= pending[c.name][0]:
+                mark = pending[c.name].pop(0)
+                out[(c.name, mark)] = c.serve()
+                if c.name == "meta":
+                    out[("candidate", mark)] = ("net", *_copy_net(guarded))
+        active = [c for c in clocks if pending[c.name]]
+        if active:
+            min(active, key=lambda c: c.clock).step()
+    return out, record
+
+
+def _predict(adapter: SegAdapter, served, stack: torch.Tensor, scratch_net: ScratchTrainer) -> torch.Tensor:
+    kind = served[0]
+    if kind == "head":
+        return adapter.predict(stack, [served[2]])
+    if kind == "net":
+        return refined_adapter(adapter, served[1]).predict(stack, [served[2]])
+    scratch_net.net.load_state_dict(served[1])
+    return scratch_net.predict(stack)
+
+
+def evaluate_timeline(
+    studies: str,
+    shots: list[int],
+    marks: list[float],
+    labels: dict[str, int] | None = None,
+    model: str | None = None,
+    repeats: int = 1,
+    queries: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+    cfg: RefineConfig | None = None,
+) -> dict:
+    """Dice of every method at every mark, per structure and k (see the module's docstring)."""
+    cfg = cfg or RefineConfig()
+    dev = pick_device(device)
+    adapter = SegAdapter(load_model(model, dev), dev)
+    data = load_eval_studies(studies, adapter.size)
+    if labels is None:
+        names = label_names(studies)
+        values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
+        labels = {names.get(v, str(v)): v for v in values}
+    results: dict[tuple, list[float]] = {}
+    guard_log = []
+    bar = tqdm(total=len(labels) * len(shots) * repeats, desc="timeline", unit="episode")
+    for name, v in labels.items():
+        pool = [s for s in data if (s.ref == v).any()]
+        for k in shots:
+            for r in range(repeats):
+                bar.update(1)
+                if len(pool) < k + 1:
+                    continue
+                rng = random.Random(f"{seed}-{v}-{k}-{r}")
+                order = rng.sample(pool, len(pool))
+                support, query = order[:k], order[k : k + queries]
+                masks = [s.lstack == v for s in support]
+                served, record = timeline_episode(adapter, [s.stack for s in support], masks, marks, seed + r, cfg)
+                head = next(x[2] for x in served.values() if x[0] in ("head", "net"))
+                scratch = ScratchTrainer([support[0].stack], [masks[0]], dev, 0)
+                for (method, mark), what in served.items():
+                    for q in query:
+                        probs = _predict(adapter, what, q.stack, scratch)
+                        pred = _probs_to_mask(probs, q.geom, head.one_piece)
+                        results.setdefault((name, k, method, mark), []).append(dice(pred, q.ref == v))
+                guard_log.append({"structure": name, "shots": k, "repeat": r, **record})
+    bar.close()
+    rows = [
+        {
+            "structure": name,
+            "shots": k,
+            "method": method,
+            "seconds": mark,
+            "dice_mean": round(statistics.fmean(ds), 4),
+            "dice_std": round(statistics.pstdev(ds), 4),
+            "n": len(ds),
+        }
+        for (name, k, method, mark), ds in sorted(results.items())
+    ]
+    settings = {
+        "studies": str(studies),
+        "shots": shots,
+        "marks": marks,
+        "labels": labels,
+        "model": model or "shipped",
+        "repeats": repeats,
+        "queries": queries,
+        "seed": seed,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "refine": cfg.to_dict(),
+    }
+    return {"settings": settings, "rows": rows, "guard": guard_log}
+
+
+def plot_timeline(rows: list[dict], png, title: str = "") -> None:
+    """Dice against seconds after the save: one panel per k, one line per method (mean over structures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = sorted({r["shots"] for r in rows})
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.4 * len(shots), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for method in METHODS:
+            rr = [r for r in rows if r["shots"] == k and r["method"] == method]
+            marks = sorted({r["seconds"] for r in rr})
+            if not marks:
+                continue
+            ys = [statistics.fmean(r["dice_mean"] for r in rr if r["seconds"] == m) for m in marks]
+            ax.plot(marks, ys, marker="o", label=method, linestyle="--" if method == "candidate" else "-")
+        ax.set_xscale("log")
+        ax.set_title(f"{k} labelled {'study' if k == 1 else 'studies'} (mean over structures)")
+        ax.set_xlabel("seconds after the save")
+        ax.set_ylabel("Dice on other studies")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,266 @@
+"""Background refinement of every structure after its quick head is live (see core/refine.py).
+
+One worker thread refines one structure at a time, in short steps that wait for their turn at the
+activity gate, so inference, saves, quick adaptation and Next Sample pre-empt it within one step.
+A refined candidate that passes the guard is published as a new version of the structure (stage
+`refined`, its own encoder weights beside the head). A new label of a structure restarts its run
+warm, from its last state, with the new label included and a new budget; a run stops at a plateau
+of its held-out Dice or at its budget. Each run checkpoints atomically under `<store>/refine/`, and a
+restarted server resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from monailabel_metaapp.core.checkpoint import atomic_write
+from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter
+from monailabel_metaapp.lib.activity import GATE, REFINE
+from monailabel_metaapp.lib.heads import slug
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
+    "queued",
+    "refining",
+    "plateau",
+    "budget spent",
+    "held after rollback",
+    "failed",
+    "nothing to hold out",
+    "off",
+)
+CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
+
+
+class RefinementWorker:
+    """Refines structures of a `SegService` in the background.
+
+    Args:
+        service: the segmentation service (its labels, embeddings, head store and device).
+        folder: where run checkpoints live (`<store>/refine`).
+        cfg: refinement settings (budget, learning rates, guard).
+        enabled: False keeps the worker idle (conf `refine=false`).
+    """
+
+    def __init__(self, service, folder: str | Path, cfg: RefineConfig | None = None, enabled: bool = True):
+        self.service = service
+        self.folder = Path(folder)
+        self.cfg = cfg or RefineConfig()
+        self.enabled = enabled
+        self._status: dict[str, dict] = {}
+        self._pending: list[str] = []
+        self._interrupt: set[str] = set()  # structures whose running run must end now
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- control ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker and resume every structure whose run is not finished."""
+        if not self.enabled or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="metaapp-refine", daemon=True)
+        self._thread.start()
+        for name in sorted(self.service.labelled_structures()):
+            state = self._read(name)
+            if state is None or state.get("finished") is None or state.get("labels") != self._label_ids(name):
+                self.submit(name)
+            else:
+                self._status[name] = self._status_from(state, state["finished"])
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def submit(self, name: str) -> None:
+        """(Re)start the refinement of `name` (after its quick head adapted on new labels)."""
+        if not self.enabled:
+            return
+        with self._cv:
+            self._interrupt.add(name)
+            if name not in self._pending:
+                self._pending.append(name)
+            self._status.setdefault(name, {}).update(state=QUEUED)
+            self._cv.notify_all()
+
+    def hold(self, name: str) -> None:
+        """Stop refining `name` until its next label (an administrator rolled it back)."""
+        with self._cv:
+            if name in self._pending:
+                self._pending.remove(name)
+            self._interrupt.add(name)
+            self._status.setdefault(name, {}).update(state=HELD)
+
+    def status(self) -> dict[str, dict]:
+        """Per structure: the refinement's state, seconds spent, steps, best held-out Dice and the
+        quick head's on the same slices."""
+        with self._cv:
+            return {n: dict(s) for n, s in self._status.items()}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no structure is queued or refining (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending or any(s.get("state") == RUNNING for s in self._status.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.2))
+            return True
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._pending) or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                name = self._pending.pop(0)
+                self._interrupt.discard(name)
+            try:
+                self._run(name)
+            except Exception as e:  # a failed refinement must not kill the worker
+                logger.exception("refinement of %s failed", name)
+                with self._cv:
+                    self._status.setdefault(name, {}).update(state=FAILED, error=str(e))
+            finally:
+                with self._cv:
+                    self._cv.notify_all()
+
+    def _run(self, name: str) -> None:
+        if not GATE.wait_turn(REFINE, self._stop):
+            return
+        with GATE.busy(REFINE):
+            run, labels, spent = self._prepare(name)
+        if run is None:
+            return
+        self._set(name, run, RUNNING, spent)
+        last_ckpt = run.seconds
+        while True:
+            if not GATE.wait_turn(REFINE, self._stop):
+                self._checkpoint(name, run, labels, spent, None)
+                return
+            with self._cv:
+                interrupted = name in self._interrupt
+            if interrupted:  # new labels (queued again: continues from this state) or a rollback
+                self._checkpoint(name, run, labels, spent, None)
+                with self._cv:
+                    if self._status.get(name, {}).get("state") == RUNNING:
+                        self._status[name]["state"] = QUEUED
+                return
+            with GATE.busy(REFINE):
+                result = run.advance()
+                if result is not None and result[1]:
+                    self._publish(name, run, result[0])
+            finished = PLATEAU if run.plateau else BUDGET if spent + run.seconds >= self.cfg.budget_seconds else None
+            self._set(name, run, RUNNING if finished is None else finished, spent)
+            if finished or run.seconds - last_ckpt >= CHECKPOINT_SECONDS:
+                self._checkpoint(name, run, labels, spent, finished)
+                last_ckpt = run.seconds
+            if finished:
+                logger.info(
+                    "refinement of %s: %s after %.0f s (held-out Dice %.3f)", name, finished, run.seconds, run.best
+                )
+                return
+
+    def _prepare(self, name: str) -> tuple[Refinement | None, list[str], float]:
+        """A run over the structure's current labels, warm from its last state when there is one."""
+        svc = self.service
+        items = svc.labelled_structures().get(name, [])
+        live = svc.heads.heads().get(name)
+        if not items or live is None:
+            return None, [], 0.0
+        adapter, _ = svc.live()
+        stacks, masks = svc.support(items, adapter)
+        state = self._read(name)
+        labels = [image_id for image_id, _ in items]
+        resumed = state is not None and state.get("labels") == labels and state.get("finished") is None
+        spent = float(state.get("spent", 0.0)) if resumed else 0.0
+        if live.stage == REFINED and live.encoder_file:  # the live refined version sets the bar too
+            floor_adapter = refined_adapter(adapter, torch.load(live.encoder_file, weights_only=True))
+        else:
+            floor_adapter = None
+        run = Refinement(adapter, stacks, masks, live, self.cfg, seed=len(labels), state=state and state["run"])
+        if floor_adapter is not None:
+            run.best = max(run.best, run.score(floor_adapter, live))
+        if resumed:
+            run.best = max(run.best, float(state.get("best", -1.0)))
+        if not run.checkable:
+            with self._cv:
+                self._status[name] = {"state": UNCHECKABLE, "labels": len(labels)}
+            return None, labels, spent
+        logger.info(
+            "refining %s on %d label(s) (%s; quick head's held-out Dice %.3f)",
+            name,
+            len(labels),
+            "resumed" if resumed else "warm" if state else "from the live version",
+            run.baseline,
+        )
+        return run, labels, spent
+
+    def _publish(self, name: str, run: Refinement, val: float) -> None:
+        head = run.head()
+        head.stage = REFINED
+        info = {
+            "val_dice": round(val, 4),
+            "baseline_dice": round(run.baseline, 4),
+            "refine_seconds": round(run.seconds, 1),
+        }
+        version = self.service.heads.publish(name, head, encoder=run.encoder_state(), info=info)
+        self.service.notify(name)
+        logger.info("refined %s -> version %d (held-out Dice %.3f, quick head %.3f)", name, version, val, run.baseline)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _set(self, name: str, run: Refinement, state: str, spent: float) -> None:
+        with self._cv:
+            self._status[name] = {
+                "state": state,
+                "seconds": round(spent + run.seconds, 1),
+                "steps": run.steps,
+                "best_val_dice": round(run.best, 4),
+                "head_val_dice": None if run.baseline is None else round(run.baseline, 4),
+                "labels": len(run.stacks),
+            }
+            self._cv.notify_all()
+
+    def _status_from(self, state: dict, finished: str) -> dict:
+        return {
+            "state": finished,
+            "seconds": round(float(state.get("spent", 0.0)), 1),
+            "steps": int(state["run"].get("steps", 0)),
+            "best_val_dice": state.get("best"),
+            "labels": len(state.get("labels", [])),
+        }
+
+    def _path(self, name: str) -> Path:
+        return self.folder / slug(name) / "state.pt"
+
+    def _label_ids(self, name: str) -> list[str]:
+        return [image_id for image_id, _ in self.service.labelled_structures().get(name, [])]
+
+    def _read(self, name: str) -> dict | None:
+        p = self._path(name)
+        if not p.exists():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged checkpoint: start again from the live version
+            logger.exception("refinement checkpoint of %s unreadable; starting from the live version", name)
+            return None
+
+    def _checkpoint(self, name: str, run: Refinement, labels: list[str], spent: float, finished: str | None) -> None:
+        state = {
+            "run": run.state_dict(),
+            "labels": labels,
+            "spent": spent + run.seconds,
+            "best": run.best,
+            "finished": finished,
+        }
+        atomic_write(self._path(name), lambda p: torch.save(state, p))

@@ -1,0 +1,164 @@
+"""Background refinement through the real server and real clients: after the quick head, a refined
+network goes live only when it beats the head on held-out slices of the structure's own labels."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import SimpleITK as sitk
+import torch
+from monailabel.client import MONAILabelClient
+
+from monailabel_metaapp.core.adaptation import SegAdapter
+from monailabel_metaapp.core.checkpoint import load_model
+from monailabel_metaapp.core.refine import RefineConfig, Refinement, holdout_split, pooled_dice
+from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
+
+
+def _only(store: Path, value: int) -> None:
+    """Keep one structure in every stored label of the store."""
+    for p in (store / "labels" / "final").glob("*.nii.gz"):
+        img = sitk.ReadImage(str(p))
+        a = sitk.GetArrayFromImage(img)
+        out = sitk.GetImageFromArray(np.where(a == value, a, 0).astype(np.int16))
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(p))
+
+
+def _refinement(server, name: str) -> dict:
+    return server.structures()[name].get("refinement") or {}
+
+
+def _wait(server, predicate, timeout: float, what: str) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = server.structures()
+        if predicate(st):
+            return st
+        time.sleep(1.0)
+    raise TimeoutError(f"{what} not reached in {timeout} s: {server.structures()}\n{server.log_tail()}")
+
+
+def _label(shared: Path, study: int, value: int, out: Path) -> Path:
+    img = sitk.ReadImage(str(shared / "cmr_bssfp" / f"label_{study}.nii.gz"))
+    lbl = sitk.GetImageFromArray((sitk.GetArrayFromImage(img) == value).astype(np.uint8))
+    lbl.CopyInformation(img)
+    sitk.WriteImage(lbl, str(out))
+    return out
+
+
+def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_back(
+    cmr_store, shared, start_server, tmp_path
+):
+    _only(cmr_store, 500)
+    server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 120})
+    name = "lv blood pool"
+    server.wait_ready(lv_blood_pool=1)
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+
+    # inference keeps answering while the structure refines
+    _wait(server, lambda st: (st[name].get("refinement") or {}).get("state") == "refining", 120, "refining")
+    res, params = client.infer("fewshot_seg", "cmr_30", {})
+    assert params["label_names"] == {name: 1} and Path(res).exists()
+
+    # a refined version goes live once it beats the quick head on the held-out slices
+    st = _wait(server, lambda st: st[name]["stage"] == "refined", 400, "a refined version")
+    live = st[name]
+    ref = live["refinement"]
+    assert live["val_dice"] > ref["head_val_dice"], "published without beating the quick head"
+    res, params = client.infer("fewshot_seg", "cmr_30", {})
+    assert params["head_stages"] == {name: "refined"} and params["head_versions"][name] == live["version"]
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(res)) == 1
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "cmr_bssfp" / "label_30.nii.gz"))) == 500
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.5
+
+    # a new save: a quick head from 3 labels goes live at once, and refinement restarts with the label
+    lbl = _label(shared, 28, 500, tmp_path / "l28.nii.gz")
+    client.save_label("cmr_28", str(lbl), params={"label_info": [{"name": name, "idx": 1}]})
+    st = server.wait_ready()
+    assert st[name]["n_labels"] == 3 and st[name]["stage"] == "head"
+    _wait(server, lambda st: (st[name].get("refinement") or {}).get("labels") == 3, 120, "refinement on 3 labels")
+
+    # rollback covers both kinds of version
+    refined_version = live["version"]
+    r = requests.post(f"{server.url}/metaapp/structures/{name}/rollback?version={refined_version}", timeout=30)
+    assert r.status_code == 200 and r.json()["stage"] == "refined"
+    assert server.structures()[name]["refinement"]["state"] == "held after rollback"
+    r = requests.post(f"{server.url}/metaapp/structures/{name}/rollback?version=1", timeout=30)
+    assert r.status_code == 200 and r.json()["stage"] == "head"
+    r = requests.post(f"{server.url}/metaapp/structures/{name}/rollback?version={refined_version}", timeout=30)
+    _, params = client.infer("fewshot_seg", "cmr_30", {})
+    assert params["head_stages"] == {name: "refined"} and params["head_versions"][name] == refined_version
+
+    # a restart keeps the live refined version, its weights on disk, loadable without pickles
+    server.stop()
+    server.start()
+    st = server.wait_ready()
+    assert st[name]["version"] == refined_version and st[name]["stage"] == "refined"
+    enc = next((cmr_store / ".metaapp" / "heads").rglob(f"v{refined_version:04d}.encoder.pt"))
+    assert torch.load(enc, weights_only=True)
+    _, params = client.infer("fewshot_seg", "cmr_30", {})
+    assert params["head_stages"] == {name: "refined"}
+
+
+def test_a_refinement_that_cannot_beat_the_head_is_never_published(cmr_store, start_server):
+    """A budget too small for one validation: the run ends, the quick head stays live."""
+    _only(cmr_store, 500)
+    server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 0.01})
+    name = "lv blood pool"
+    server.wait_ready(lv_blood_pool=1)
+    st = _wait(
+        server, lambda st: (st[name].get("refinement") or {}).get("state") == "budget spent", 180, "budget spent"
+    )
+    assert st[name]["stage"] == "head" and st[name]["version"] == 1
+    registry = json.loads((cmr_store / ".metaapp" / "heads" / "registry.json").read_text())["structures"][name]
+    assert registry["versions"] == [1], "a version was written by a refinement that never validated"
+
+
+def test_refinement_resumes_from_its_checkpoint_after_a_restart(cmr_store, start_server):
+    _only(cmr_store, 500)
+    server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 100000})
+    name = "lv blood pool"
+    server.wait_ready(lv_blood_pool=1)
+    ckpt = cmr_store / ".metaapp" / "refine" / "lv_blood_pool" / "state.pt"
+    _wait(server, lambda st: ckpt.exists(), 400, "a refinement checkpoint")
+    steps = torch.load(ckpt, weights_only=True)["run"]["steps"]
+    assert steps > 0
+    server.stop()
+    server.start()
+    st = _wait(server, lambda st: (st[name].get("refinement") or {}).get("steps", 0) > steps, 240, "resumed steps")
+    assert st[name]["refinement"]["state"] == "refining"
+
+
+# -- the core, without a server ------------------------------------------------------------------
+
+
+def test_holdout_split_holds_a_middle_block_of_the_structure_and_trains_on_the_rest():
+    mask = torch.zeros(12, 8, 8, dtype=torch.bool)
+    mask[2:10, 3:5, 3:5] = True  # the structure on slices 2..9
+    train, val = holdout_split(mask, 0.25)
+    assert val == [5, 6] and sorted(train + val) == list(range(12))
+    assert holdout_split(mask[:2], 0.25)[1] == []  # too few slices to hold any out
+    assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
+
+
+def test_core_refinement_improves_held_out_dice_and_resumes_from_its_state(shared):
+    """The shipped model refined on one cardiac study: the held-out Dice rises above the quick head's,
+    and a run built from `state_dict()` continues where the first stopped."""
+    torch.manual_seed(0)
+    img = read_image(shared / "cmr_bssfp" / "image_5.nii.gz")
+    stack, geom = to_slices(img, 160)
+    mask = label_slices(read_image(shared / "cmr_bssfp" / "label_5.nii.gz"), geom, 160) == 600
+    adapter = SegAdapter(load_model(None), "cpu")
+    head = adapter.adapt([stack], [mask])
+    run = Refinement(adapter, [stack], [mask], head, RefineConfig(val_every=10))
+    start = run.best
+    published = [r for r in (run.advance() for _ in range(60)) if r is not None and r[1]]
+    assert published and run.best > start, f"no candidate beat the quick head ({start:.3f})"
+    again = Refinement(adapter, [stack], [mask], head, RefineConfig(val_every=10), state=run.state_dict())
+    assert again.steps == run.steps
+    assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())
