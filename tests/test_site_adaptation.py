@@ -167,6 +167,7 @@ def test_idle_loop_swaps_in_a_better_encoder_resumes_after_restart_and_rolls_bac
                 answers.append((_site(client)["state"], params["head_versions"]))
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 errors.append(repr(e))
+            stop.wait(1.5)  # an annotator looks at the result; site adaptation gets the quiet moments
 
     t = threading.Thread(target=infer_all_along)
     t.start()

@@ -161,7 +161,7 @@ class SiteAdaptationLoop:
                 logger.warning("site adaptation skips the label of %s: %s", image_id, e)
         names = sorted({n for s in structures.values() for n in s})
         index = {n: i + 1 for i, n in enumerate(names)}
-        studies = []
+        studies, used = [], set()
         for image_id in sorted(ds.list_images()):
             if not self._turn(TRAINING):
                 raise InterruptedError
@@ -189,8 +189,8 @@ class SiteAdaptationLoop:
                 add_superpixels([study], progress=False)
                 cache[key] = study
             studies.append(cache[key])
-        keys = {k[0] for k in cache}
-        for k in [k for k in cache if k[0] not in keys]:
+            used.add(key)
+        for k in [k for k in cache if k not in used]:  # images removed or changed since
             del cache[k]
         return studies
 
@@ -205,6 +205,9 @@ class SiteAdaptationLoop:
             rec.update(base=self.configured, live=0, versions=[0], minutes=0.0, live_minutes=0.0, checks=[])
             self._save_record()
             fresh = True
+        if self.cap_minutes > 0 and float(rec.get("minutes", 0)) >= self.cap_minutes:
+            logger.info("site adaptation has already trained its cap of %.1f min", self.cap_minutes)
+            return
         cache: dict = {}
         studies = self._load_studies(cache)
         if len(studies) < 2:
@@ -227,6 +230,8 @@ class SiteAdaptationLoop:
                 if site.minutes > last_check:  # the cap's last minutes are checked too
                     live = self._check(site, live, studies)
                 site.checkpoint()
+                rec["minutes"] = round(site.minutes, 3)
+                self._save_record()
                 logger.info("site adaptation reached its cap of %.1f min", self.cap_minutes)
                 return
             if not self._turn(TRAINING):
