@@ -76,6 +76,17 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "cmr_bssfp" / "label_30.nii.gz"))) == 500
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.5
 
+    # a restart keeps the live refined version, its weights on disk, loadable without pickles
+    server.stop()
+    server.start()
+    st = server.wait_ready()
+    assert st[name]["version"] >= live["version"] and st[name]["stage"] == "refined"
+    enc = next((cmr_store / ".metaapp" / "heads").rglob(f"v{live['version']:04d}.encoder.pt"))
+    assert torch.load(enc, weights_only=True)
+    _, params = client.infer("fewshot_seg", "cmr_30", {})
+    assert params["head_stages"] == {name: "refined"}
+    live = server.structures()[name]
+
     # a new save: a quick head from 3 labels goes live at once, and refinement restarts with the label
     lbl = _label(shared, 28, 500, tmp_path / "l28.nii.gz")
     client.save_label("cmr_28", str(lbl), params={"label_info": [{"name": name, "idx": 1}]})
@@ -93,16 +104,6 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     r = requests.post(f"{server.url}/metaapp/structures/{name}/rollback?version={refined_version}", timeout=30)
     _, params = client.infer("fewshot_seg", "cmr_30", {})
     assert params["head_stages"] == {name: "refined"} and params["head_versions"][name] == refined_version
-
-    # a restart keeps the live refined version, its weights on disk, loadable without pickles
-    server.stop()
-    server.start()
-    st = server.wait_ready()
-    assert st[name]["version"] == refined_version and st[name]["stage"] == "refined"
-    enc = next((cmr_store / ".metaapp" / "heads").rglob(f"v{refined_version:04d}.encoder.pt"))
-    assert torch.load(enc, weights_only=True)
-    _, params = client.infer("fewshot_seg", "cmr_30", {})
-    assert params["head_stages"] == {name: "refined"}
 
 
 def test_a_refinement_that_cannot_beat_the_head_is_never_published(cmr_store, start_server):

@@ -36,6 +36,7 @@ QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
     "off",
 )
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
+PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
 
 
 class RefinementWorker:
@@ -142,7 +143,8 @@ class RefinementWorker:
         if run is None:
             return
         self._set(name, run, RUNNING, spent)
-        last_ckpt = run.seconds
+        last_ckpt, last_pub = run.seconds, None
+        best = None  # the best candidate not yet published: (head, encoder weights, held-out Dice)
         while True:
             if not GATE.wait_turn(REFINE, self._stop):
                 self._checkpoint(name, run, labels, spent, None)
@@ -158,8 +160,14 @@ class RefinementWorker:
             with GATE.busy(REFINE):
                 result = run.advance()
                 if result is not None and result[1]:
-                    self._publish(name, run, result[0])
+                    best = (run.head(), run.encoder_state(), result[0])
             finished = PLATEAU if run.plateau else BUDGET if spent + run.seconds >= self.cfg.budget_seconds else None
+            # the first better candidate goes live at once, later ones at most every PUBLISH_SECONDS (each
+            # new version re-scores every study for active learning) and the best one when the run ends
+            if best and (last_pub is None or finished or run.seconds - last_pub >= PUBLISH_SECONDS):
+                with GATE.busy(REFINE):
+                    self._publish(name, run, *best)
+                best, last_pub = None, run.seconds
             self._set(name, run, RUNNING if finished is None else finished, spent)
             if finished or run.seconds - last_ckpt >= CHECKPOINT_SECONDS:
                 self._checkpoint(name, run, labels, spent, finished)
@@ -205,15 +213,14 @@ class RefinementWorker:
         )
         return run, labels, spent
 
-    def _publish(self, name: str, run: Refinement, val: float) -> None:
-        head = run.head()
+    def _publish(self, name: str, run: Refinement, head, encoder: dict, val: float) -> None:
         head.stage = REFINED
         info = {
             "val_dice": round(val, 4),
             "baseline_dice": round(run.baseline, 4),
             "refine_seconds": round(run.seconds, 1),
         }
-        version = self.service.heads.publish(name, head, encoder=run.encoder_state(), info=info)
+        version = self.service.heads.publish(name, head, encoder=encoder, info=info)
         self.service.notify(name)
         logger.info("refined %s -> version %d (held-out Dice %.3f, quick head %.3f)", name, version, val, run.baseline)
 

@@ -254,7 +254,7 @@ class SegService:
             params["message"] = "no structure has an adapted head yet: save a label to teach one"
         else:
             heads: list[Head] = [live[n] for n in names]
-            probs = torch.cat([self._probabilities(path, stack, feats, adapter, h) for h in heads])
+            probs = torch.cat([self.probabilities(path, stack, feats, adapter, h) for h in heads])
             out = probabilities_to_labels(
                 stack_to_original(probs, geom), [labels[n] for n in names], one_piece=[h.one_piece for h in heads]
             )
@@ -266,7 +266,7 @@ class SegService:
         params["latencies"] = {"total": round(time.perf_counter() - t0, 3)}
         return img, params
 
-    def _probabilities(self, path: str, stack, feats, adapter: SegAdapter, head: Head) -> torch.Tensor:
+    def probabilities(self, path: str, stack, feats, adapter: SegAdapter, head: Head) -> torch.Tensor:
         """(1, S, size, size) foreground probabilities of one head: on the shared embeddings for a quick
         head, on its own encoder's (loaded on demand, embeddings cached) for a refined one."""
         if head.encoder_file is None:

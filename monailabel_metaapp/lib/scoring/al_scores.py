@@ -96,7 +96,9 @@ class ALScores:
         return True
 
     def score(self, image_id: str, heads: dict, versions: dict, need_uncertainty: bool = True) -> dict:
-        stack, _geom, feats = self.service.study(self.datastore.get_image_uri(image_id))
+        path = self.datastore.get_image_uri(image_id)
+        adapter, _ = self.service.live()
+        stack, _geom, feats = self.service.study(path, adapter)
         out: dict[str, Any] = {
             "model": self.service.model_id,
             "descriptor": [round(float(x), 5) for x in study_descriptor(feats)],
@@ -106,7 +108,7 @@ class ALScores:
         }
         if need_uncertainty and heads:
             names = sorted(heads)
-            probs = self.service.adapter.predict(stack, [heads[n] for n in names], feats=feats.float())
+            probs = [self.service.probabilities(path, stack, feats, adapter, heads[n])[0] for n in names]
             out["uncertainty"] = {n: round(soft_dice_uncertainty(p), 5) for n, p in zip(names, probs)}
         return out
 
