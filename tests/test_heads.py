@@ -39,6 +39,36 @@ def test_versions_restart_and_rollback(tmp_path):
     assert json.loads((tmp_path / "registry.json").read_text())["structures"]["liver"]["version"] == 1
 
 
+def test_refined_versions_keep_their_encoder_stage_and_score_across_restart_and_rollback(tmp_path):
+    store = HeadStore(tmp_path)
+    store.ensure("liver", 1)
+    store.publish("liver", _head(1.0, 1))
+    refined = _head(2.0, 1)
+    refined.stage = "refined"
+    assert 2 == store.publish("liver", refined, encoder={"w": torch.ones(3)}, info={"val_dice": 0.9})
+    snap = store.snapshot()["liver"]
+    assert (snap["version"], snap["stage"], snap["val_dice"]) == (2, "refined", 0.9)
+    assert torch.load(tmp_path / "liver" / "v0002.encoder.pt", weights_only=True)["w"].sum() == 3
+    # a version kept for rollback only does not change what is served
+    assert store.publish("liver", _head(3.0, 2), live=False) == 3 and store.snapshot()["liver"]["version"] == 2
+    again = HeadStore(tmp_path)
+    head = again.heads()["liver"]
+    assert head.stage == "refined" and head.encoder_file.endswith("v0002.encoder.pt")
+    assert again.rollback("liver", 1) == 1 and again.heads()["liver"].encoder_file is None
+    assert again.snapshot()["liver"]["stage"] == "head"
+    assert again.rollback("liver", 3) == 3 and again.snapshot()["liver"]["n_labels"] == 2
+
+
+def test_a_registry_from_before_per_version_metadata_still_loads(tmp_path):
+    (tmp_path / "liver").mkdir()
+    torch.save({"bias": torch.tensor(1.0)}, tmp_path / "liver" / "v0001.pt")
+    rec = {"value": 1, "version": 1, "versions": [1], "n_labels": 2, "state": "ready", "updated": "x"}
+    rec["n_labels_by_version"] = {"1": 2}
+    (tmp_path / "registry.json").write_text(json.dumps({"structures": {"liver": rec}}))
+    store = HeadStore(tmp_path)
+    assert store.heads()["liver"].n_labels == 2 and store.snapshot()["liver"]["stage"] == "head"
+
+
 def test_output_values_fit_uint8_and_new_names_get_free_values(tmp_path):
     store = HeadStore(tmp_path)
     store.ensure("lv myocardium", 200)

@@ -21,7 +21,7 @@ import torch
 from monailabel_metaapp.core.checkpoint import atomic_write
 from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter
 from monailabel_metaapp.lib.activity import GATE, REFINE
-from monailabel_metaapp.lib.heads import slug
+from monailabel_metaapp.lib.versioned_store import slug
 
 logger = logging.getLogger(__name__)
 

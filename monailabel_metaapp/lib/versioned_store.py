@@ -8,7 +8,7 @@ live head and repairs the states an interrupted adaptation left behind. `publish
 version live, `rollback` an earlier one, `retire` stops serving a record without deleting anything.
 
 Thread-safe: the adaptation worker publishes while inference threads read `heads()`; each head is
-swapped in whole. A subclass says what a head is through the five hooks marked below.
+swapped in whole. A subclass says what a head is through the hooks marked below.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class VersionedStore(Generic[H]):
         weights = torch.load(self.path(name, version), map_location="cpu", weights_only=True)
         return self._from_weights(name, version, weights)
 
-    def publish(self, name: str, head: H) -> int:
+    def publish(self, name: str, head: H, info: dict[str, Any] | None = None, live: bool = True) -> int:
         """Write `head` as the next version of `name` (atomically), then make it live.
 
         A save that arrived during the adaptation has queued the record again: it stays queued.
@@ -200,6 +200,8 @@ class VersionedStore(Generic[H]):
         Args:
             name: the record (created when new).
             head: the adapted head; its `seconds` (adaptation time) is recorded when it has one.
+            info: more per-version metadata to keep (e.g. a held-out score).
+            live: False keeps the version for a rollback without serving it.
 
         Returns:
             The new version number.
@@ -207,21 +209,33 @@ class VersionedStore(Generic[H]):
         with self._lock:
             rec = self.record(name)
             weights = self._weights(head)
-            version = max(rec["versions"], default=0) + 1
+            version = self.next_version(name)
             atomic_write(self.path(name, version), lambda p: torch.save(weights, p))
             rec["versions"].append(version)
-            rec.update(
-                version=version,
-                state=QUEUED if rec.get("state") == QUEUED else READY,
-                updated=now_iso(),
-                adapt_seconds=round(float(getattr(head, "seconds", 0.0)), self.seconds_digits),
-                **self._fields(head),
-            )
             self._remember_version(rec, version, head)
-            rec.pop("error", None)
-            self._heads[name] = self._live(head, weights)
+            if info:
+                rec.setdefault("by_version", {}).setdefault(str(version), {}).update(info)
+            if live:
+                rec.update(
+                    version=version,
+                    state=QUEUED if rec.get("state") == QUEUED else READY,
+                    updated=now_iso(),
+                    adapt_seconds=round(float(getattr(head, "seconds", 0.0)), self.seconds_digits),
+                    **self._fields(head),
+                )
+                rec.pop("error", None)
+                self._heads[name] = self._live(head, weights)
             self._save_registry()
             return version
+
+    def next_version(self, name: str) -> int:
+        """The number the next published version of `name` gets.
+
+        Args:
+            name: the record.
+        """
+        with self._lock:
+            return max(self.registry.get(name, {}).get("versions", []), default=0) + 1
 
     def rollback(self, name: str, version: int | None = None) -> int:
         """Make an earlier version live again.
