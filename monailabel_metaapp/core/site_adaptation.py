@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
@@ -59,6 +61,7 @@ class SiteConfig:
     holdout_fraction: float = 0.125  # images held out of training for the guard
     val_tasks: int = 16  # fixed superpixel tasks on the held-out images: the validation loss
     max_support: int = 4  # labelled studies a head adapts on in the guard's Dice check
+    check_slices: int = 48  # query slices (evenly spaced) the guard's Dice is computed on
     margin: float = 0.0  # the candidate must beat the live encoder by more than this
     seed: int = 0
     checkpoint_seconds: float = 60.0
@@ -248,7 +251,7 @@ class SiteAdaptation:
 
     def loso_dice(self, model: FewShotSegModel, pause: Pause | None = None) -> dict[str, float]:
         """structure -> mean Dice over its held-out studies, each predicted by a head adapted on the other
-        labelled studies (on the model's slice grid)."""
+        labelled studies (on the model's slice grid, at most `check_slices` evenly spaced slices)."""
         adapter = SegAdapter(model, self.device)
         per: dict[str, list[float]] = {}
         query_feats: dict[int, torch.Tensor] = {}  # a query holding several structures is embedded once
@@ -256,11 +259,13 @@ class SiteAdaptation:
             if pause is not None and not pause():
                 raise InterruptedError("stopped")
             head = adapter.adapt([s.image.float() / 255 for s in support], [s.label == v for s in support])
+            n = q.image.shape[0]
+            idx = sorted({round(i) for i in np.linspace(0, n - 1, min(n, self.cfg.check_slices))})
             if id(q) not in query_feats:
-                query_feats[id(q)] = adapter.embed(q.image.float() / 255)
-            probs = adapter.predict(q.image.float() / 255, [head], feats=query_feats[id(q)]).numpy()
+                query_feats[id(q)] = adapter.embed(q.image.float() / 255, idx)
+            probs = adapter.predict(q.image, [head], feats=query_feats[id(q)]).numpy()
             pred = probabilities_to_labels(probs, [1], one_piece=head.one_piece) == 1
-            per.setdefault(key, []).append(dice(pred, (q.label == v).numpy()))
+            per.setdefault(key, []).append(dice(pred, (q.label[idx] == v).numpy()))
         return {k: statistics.fmean(d) for k, d in per.items()}
 
     def check(self, candidate: FewShotSegModel, live: FewShotSegModel, pause: Pause | None = None) -> dict:
@@ -372,6 +377,7 @@ def adapt_site(
     bar.close()
     site.checkpoint()
     if rank != 0:
+        _finish(world)  # waits for rank 0's check and writes
         return {"rank": rank, "steps": site.steps}
     final = do_check()
     info = {"site_adaptation": {**site.summary(), "checks": checks, "accepted": final["accepted"]}}
@@ -387,6 +393,7 @@ def adapt_site(
     if log:
         log.write(json.dumps({"step": site.steps, "seconds": round(site.elapsed, 1), "final": True}) + "\n")
         log.close()
+    _finish(world)
     return {
         "out": str(out),
         "accepted": final["accepted"],
@@ -395,3 +402,10 @@ def adapt_site(
         "minutes": round(site.minutes, 2),
         **({} if final["accepted"] else {"candidate": str(candidate_path)}),
     }
+
+
+def _finish(world: int) -> None:
+    """Under torchrun: every rank leaves together, once rank 0 has written its files."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
