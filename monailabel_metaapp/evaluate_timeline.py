@@ -27,8 +27,10 @@ from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
 from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, load_eval_studies
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
 METHODS = ("meta", "candidate", "finetune", "scratch")
+ANCHORS = 3  # other studies (neither support nor query) the guard checks agreement on, as the app does
 
 
 def _copy_net(run: Refinement) -> tuple[dict, object]:
@@ -61,14 +63,16 @@ def timeline_episode(
     marks: list[float],
     seed: int,
     cfg: RefineConfig,
+    anchors: list[torch.Tensor] | None = None,
 ) -> tuple[dict[tuple[str, float], object], dict]:
     """Run every method up to the last mark on one support; return (method, mark) -> what is served
-    (("head"|"net", weights...) or the scratch trainer's state) and the guard's record."""
+    (("head"|"net", weights...) or the scratch trainer's state) and the guard's record. `anchors` are
+    other studies' images (the guard's agreement check), as the app takes them from its datastore."""
     feats = [adapter.embed(st) for st in stacks]  # the app has them cached from the study's inference
     t0 = time.perf_counter()
     head = adapter.adapt(stacks, masks, feats=feats)
     head_seconds = time.perf_counter() - t0
-    guarded = Refinement(adapter, stacks, masks, head, cfg, seed=seed)
+    guarded = Refinement(adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors)
     served: dict = {"version": ("head", None, head)}
     record = {"published": [], "validations": 0, "head_val_dice": guarded.baseline, "head_seconds": head_seconds}
 
@@ -79,7 +83,13 @@ def timeline_episode(
             if result[1]:
                 enc, h = _copy_net(guarded)
                 served["version"] = ("net", enc, h)
-                record["published"].append({"steps": guarded.steps, "val_dice": round(result[0], 4)})
+                record["published"].append(
+                    {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": guarded.agreement}
+                )
+            elif guarded.agreement is not None:  # better on the held-out slices, refused by the anchors
+                record.setdefault("refused_disagreeing", []).append(
+                    {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": round(guarded.agreement, 4)}
+                )
 
     free = Refinement(adapter, stacks, masks, head, cfg, seed=seed, guard=False)
     scratch = ScratchTrainer(stacks, masks, adapter.device, seed)
@@ -146,14 +156,17 @@ def evaluate_timeline(
         pool = [s for s in data if (s.ref == v).any()]
         for k in shots:
             for r in range(repeats):
-                bar.update(1)
                 if len(pool) < k + 1:
+                    bar.update(1)
                     continue
                 rng = random.Random(f"{seed}-{v}-{k}-{r}")
                 order = rng.sample(pool, len(pool))
                 support, query = order[:k], order[k : k + queries]
+                anchors = [s.stack for s in order[k + queries : k + queries + ANCHORS]]
                 masks = [s.lstack == v for s in support]
-                served, record = timeline_episode(adapter, [s.stack for s in support], masks, marks, seed + r, cfg)
+                served, record = timeline_episode(
+                    adapter, [s.stack for s in support], masks, marks, seed + r, cfg, anchors
+                )
                 head = next(x[2] for x in served.values() if x[0] in ("head", "net"))
                 scratch = ScratchTrainer([support[0].stack], [masks[0]], dev, 0)
                 for (method, mark), what in served.items():
@@ -162,6 +175,7 @@ def evaluate_timeline(
                         pred = _probs_to_mask(probs, q.geom, head.one_piece)
                         results.setdefault((name, k, method, mark), []).append(dice(pred, q.ref == v))
                 guard_log.append({"structure": name, "shots": k, "repeat": r, **record})
+                bar.update(1)
     bar.close()
     rows = [
         {
@@ -188,7 +202,8 @@ def evaluate_timeline(
         "torch_threads": torch.get_num_threads(),
         "refine": cfg.to_dict(),
     }
-    return {"settings": settings, "rows": rows, "guard": guard_log}
+    weights = [model] if model else [SHIPPED_SEG]
+    return {"settings": settings, "rows": rows, "guard": guard_log, "provenance": stamp(weights)}
 
 
 def plot_timeline(rows: list[dict], png, title: str = "") -> None:

@@ -128,7 +128,7 @@ def test_refinement_resumes_from_its_checkpoint_after_a_restart(cmr_store, start
     ckpt = cmr_store / ".metaapp" / "refine" / "lv_blood_pool" / "state.pt"
     _wait(server, lambda st: ckpt.exists(), 400, "a refinement checkpoint")
     steps = torch.load(ckpt, weights_only=True)["run"]["steps"]
-    assert steps > 0
+    assert steps > 0, "a checkpoint of a run that learned nothing"
     server.stop()
     server.start()
     st = _wait(server, lambda st: (st[name].get("refinement") or {}).get("steps", 0) > steps, 240, "resumed steps")

@@ -10,6 +10,13 @@ refined network trains on the rest; a candidate is published only when its Dice 
 blocks beats, by `RefineConfig.min_gain`, both the quick head adapted on the same training slices
 and every candidate published before it. A study's block depends only on its own label, so a new
 label adds a block without changing the others, and every version is judged on slices it never saw.
+
+Held-out slices of the labelled studies cannot tell a network that learned the structure from one
+that learned where it sits in those studies (with one label, a network can trade the right
+ventricle for the left on other studies and still score well on the held-out block). So a candidate
+must also agree with the quick head on a few other studies of the site, unlabelled ones included
+(`anchors`): the mean Dice between the two predictions must reach `RefineConfig.min_agreement`.
+The meta-learned head generalises across studies; the candidate may sharpen it, not contradict it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class RefineConfig:
         min_gain: Dice a candidate must gain over the best so far to be published.
         holdout: share of each study's structure slices held out for the guard.
         budget_seconds: seconds of refinement per set of labels (a new label grants a new budget).
+        min_agreement: mean Dice a candidate's predictions on other studies (`anchors`) must reach
+            against the quick head's.
     """
 
     lr_encoder: float = 3e-4
@@ -53,6 +62,7 @@ class RefineConfig:
     min_gain: float = 0.005
     holdout: float = 0.25
     budget_seconds: float = 600.0
+    min_agreement: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +109,8 @@ class Refinement:
             have grown since).
         floor: the held-out Dice a candidate must beat besides the quick head's (e.g. the live refined
             version's score on the current blocks).
+        anchors: (S, size, size) image stacks of other studies, labelled or not: a candidate must agree
+            with the quick head on them (None: no such check).
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class Refinement:
         guard: bool = True,
         state: dict | None = None,
         floor: float | None = None,
+        anchors: list[torch.Tensor] | None = None,
     ):
         self.cfg = cfg or RefineConfig()
         self.device = adapter.device
@@ -144,6 +157,8 @@ class Refinement:
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.baseline = self._head_baseline(adapter) if self.checkable else None
+        self.anchors = [(st, adapter.predict(st, [head])[0] >= 0.5) for st in (anchors or [])] if guard else []
+        self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
         if state is not None:
             self._load(state)
@@ -204,14 +219,25 @@ class Refinement:
         t0 = time.perf_counter()
         self.model.encoder.net.eval()
         d = self.score(self.adapter, self.head())
+        better = d >= self.best + self.cfg.min_gain
+        self.agreement = None
+        if better and self.anchors:
+            self.agreement = self._agreement()
+            better = self.agreement >= self.cfg.min_agreement
         self.model.encoder.net.train()
         self.seconds += time.perf_counter() - t0
-        better = d >= self.best + self.cfg.min_gain
         if better:
             self.best, self.since_best = d, 0
         else:
             self.since_best += 1
         return d, better
+
+    @torch.no_grad()
+    def _agreement(self) -> float:
+        """Mean Dice between the candidate's and the quick head's predictions on the anchor studies."""
+        head = self.head()
+        scores = [pooled_dice([self.adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
+        return sum(scores) / len(scores)
 
     @property
     def plateau(self) -> bool:

@@ -37,6 +37,7 @@ QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
 )
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
 PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
+ANCHORS = 3  # other studies a candidate must agree with the quick head on
 
 
 class RefinementWorker:
@@ -68,9 +69,12 @@ class RefinementWorker:
             return
         self._thread = threading.Thread(target=self._loop, name="metaapp-refine", daemon=True)
         self._thread.start()
-        for name in sorted(self.service.labelled_structures()):
+        snap = self.service.heads.snapshot()
+        for name, items in sorted(self.service.labelled_structures().items()):
+            if snap.get(name, {}).get("state") in ("queued", "adapting"):
+                continue  # its quick head adapts first, then submits it
             state = self._read(name)
-            if state is None or state.get("finished") is None or state.get("labels") != self._label_ids(name):
+            if state is None or state.get("finished") is None or state.get("labels") != [i for i, _ in items]:
                 self.submit(name)
             else:
                 self._status[name] = self._status_from(state, state["finished"])
@@ -195,7 +199,10 @@ class RefinementWorker:
             floor_adapter = refined_adapter(adapter, torch.load(live.encoder_file, weights_only=True))
         else:
             floor_adapter = None
-        run = Refinement(adapter, stacks, masks, live, self.cfg, seed=len(labels), state=state and state["run"])
+        anchors = self._anchors(set(labels), adapter)
+        run = Refinement(
+            adapter, stacks, masks, live, self.cfg, seed=len(labels), state=state and state["run"], anchors=anchors
+        )
         if floor_adapter is not None:
             run.best = max(run.best, run.score(floor_adapter, live))
         if resumed:
@@ -212,6 +219,18 @@ class RefinementWorker:
             run.baseline,
         )
         return run, labels, spent
+
+    def _anchors(self, labelled: set[str], adapter) -> list[torch.Tensor]:
+        """Slices of up to ANCHORS other studies of the datastore (the guard's agreement check)."""
+        ds = self.service.datastore
+        others = [i for i in sorted(ds.list_images()) if i not in labelled][:ANCHORS]
+        out = []
+        for image_id in others:
+            try:
+                out.append(self.service.study(ds.get_image_uri(image_id), adapter)[0])
+            except Exception as e:  # an unreadable study is no anchor
+                logger.warning("refinement skips %s as an anchor: %s", image_id, e)
+        return out
 
     def _publish(self, name: str, run: Refinement, head, encoder: dict, val: float) -> None:
         head.stage = REFINED
@@ -249,9 +268,6 @@ class RefinementWorker:
     def _path(self, name: str) -> Path:
         return self.folder / slug(name) / "state.pt"
 
-    def _label_ids(self, name: str) -> list[str]:
-        return [image_id for image_id, _ in self.service.labelled_structures().get(name, [])]
-
     def _read(self, name: str) -> dict | None:
         p = self._path(name)
         if not p.exists():
@@ -263,6 +279,8 @@ class RefinementWorker:
             return None
 
     def _checkpoint(self, name: str, run: Refinement, labels: list[str], spent: float, finished: str | None) -> None:
+        if run.steps == 0 and finished is None:  # nothing learned yet: the previous checkpoint still holds
+            return
         state = {
             "run": run.state_dict(),
             "labels": labels,
