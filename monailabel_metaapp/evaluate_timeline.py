@@ -1,8 +1,8 @@
 """`metaapp evaluate seg --timeline 2,10,30,60,150,300`: the Dice of what the app would serve at each
 number of seconds after a save, against baselines given the same seconds on the same support.
 
-Methods, each with its own clock (the compute it has spent), advanced in turn so that a busy machine
-slows them alike:
+Methods, each with its own clock (the compute it has spent: `compute_seconds`), advanced in turn, so
+that a busy machine neither favours one nor shortens what any of them gets:
   * `meta`: what the app serves. The quick head (its adaptation time starts the clock), then the
     guarded refinement of `core/refine.py`; a refined version is served from the moment it passes
     the guard.
@@ -41,6 +41,12 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def compute_seconds() -> float:
+    """Seconds of this process's compute: its CPU time over its torch threads. On an otherwise idle
+    machine this is wall time; on a busy one it still counts only what each method got to run."""
+    return time.process_time() / max(1, torch.get_num_threads())
+
+
 class _Clocked:
     """One method under test: its clock, its next step, and what it would serve now."""
 
@@ -48,9 +54,9 @@ class _Clocked:
         self.name, self.clock, self._step, self._serve = name, start, step, serve
 
     def step(self) -> None:
-        t0 = time.perf_counter()
+        t0 = compute_seconds()
         self._step()
-        self.clock += time.perf_counter() - t0
+        self.clock += compute_seconds() - t0
 
     def serve(self):
         return self._serve()
@@ -69,9 +75,9 @@ def timeline_episode(
     (("head"|"net", weights...) or the scratch trainer's state) and the guard's record. `anchors` are
     other studies' images (the guard's agreement check), as the app takes them from its datastore."""
     feats = [adapter.embed(st) for st in stacks]  # the app has them cached from the study's inference
-    t0 = time.perf_counter()
+    t0 = compute_seconds()
     head = adapter.adapt(stacks, masks, feats=feats)
-    head_seconds = time.perf_counter() - t0
+    head_seconds = compute_seconds() - t0
     guarded = Refinement(adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors)
     served: dict = {"version": ("head", None, head)}
     record = {"published": [], "validations": 0, "head_val_dice": guarded.baseline, "head_seconds": head_seconds}
