@@ -37,7 +37,7 @@ from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import augment, image_files, label_names, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
-from monailabel_metaapp.evaluate_common import int_list, write_result
+from monailabel_metaapp.evaluate_common import int_list, plot_curves, write_result
 
 
 @dataclass
@@ -283,36 +283,10 @@ def evaluate_seg(
 
 
 def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    structures = sorted({r["structure"] for r in rows})
-    fig, axes = plt.subplots(1, len(structures), figsize=(4.2 * len(structures), 3.6), squeeze=False)
-    for ax, s in zip(axes[0], structures):
-        for method in sorted({r["method"] for r in rows}):
-            rr = sorted((r for r in rows if r["structure"] == s and r["method"] == method), key=lambda r: r["shots"])
-            if rr:
-                ax.errorbar(
-                    [r["shots"] for r in rr],
-                    [r["dice_mean"] for r in rr],
-                    yerr=[r["dice_std"] for r in rr],
-                    marker="o",
-                    capsize=3,
-                    label=method,
-                )
-        ax.set_title(s)
-        ax.set_xlabel("labelled studies (shots)")
-        ax.set_ylabel("Dice")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    """Dice against shots, one panel per structure, one curve per method."""
+    plot_curves(
+        rows, out_png, "dice_mean", "dice_std", "Dice", "labelled studies (shots)", "structure", title, ylim=(0, 1)
+    )
 
 
 def run_from_args(a) -> None:

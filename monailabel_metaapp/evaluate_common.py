@@ -39,8 +39,10 @@ def plot_curves(
     panel: tuple[float, float] = (4.2, 3.6),
     ylim: tuple[float, float] | None = None,
     xticks: list[int] | None = None,
+    x: str = "shots",
+    xscale: str = "linear",
 ) -> None:
-    """One panel per `group` value (or one panel), one curve per method: `y` ± `y_err` against shots.
+    """One panel per `group` value (or one panel), one curve per method: `y` ± `y_err` against `x`.
 
     Args:
         rows: result rows, each with "shots", "method", `y`, `y_err` (and `group`).
@@ -54,6 +56,8 @@ def plot_curves(
         panel: width and height of one panel, in inches.
         ylim: the y range (None: matplotlib's choice).
         xticks: the x ticks (None: matplotlib's choice).
+        x: the row field on the x axis.
+        xscale: "linear" or "log".
     """
     import matplotlib
 
@@ -64,14 +68,13 @@ def plot_curves(
     fig, axes = plt.subplots(1, len(groups), figsize=(panel[0] * len(groups), panel[1]), squeeze=False)
     for ax, g in zip(axes[0], groups):
         for method in sorted({r["method"] for r in rows}):
-            rr = sorted(
-                (r for r in rows if r["method"] == method and (g is None or r[group] == g)), key=lambda r: r["shots"]
-            )
+            rr = sorted((r for r in rows if r["method"] == method and (g is None or r[group] == g)), key=lambda r: r[x])
             if rr:
-                x = [r["shots"] for r in rr]
-                ax.errorbar(x, [r[y] for r in rr], yerr=[r[y_err] for r in rr], marker="o", capsize=3, label=method)
+                xs = [r[x] for r in rr]
+                ax.errorbar(xs, [r[y] for r in rr], yerr=[r[y_err] for r in rr], marker="o", capsize=3, label=method)
         ax.set_title(title if g is None else g)
         ax.set_xlabel(xlabel)
+        ax.set_xscale(xscale)
         ax.set_ylabel(ylabel)
         if ylim is not None:
             ax.set_ylim(*ylim)

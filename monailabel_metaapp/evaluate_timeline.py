@@ -27,9 +27,9 @@ from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
 from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, load_eval_studies
+from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
-METHODS = ("meta", "candidate", "finetune", "scratch")
 ANCHORS = 3  # other studies (neither support nor query) the guard checks agreement on, as the app does
 
 
@@ -213,31 +213,26 @@ def evaluate_timeline(
 
 
 def plot_timeline(rows: list[dict], png, title: str = "") -> None:
-    """Dice against seconds after the save: one panel per k, one line per method (mean over structures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shots = sorted({r["shots"] for r in rows})
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.4 * len(shots), 3.8), squeeze=False)
-    for ax, k in zip(axes[0], shots):
-        for method in METHODS:
-            rr = [r for r in rows if r["shots"] == k and r["method"] == method]
-            marks = sorted({r["seconds"] for r in rr})
-            if not marks:
-                continue
-            ys = [statistics.fmean(r["dice_mean"] for r in rr if r["seconds"] == m) for m in marks]
-            ax.plot(marks, ys, marker="o", label=method, linestyle="--" if method == "candidate" else "-")
-        ax.set_xscale("log")
-        ax.set_title(f"{k} labelled {'study' if k == 1 else 'studies'} (mean over structures)")
-        ax.set_xlabel("seconds after the save")
-        ax.set_ylabel("Dice on other studies")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    """Dice against seconds after the save: one panel per k, one line per method (mean and spread over
+    structures)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["shots"], r["method"], r["seconds"]), []).append(r["dice_mean"])
+    points = [
+        {"panel": f"{k} labelled {'study' if k == 1 else 'studies'}", "method": m, "seconds": t}
+        | {"dice": statistics.fmean(d), "spread": statistics.pstdev(d)}
+        for (k, m, t), d in sorted(groups.items())
+    ]
+    plot_curves(
+        points,
+        png,
+        "dice",
+        "spread",
+        "Dice on other studies",
+        "seconds after the save",
+        "panel",
+        title,
+        ylim=(0, 1),
+        x="seconds",
+        xscale="log",
+    )
