@@ -9,8 +9,6 @@ resumes; rollback; the conf key turns it off.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
+from monailabel_metaapp.cli import main
 from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS, load_model
 from monailabel_metaapp.core.episodes import load_studies
 from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig, split_holdout
@@ -87,36 +86,39 @@ def test_guard_scores_both_encoders_and_applies_the_margin(brain_studies, tmp_pa
     assert ssl.check(live, live)["accepted"]  # within a margin of -1, equal passes
 
 
-def test_adapt_site_cli_refuses_bad_input(tmp_path):
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "monailabel_metaapp", "adapt-site", *args], capture_output=True, text=True
-        )
-
-    r = run("--studies", str(tmp_path / "nope"), "--minutes", "1", "--out", str(tmp_path / "o.pt"))
-    assert r.returncode == 2 and "no such studies folder" in r.stderr
-    r = run("--studies", str(tmp_path), "--minutes", "0", "--out", str(tmp_path / "o.pt"))
-    assert r.returncode == 2 and "--minutes must be > 0" in r.stderr
-    r = run("--studies", str(tmp_path), "--minutes", "1", "--out", str(tmp_path / "o.pt"), "--init", "x.pt")
-    assert r.returncode == 2 and "no such weights file" in r.stderr
-    r = run("--studies", str(tmp_path), "--minutes", "1", "--out", str(tmp_path / "o.pt"))
-    assert r.returncode == 2 and "no images found" in r.stderr
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`metaapp adapt-site ARGS` in this process: (exit status, stdout, stderr)."""
+    try:
+        main(["adapt-site", *args])
+        rc = 0
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
-def test_adapt_site_cli_writes_the_guarded_encoder(samples_src, tmp_path):
+def test_adapt_site_cli_refuses_bad_input(capsys, tmp_path):
+    o = str(tmp_path / "o.pt")
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path / "nope"), "--minutes", "1", "--out", o)
+    assert rc == 2 and "no such studies folder" in err
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "0", "--out", o)
+    assert rc == 2 and "--minutes must be > 0" in err
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--init", "x.pt")
+    assert rc == 2 and "no such weights file" in err
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o)
+    assert rc == 2 and "no images found" in err
+
+
+def test_adapt_site_cli_writes_the_guarded_encoder(capsys, samples_src, tmp_path):
     site = tmp_path / "site"  # three unlabelled images: the guard uses the self-supervised loss
     site.mkdir()
     for name in ("mni_03.nii.gz", "mni_04.nrrd", "mni_05.nii.gz"):
         (site / name).symlink_to(samples_src / name)
     out = tmp_path / "site.pt"
-    args = ["--studies", str(site), "--minutes", "0.05", "--out", str(out), "--device", "cpu"]
-    r = subprocess.run(
-        [sys.executable, "-m", "monailabel_metaapp", "adapt-site", *args, "--margin", "10"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout[r.stdout.index("{") :])
+    args = ["--studies", str(site), "--minutes", "0.05", "--out", str(out), "--device", "cpu", "--margin", "10"]
+    rc, stdout, err = _cli(capsys, *args)
+    assert rc == 0, err[-2000:]
+    summary = json.loads(stdout[stdout.index("{") :])
     assert not summary["accepted"]  # a loss 10 lower cannot be met: the starting weights are kept
     kept = torch.load(out, weights_only=True)
     assert all(torch.equal(kept[k], v) for k, v in torch.load(DEFAULT_SEG_WEIGHTS, weights_only=True).items())
