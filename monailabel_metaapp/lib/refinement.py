@@ -1,7 +1,8 @@
 """Background refinement of every structure after its quick head is live (see core/refine.py).
 
-One worker thread refines one structure at a time, in short steps that wait for their turn at the
-activity gate, so inference, saves, quick adaptation and Next Sample pre-empt it within one step.
+One worker thread refines one structure at a time (structures take turns of `TURN_SECONDS`), in
+short steps that wait for their turn at the activity gate, so inference, saves, quick adaptation
+and Next Sample pre-empt it within one step.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
@@ -38,6 +39,7 @@ QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
 PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
 ANCHORS = 3  # other studies a candidate must agree with the quick head on
+TURN_SECONDS = 60.0  # of refinement compute a structure gets before the next waiting one has its turn
 
 
 class RefinementWorker:
@@ -180,6 +182,17 @@ class RefinementWorker:
                 logger.info(
                     "refinement of %s: %s after %.0f s (held-out Dice %.3f)", name, finished, run.seconds, run.best
                 )
+                return
+            with self._cv:  # other structures wait: take turns, this one goes on later from its checkpoint
+                rotate = bool(self._pending) and run.seconds >= TURN_SECONDS
+                if rotate:
+                    self._pending.append(name)
+                    self._status[name]["state"] = QUEUED
+            if rotate:
+                if best:
+                    with GATE.busy(REFINE):
+                        self._publish(name, run, *best)
+                self._checkpoint(name, run, labels, spent, None)
                 return
 
     def _prepare(self, name: str) -> tuple[Refinement | None, list[str], float]:
