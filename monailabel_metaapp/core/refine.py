@@ -182,7 +182,7 @@ class Refinement:
         self.opt.step()
         self.steps += 1
         self.seconds += time.perf_counter() - t0
-        return float(loss)
+        return float(loss.detach())
 
     def _draw(self) -> tuple[int, int]:
         pool = self.pool_fg if self.rng.random() < 0.75 else self.pool_all
