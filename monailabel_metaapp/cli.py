@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -48,21 +49,20 @@ def _bank(a: argparse.Namespace) -> None:
     print(f"wrote {len(studies)} studies ({sum(s.image.shape[0] for s in studies)} slices) to {a.out}")
 
 
+def config_from_args(cls, a: argparse.Namespace, **given):
+    """A settings dataclass from the parsed options of the same names, plus `given` fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{n: getattr(a, n) for n in names if hasattr(a, n)} | given)
+
+
 def _meta_train(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.metatrain import MetaTrainConfig, meta_train
     from monailabel_metaapp.core.networks import SegModelConfig
 
-    cfg = MetaTrainConfig(
-        minutes=a.minutes,
-        max_steps=a.max_steps,
-        lambda_kl=a.lambda_kl,
+    cfg = config_from_args(
+        MetaTrainConfig,
+        a,
         learned_lr=not a.fixed_lr,
-        inner_steps=a.inner_steps,
-        tasks_per_step=a.tasks_per_step,
-        ssl_fraction=a.ssl_fraction,
-        exclude=a.exclude,
-        seed=a.seed,
-        checkpoint_seconds=a.checkpoint_seconds,
         cls_max_way=a.max_way,
         cls_augment=a.cls_augment,
         cls_abnormal_fraction=a.abnormal_fraction,
@@ -86,15 +86,7 @@ def _meta_train(a: argparse.Namespace) -> None:
 def _adapt_site(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.site_adaptation import SiteConfig, adapt_site
 
-    cfg = SiteConfig(
-        lambda_kl=a.lambda_kl,
-        lr=a.lr,
-        tasks_per_step=a.tasks_per_step,
-        ssl_fraction=a.ssl_fraction,
-        margin=a.margin,
-        seed=a.seed,
-        checkpoint_seconds=a.checkpoint_seconds,
-    )
+    cfg = config_from_args(SiteConfig, a)
     summary = adapt_site(
         a.studies, a.out, a.init, a.minutes, cfg, a.device, a.check_minutes, fresh=a.fresh, keep_candidates=a.keep
     )

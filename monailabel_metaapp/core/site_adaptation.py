@@ -68,14 +68,8 @@ class SiteConfig:
     val_every: int = 50  # steps between validation losses in the log
 
     def meta(self) -> MetaTrainConfig:
-        return MetaTrainConfig(
-            lambda_kl=self.lambda_kl,
-            lr=self.lr,
-            inner_steps=self.inner_steps,
-            tasks_per_step=self.tasks_per_step,
-            ssl_fraction=self.ssl_fraction,
-            seed=self.seed,
-        )
+        shared = ("lambda_kl", "lr", "inner_steps", "tasks_per_step", "ssl_fraction", "seed")
+        return MetaTrainConfig(**{n: getattr(self, n) for n in shared})
 
 
 def _rank_key(name: str, seed: int) -> str:
