@@ -250,20 +250,10 @@ def evaluate_seg(
                         results.setdefault((name, k, "scratch"), []).append((dice(pred, ref), scratch_seconds))
                 bar.update(1)
     bar.close()
-    rows = []
-    for (name, k, method), vals in results.items():
-        ds = [d for d, _ in vals]
-        rows.append(
-            {
-                "structure": name,
-                "shots": k,
-                "method": method,
-                "dice_mean": round(statistics.fmean(ds), 4),
-                "dice_std": round(statistics.pstdev(ds), 4),
-                "n": len(ds),
-                "adapt_seconds": round(statistics.fmean(s for _, s in vals), 3),
-            }
-        )
+    rows = [
+        dice_row(name, k, method, [d for d, _ in vals], adapt_seconds=round(statistics.fmean(s for _, s in vals), 3))
+        for (name, k, method), vals in results.items()
+    ]
     settings = {
         "studies": str(studies),
         "shots": shots,
@@ -280,6 +270,19 @@ def evaluate_seg(
         "torch_threads": torch.get_num_threads(),
     }
     return {"settings": settings, "rows": rows}
+
+
+def dice_row(structure: str, shots: int, method: str, dices: list[float], **extra) -> dict:
+    """One result row: a method's mean and spread of Dice for a structure and k (and `extra` fields)."""
+    return {
+        "structure": structure,
+        "shots": shots,
+        "method": method,
+        **extra,
+        "dice_mean": round(statistics.fmean(dices), 4),
+        "dice_std": round(statistics.pstdev(dices), 4),
+        "n": len(dices),
+    }
 
 
 def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:

@@ -26,7 +26,7 @@ from monailabel_metaapp.core.adaptation import SegAdapter, dice
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, load_eval_studies
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, load_eval_studies
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
@@ -183,18 +183,7 @@ def evaluate_timeline(
                 guard_log.append({"structure": name, "shots": k, "repeat": r, **record})
                 bar.update(1)
     bar.close()
-    rows = [
-        {
-            "structure": name,
-            "shots": k,
-            "method": method,
-            "seconds": mark,
-            "dice_mean": round(statistics.fmean(ds), 4),
-            "dice_std": round(statistics.pstdev(ds), 4),
-            "n": len(ds),
-        }
-        for (name, k, method, mark), ds in sorted(results.items())
-    ]
+    rows = [dice_row(name, k, method, ds, seconds=mark) for (name, k, method, mark), ds in sorted(results.items())]
     settings = {
         "studies": str(studies),
         "shots": shots,
