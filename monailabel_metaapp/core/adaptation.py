@@ -44,7 +44,15 @@ class Head:
 
 
 class SegAdapter:
-    """Wraps a model for embedding, head adaptation and prediction (no gradients into the encoder)."""
+    """Wraps a model for embedding, head adaptation and prediction (no gradients into the encoder).
+
+    Args:
+        model: a meta-trained `FewShotSegModel` (put in eval mode on `device`).
+        device: where embedding, adaptation and prediction run.
+        steps: inner-loop steps of an adaptation (Meta-SGD, the learned rates).
+        chunk: slices embedded at once.
+        max_slices: support slices an adaptation reads, whatever k is (bounded cost).
+    """
 
     def __init__(
         self,
@@ -66,7 +74,12 @@ class SegAdapter:
 
     @torch.no_grad()
     def embed(self, stack: torch.Tensor, idx: list[int] | None = None) -> torch.Tensor:
-        """(S, size, size) intensities in [0,1] -> (len(idx), C, size, size) embeddings, posterior mean."""
+        """(S, size, size) intensities in [0,1] -> (len(idx), C, size, size) embeddings, posterior mean.
+
+        Args:
+            stack: a study's slices on the model grid.
+            idx: the slices to embed (default: all), each with its neighbours as context.
+        """
         idx = list(range(stack.shape[0])) if idx is None else idx
         out = []
         for i in range(0, len(idx), self.chunk):
@@ -75,7 +88,12 @@ class SegAdapter:
         return torch.cat(out)
 
     def support_slices(self, mask: torch.Tensor, n_background: int = 4) -> list[int]:
-        """Every slice holding the structure plus a few without it, so the head learns where it is absent."""
+        """Every slice holding the structure plus a few without it, so the head learns where it is absent.
+
+        Args:
+            mask: (S, size, size) binary mask of the structure.
+            n_background: slices without the structure to add, the nearest first.
+        """
         has = mask.flatten(1).any(1)
         fg = [int(i) for i in torch.nonzero(has).flatten()]
         if not fg:
@@ -90,7 +108,14 @@ class SegAdapter:
     def adapt(
         self, stacks: list[torch.Tensor], masks: list[torch.Tensor], steps: int | None = None, feats: list | None = None
     ) -> Head:
-        """Adapt a head from k (image stack, binary mask stack) pairs; `feats` reuses cached embeddings."""
+        """Adapt a head from k labelled studies.
+
+        Args:
+            stacks: (S, size, size) image stacks.
+            masks: (S, size, size) binary masks of the structure, one per stack.
+            steps: inner-loop steps (default: the adapter's).
+            feats: cached embeddings of each whole stack (None: embed the support slices now).
+        """
         t0 = time.perf_counter()
         fs, ms = [], []
         per_study = max(4, self.max_slices // max(1, len(stacks)))  # bounded cost whatever k is
@@ -107,7 +132,13 @@ class SegAdapter:
         return head
 
     def adapt_features(self, feats: torch.Tensor, masks: torch.Tensor, steps: int | None = None) -> Head:
-        """Prototype init + Meta-SGD steps on support embeddings (the encoder is not touched)."""
+        """Prototype init + Meta-SGD steps on support embeddings (the encoder is not touched).
+
+        Args:
+            feats: (N, C, size, size) support embeddings.
+            masks: (N, size, size) binary masks.
+            steps: inner-loop steps (default: the adapter's).
+        """
         t0 = time.perf_counter()
         head = self.model.head
         feats = feats.contiguous(memory_format=torch.channels_last)  # see PrototypeHead.logits
@@ -122,7 +153,13 @@ class SegAdapter:
 
     @torch.no_grad()
     def predict(self, stack: torch.Tensor, heads: list[Head], feats: torch.Tensor | None = None) -> torch.Tensor:
-        """(S, size, size) -> (len(heads), S, size, size) foreground probabilities."""
+        """(S, size, size) -> (len(heads), S, size, size) foreground probabilities.
+
+        Args:
+            stack: a study's slices on the model grid.
+            heads: adapted heads (all on this adapter's encoder).
+            feats: the stack's embeddings, when cached.
+        """
         feats = self.embed(stack) if feats is None else feats.to(self.device)
         feats = feats.contiguous(memory_format=torch.channels_last)
         out = []
@@ -136,7 +173,11 @@ class SegAdapter:
 
 def largest_component_share(masks: list[torch.Tensor]) -> float:
     """Share of the labelled voxels that lie in their study's largest 3D component (1.0 when every
-    study's label is one piece, as organs and cavities are; CSF on the sample studies: about 0.3)."""
+    study's label is one piece, as organs and cavities are; CSF on the sample studies: about 0.3).
+
+    Args:
+        masks: binary masks of the structure, one per labelled study.
+    """
     inside = total = 0.0
     for m in masks:
         a = m.cpu().numpy().astype(bool)
@@ -152,7 +193,14 @@ def probabilities_to_labels(
 ) -> np.ndarray:
     """(K, z, y, x) per-structure probabilities -> label map: threshold, keep the largest 3D component
     of each structure that is one piece (`one_piece`, per structure or for all), and give overlapping
-    voxels to the most probable structure."""
+    voxels to the most probable structure.
+
+    Args:
+        probs: (K, z, y, x) probabilities on the original grid.
+        values: the output label value of each structure.
+        threshold: the probability that makes a voxel foreground.
+        one_piece: whether to keep only the largest component, per structure or for all.
+    """
     keep = probs >= threshold
     one_piece = [one_piece] * keep.shape[0] if isinstance(one_piece, bool) else one_piece
     for k in range(keep.shape[0]):
@@ -171,7 +219,12 @@ def probabilities_to_labels(
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """3D Dice of two binary volumes (1.0 when both are empty)."""
+    """3D Dice of two binary volumes (1.0 when both are empty).
+
+    Args:
+        pred: the prediction.
+        ref: the reference.
+    """
     pred, ref = pred.astype(bool), ref.astype(bool)
     denom = pred.sum() + ref.sum()
     return 1.0 if denom == 0 else float(2 * np.logical_and(pred, ref).sum() / denom)

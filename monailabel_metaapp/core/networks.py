@@ -49,7 +49,11 @@ class SegModelConfig:
 
 
 class VariationalEncoder(VariationalNet):
-    """The shared layers of segmentation: a 2D BasicUNet (2.5D input) under a Gaussian posterior."""
+    """The shared layers of segmentation: a 2D BasicUNet (2.5D input) under a Gaussian posterior.
+
+    Args:
+        cfg: the architecture (context slices, widths, embedding channels, prior and posterior scales).
+    """
 
     def __init__(self, cfg: SegModelConfig):
         net = BasicUNet(spatial_dims=2, in_channels=1 + 2 * cfg.context, out_channels=cfg.emb, features=cfg.features)
@@ -58,7 +62,11 @@ class VariationalEncoder(VariationalNet):
 
 class PrototypeHead(nn.Module):
     """Task-specific layers. Its own parameters are the meta-learned *initialisation*; per task the
-    prototypes come from the support, and everything is adapted by the inner loop (`logits`)."""
+    prototypes come from the support, and everything is adapted by the inner loop (`logits`).
+
+    Args:
+        cfg: the architecture (embedding channels, foreground and background prototypes).
+    """
 
     def __init__(self, cfg: SegModelConfig):
         super().__init__()
@@ -77,7 +85,12 @@ class PrototypeHead(nn.Module):
         return self.logits(feats, dict(self.named_parameters()))
 
     def init_params(self, feats: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Meta-learned init for scale/bias/conv, prototypes from the support embeddings."""
+        """Meta-learned init for scale/bias/conv, prototypes from the support embeddings.
+
+        Args:
+            feats: (N, C, H, W) support embeddings.
+            mask: (N, H, W) binary support mask.
+        """
         params = dict(self.named_parameters())
         fg_feats = feats.permute(0, 2, 3, 1)[mask > 0.5]
         bg_feats = feats.permute(0, 2, 3, 1)[mask <= 0.5]
@@ -102,7 +115,15 @@ class PrototypeHead(nn.Module):
 
 
 def prototypes(x: torch.Tensor, k: int, fallback: torch.Tensor, iters: int = 5, max_points: int = 4096) -> torch.Tensor:
-    """k cosine k-means centroids of (P, C) features (differentiable through the means)."""
+    """k cosine k-means centroids of (P, C) features (differentiable through the means).
+
+    Args:
+        x: the features of one class of pixels.
+        k: centroids wanted (repeats pad the result when fewer are found).
+        fallback: features to use when `x` is empty (e.g. the structure left the augmented view).
+        iters: k-means iterations.
+        max_points: at most this many features, evenly subsampled.
+    """
     if x.shape[0] == 0:  # e.g. augmentation moved the structure out of view: keep the graph intact
         x = fallback.mean(0, keepdim=True)
     if x.shape[0] > max_points:
@@ -129,7 +150,11 @@ def prototypes(x: torch.Tensor, k: int, fallback: torch.Tensor, iters: int = 5, 
 
 
 class FewShotSegModel(nn.Module):
-    """Encoder + head + the Meta-SGD per-parameter inner-loop learning rates (log-space)."""
+    """Encoder + head + the Meta-SGD per-parameter inner-loop learning rates (log-space).
+
+    Args:
+        cfg: the architecture (default: `SegModelConfig()`).
+    """
 
     def __init__(self, cfg: SegModelConfig | None = None):
         super().__init__()
