@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 def refine_config(conf: dict[str, str]) -> RefineConfig | None:
     """Background refinement settings from the app's conf (None when `refine` is false)."""
-    if str(conf.get("refine", "true")).lower() in ("false", "0", "no", "off"):
-        return None
+    if str(conf.get("refine", "false")).lower() not in ("true", "1", "yes", "on"):
+        return None  # off unless asked for: at one label its guard can still let a worse version through
     return RefineConfig(budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)))
 
 
