@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -34,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from tqdm import tqdm
 
 from monailabel_metaapp.devserver import Server
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
-from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
+from monailabel_metaapp.shared_data import one_structure_label, require_shared_datasets, writable_cmr_store
 
 STUDIES = list(range(26, 36))
 LABELLED = (26, 27)
@@ -56,30 +54,8 @@ CONFS = {
 KINDS = ("save_reply_s", "infer_s", "next_sample_s")
 
 
-def materialise(folder: Path) -> Path:
-    """Replace symlinks by copies so the app can write labels next to them (in a temp dir only)."""
-    for p in list(folder.rglob("*")):
-        if p.is_symlink():
-            real = p.resolve()
-            p.unlink()
-            shutil.copy(real, p)
-    return folder
-
-
 def build_store(out: Path) -> Path:
-    store = cmr_view(out, STUDIES)
-    for i in STUDIES:
-        if i not in LABELLED:
-            (store / "labels" / "final" / f"cmr_{i:02d}.nii.gz").unlink()
-    return materialise(store)
-
-
-def binary_label(shared: Path, study: int, value: int, out: Path) -> Path:
-    img = sitk.ReadImage(str(shared / "cmr_bssfp" / f"label_{study}.nii.gz"))
-    lbl = sitk.GetImageFromArray((sitk.GetArrayFromImage(img) == value).astype(np.uint8))
-    lbl.CopyInformation(img)
-    sitk.WriteImage(lbl, str(out))
-    return out
+    return writable_cmr_store(out, STUDIES, LABELLED)
 
 
 def refinement_states(server: Server) -> dict[str, dict]:
@@ -190,7 +166,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="refine_latency_"))
-    label = binary_label(shared, SAVE_STUDY, VALUE, root / f"label_{SAVE_STUDY}.nii.gz")
+    src = shared / "cmr_bssfp" / f"label_{SAVE_STUDY}.nii.gz"
+    label = one_structure_label(src, VALUE, root / f"label_{SAVE_STUDY}.nii.gz")
     t0 = time.perf_counter()
     res = {name: measure(name, build_store(root / name / "cmr"), label, a.repeats, root) for name in CONFS}
     base, ref = res["baseline"], res["refine"]

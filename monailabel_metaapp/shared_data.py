@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +55,34 @@ def cmr_view(out: str | Path, ids: list[int] | None = None, labelled: bool = Tru
             _link(root / "cmr_bssfp" / f"label_{i}.nii.gz", out / "labels" / "final" / name)
     (out / "labels.json").write_text(json.dumps(CMR_STRUCTURES))
     return out
+
+
+def writable_cmr_store(out: str | Path, ids: list[int], labelled: list[int]) -> Path:
+    """A datastore the app may write into: the MS-CMRSeg volumes `ids` copied (not linked), with final
+    labels for `labelled` only (the others wait for an annotator's save)."""
+    store = cmr_view(out, ids)
+    for i in ids:
+        if i not in labelled:
+            (store / "labels" / "final" / f"cmr_{i:02d}.nii.gz").unlink()
+    for p in list(store.rglob("*")):
+        if p.is_symlink():
+            real = p.resolve()
+            p.unlink()
+            shutil.copy(real, p)
+    return store
+
+
+def one_structure_label(src: str | Path, value: int, out: str | Path, new_value: int = 1) -> Path:
+    """A label file holding only the structure `value` of `src` (as `new_value`), as an annotator's
+    single segment would."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(src))
+    lbl = sitk.GetImageFromArray((sitk.GetArrayFromImage(img) == value).astype(np.uint8) * new_value)
+    lbl.CopyInformation(img)
+    sitk.WriteImage(lbl, str(out), useCompression=True)
+    return Path(out)
 
 
 def totalseg_view(out: str | Path) -> Path:

@@ -21,7 +21,7 @@ from monailabel_metaapp.core.volume import read_image
 from monailabel_metaapp.devserver import Server
 from monailabel_metaapp.pacs import orthanc as pacs
 from monailabel_metaapp.pacs.dicom_io import series_to_image
-from monailabel_metaapp.shared_data import cmr_view, shared_datasets
+from monailabel_metaapp.shared_data import cmr_view, shared_datasets, writable_cmr_store
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parent.parent
@@ -35,23 +35,10 @@ def shared() -> Path:
     return root
 
 
-def _materialise(folder: Path) -> Path:
-    """Replace symlinks by copies so the app can write labels next to them (in a temp dir only)."""
-    for p in list(folder.rglob("*")):
-        if p.is_symlink():
-            real = p.resolve()
-            p.unlink()
-            shutil.copy(real, p)
-    return folder
-
-
 @pytest.fixture
 def cmr_store(shared, tmp_path) -> Path:
     """A writable datastore of 6 real cardiac MRI studies, 2 of them labelled."""
-    d = cmr_view(tmp_path / "cmr", [26, 27, 28, 29, 30, 31])
-    for i in (28, 29, 30, 31):
-        (d / "labels" / "final" / f"cmr_{i}.nii.gz").unlink()
-    return _materialise(d)
+    return writable_cmr_store(tmp_path / "cmr", [26, 27, 28, 29, 30, 31], [26, 27])
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from monailabel.client import MONAILabelClient
 from scipy import ndimage
 
 from monailabel_metaapp.core.adaptation import dice
+from monailabel_metaapp.shared_data import one_structure_label
 
 
 def _dice_of(result_file: str, reference: Path, ref_value: int, out_value: int | None) -> float:
@@ -26,16 +27,6 @@ def _dice_of(result_file: str, reference: Path, ref_value: int, out_value: int |
     p = sitk.GetArrayFromImage(pred)
     r = sitk.GetArrayFromImage(ref) == ref_value
     return 0.0 if out_value is None else dice(p == out_value, r)
-
-
-def _one_structure_label(src: Path, value: int, out: Path, new_value: int = 1) -> Path:
-    """A label file holding only one structure, as an annotator's single segment would."""
-    img = sitk.ReadImage(str(src))
-    arr = (sitk.GetArrayFromImage(img) == value).astype(np.uint8) * new_value
-    lbl = sitk.GetImageFromArray(arr)
-    lbl.CopyInformation(img)
-    sitk.WriteImage(lbl, str(out), useCompression=True)
-    return out
 
 
 def test_slicer_submit_teaches_a_named_structure_and_inference_improves(cmr_store, shared, start_server, tmp_path):
@@ -58,7 +49,7 @@ def test_slicer_submit_teaches_a_named_structure_and_inference_improves(cmr_stor
     before = _dice_of(res, ref_b, 600, params["label_names"].get("rv blood pool"))
 
     # Slicer's Submit Label: a label map of the segment, label_info naming it
-    label = _one_structure_label(shared / "cmr_bssfp" / "label_29.nii.gz", 600, tmp_path / "rv.nii.gz")
+    label = one_structure_label(shared / "cmr_bssfp" / "label_29.nii.gz", 600, tmp_path / "rv.nii.gz")
     t0 = time.perf_counter()
     reply = slicer.save_label("cmr_29", str(label), params={"label_info": [{"name": "rv blood pool", "idx": 1}]})
     reply_s = time.perf_counter() - t0
@@ -84,7 +75,7 @@ def test_new_structure_name_from_monailabel_client_and_auto_update(sample_store,
     a, b = ids[0], ids[1]
     ref_file = next(refs.glob(f"{b}.*"))
     # "cerebral white matter" = the white-matter class (value 2), under a name the app has never seen
-    label = _one_structure_label(next(refs.glob(f"{a}.*")), 2, tmp_path / "new.nii.gz", new_value=7)
+    label = one_structure_label(next(refs.glob(f"{a}.*")), 2, tmp_path / "new.nii.gz", new_value=7)
     info_before = client.info()
     assert "cerebral white matter" not in info_before["models"]["fewshot_seg"]["labels"]
     client.save_label(a, str(label), params={"label_info": [{"name": "cerebral white matter", "idx": 7}]})
@@ -142,7 +133,7 @@ def test_bad_inputs_are_refused_and_nothing_is_lost(cmr_store, shared, start_ser
     r = put("cmr_26", (tmp_path / "empty.nii.gz").read_bytes())
     assert r.status_code == 422 and "empty" in r.json()["detail"]
     # values with no name anywhere
-    unnamed = _one_structure_label(shared / "cmr_bssfp" / "label_26.nii.gz", 500, tmp_path / "u.nii.gz", 9)
+    unnamed = one_structure_label(shared / "cmr_bssfp" / "label_26.nii.gz", 500, tmp_path / "u.nii.gz", 9)
     r = put("cmr_26", unnamed.read_bytes())
     assert r.status_code == 422 and "no structure name" in r.json()["detail"]
     assert stored.read_bytes() == original, "a refused upload replaced the stored label"
@@ -176,7 +167,7 @@ def test_burst_of_saves_coalesces_restart_keeps_heads_and_rollback(cmr_store, sh
     v0 = st0["lv blood pool"]["version"]
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     for i in (28, 29, 30, 31):  # a burst: four saves, no waiting
-        lbl = _one_structure_label(shared / "cmr_bssfp" / f"label_{i}.nii.gz", 500, tmp_path / f"b{i}.nii.gz")
+        lbl = one_structure_label(shared / "cmr_bssfp" / f"label_{i}.nii.gz", 500, tmp_path / f"b{i}.nii.gz")
         client.save_label(f"cmr_{i}", str(lbl), params={"label_info": [{"name": "lv blood pool", "idx": 1}]})
     st = server.wait_ready()
     lv = st["lv blood pool"]

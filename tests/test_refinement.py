@@ -17,6 +17,7 @@ from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, holdout_split, pooled_dice
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
+from monailabel_metaapp.shared_data import one_structure_label
 
 
 def _only(store: Path, value: int) -> None:
@@ -41,14 +42,6 @@ def _wait(server, predicate, timeout: float, what: str) -> dict:
             return st
         time.sleep(1.0)
     raise TimeoutError(f"{what} not reached in {timeout} s: {server.structures()}\n{server.log_tail()}")
-
-
-def _label(shared: Path, study: int, value: int, out: Path) -> Path:
-    img = sitk.ReadImage(str(shared / "cmr_bssfp" / f"label_{study}.nii.gz"))
-    lbl = sitk.GetImageFromArray((sitk.GetArrayFromImage(img) == value).astype(np.uint8))
-    lbl.CopyInformation(img)
-    sitk.WriteImage(lbl, str(out))
-    return out
 
 
 def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_back(
@@ -88,7 +81,7 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     live = server.structures()[name]
 
     # a new save: a quick head from 3 labels goes live at once, and refinement restarts with the label
-    lbl = _label(shared, 28, 500, tmp_path / "l28.nii.gz")
+    lbl = one_structure_label(shared / "cmr_bssfp" / "label_28.nii.gz", 500, tmp_path / "l28.nii.gz")
     client.save_label("cmr_28", str(lbl), params={"label_info": [{"name": name, "idx": 1}]})
     st = server.wait_ready()
     assert st[name]["n_labels"] == 3 and st[name]["stage"] == "head"
