@@ -92,15 +92,23 @@ def timeline_episode(
                 record["published"].append(
                     {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": guarded.agreement}
                 )
-            elif guarded.agreement is not None:  # better on the held-out slices, refused by the anchors
+            elif guarded.agreement is not None:  # better on the held-out study, refused by the anchors
                 record.setdefault("refused_disagreeing", []).append(
                     {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": round(guarded.agreement, 4)}
                 )
 
     free = Refinement(adapter, stacks, masks, head, cfg, seed=seed, guard=False)
+
+    def meta_step() -> None:
+        if guarded.checkable:
+            guarded_step()
+        else:  # one labelled study: the app does not refine, the quick head is served at every mark
+            meta.clock = max(marks)
+
     scratch = ScratchTrainer(stacks, masks, adapter.device, seed)
+    meta = _Clocked("meta", head_seconds, meta_step, lambda: served["version"])
     clocks = [
-        _Clocked("meta", head_seconds, guarded_step, lambda: served["version"]),
+        meta,
         _Clocked("finetune", head_seconds, free.step, lambda: ("net", *_copy_net(free))),
         _Clocked(
             "scratch",
@@ -116,7 +124,7 @@ def timeline_episode(
             while pending[c.name] and c.clock >= pending[c.name][0]:
                 mark = pending[c.name].pop(0)
                 out[(c.name, mark)] = c.serve()
-                if c.name == "meta":
+                if c.name == "meta" and guarded.checkable:
                     out[("candidate", mark)] = ("net", *_copy_net(guarded))
         active = [c for c in clocks if pending[c.name]]
         if active:

@@ -1,5 +1,5 @@
 """Background refinement through the real server and real clients: after the quick head, a refined
-network goes live only when it beats the head on held-out slices of the structure's own labels."""
+network goes live only when it beats the quick head on a labelled study it was not trained on."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from monailabel.client import MONAILabelClient
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.core.refine import RefineConfig, Refinement, holdout_split, pooled_dice
+from monailabel_metaapp.core.refine import RefineConfig, Refinement, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -58,7 +58,7 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     res, params = client.infer("fewshot_seg", "cmr_30", {})
     assert params["label_names"] == {name: 1} and Path(res).exists()
 
-    # a refined version goes live once it beats the quick head on the held-out slices
+    # a refined version goes live once it beats the quick head on the held-out study
     st = _wait(server, lambda st: st[name]["stage"] == "refined", 400, "a refined version")
     live = st[name]
     ref = live["refinement"]
@@ -131,28 +131,35 @@ def test_refinement_resumes_from_its_checkpoint_after_a_restart(cmr_store, start
 # -- the core, without a server ------------------------------------------------------------------
 
 
-def test_holdout_split_holds_a_middle_block_of_the_structure_and_trains_on_the_rest():
-    mask = torch.zeros(12, 8, 8, dtype=torch.bool)
-    mask[2:10, 3:5, 3:5] = True  # the structure on slices 2..9
-    train, val = holdout_split(mask, 0.25)
-    assert val == [5, 6] and sorted(train + val) == list(range(12))
-    assert holdout_split(mask[:2], 0.25)[1] == []  # too few slices to hold any out
+def test_the_guard_holds_out_the_last_study_with_the_structure_and_none_from_a_single_one():
+    a = torch.zeros(4, 8, 8, dtype=torch.bool)
+    a[1:3, 2:4, 2:4] = True
+    empty = torch.zeros_like(a)
+    train, val = study_split([a, a.clone(), empty])
+    assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
+    assert study_split([a, empty])[1] == [[], []]  # one study holds the structure: nothing to check on
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
 
 
-def test_core_refinement_improves_held_out_dice_and_resumes_from_its_state(shared):
-    """The shipped model refined on one cardiac study: the held-out Dice rises above the quick head's,
-    and a run built from `state_dict()` continues where the first stopped."""
+def _cmr(shared: Path, i: int, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stack, geom = to_slices(read_image(shared / "cmr_bssfp" / f"image_{i}.nii.gz"), 160)
+    return stack, label_slices(read_image(shared / "cmr_bssfp" / f"label_{i}.nii.gz"), geom, 160) == value
+
+
+def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_from_its_state(shared):
+    """The shipped model refined on two cardiac studies: its Dice on the held-out one rises above the
+    quick head's (adapted on the other), and a run built from `state_dict()` continues where the first
+    stopped. One study alone is never refined."""
     torch.manual_seed(0)
-    img = read_image(shared / "cmr_bssfp" / "image_5.nii.gz")
-    stack, geom = to_slices(img, 160)
-    mask = label_slices(read_image(shared / "cmr_bssfp" / "label_5.nii.gz"), geom, 160) == 600
+    (s1, m1), (s2, m2) = _cmr(shared, 5, 600), _cmr(shared, 12, 600)
     adapter = SegAdapter(load_model(None), "cpu")
-    head = adapter.adapt([stack], [mask])
-    run = Refinement(adapter, [stack], [mask], head, RefineConfig(val_every=10))
+    alone = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]))
+    assert not alone.checkable and alone.advance() is None
+    head = adapter.adapt([s1, s2], [m1, m2])
+    run = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10))
     start = run.best
-    published = [r for r in (run.advance() for _ in range(60)) if r is not None and r[1]]
+    published = [r for r in (run.advance() for _ in range(40)) if r is not None and r[1]]
     assert published and run.best > start, f"no candidate beat the quick head ({start:.3f})"
-    again = Refinement(adapter, [stack], [mask], head, RefineConfig(val_every=10), state=run.state_dict())
+    again = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10), state=run.state_dict())
     assert again.steps == run.steps
     assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())

@@ -5,18 +5,22 @@ The quick head (seconds) learns only a few parameters on frozen features; a netw
 end keeps improving with time and labels. Refinement starts from the meta-learned encoder and the
 adapted head, so it begins where the quick head is and only has to get better from there.
 
-The guard: a contiguous block of each study's structure slices is held out (`holdout_split`). The
-refined network trains on the rest; a candidate is published only when its Dice on the held-out
-blocks beats, by `RefineConfig.min_gain`, both the quick head adapted on the same training slices
-and every candidate published before it. A study's block depends only on its own label, so a new
-label adds a block without changing the others, and every version is judged on slices it never saw.
+The guard holds out a whole study: the newest labelled one (the last of the support). The refined
+network trains on the other studies; a candidate is published only when its whole-volume Dice on the
+held-out study beats, by `RefineConfig.min_gain`, both the quick head adapted on the same training
+studies and every candidate published before it. The held-out study has never been trained on: when a
+new label arrives it becomes the check, and the one before it joins training. So every version is
+judged on a study it never saw, which is the only check that speaks for the next study.
 
-Held-out slices of the labelled studies cannot tell a network that learned the structure from one
-that learned where it sits in those studies (with one label, a network can trade the right
-ventricle for the left on other studies and still score well on the held-out block). So a candidate
-must also agree with the quick head on a few other studies of the site, unlabelled ones included
-(`anchors`): the mean Dice between the two predictions must reach `RefineConfig.min_agreement`.
-The meta-learned head generalises across studies; the candidate may sharpen it, not contradict it.
+With one labelled study there is nothing to hold out and the structure is not refined: held-out
+slices of the support itself rewarded networks that learned where the structure sits in that study
+(on cardiac MRI a version scored 0.85 on its held-out slices, the quick head 0.74, while its Dice on
+other studies fell from 0.40 to 0.12).
+
+A candidate must also agree with the quick head on a few other studies of the site, unlabelled ones
+included (`anchors`): the mean Dice between the two predictions must reach
+`RefineConfig.min_agreement`. One held-out study is a small check; the anchors keep a candidate from
+contradicting the meta-learned head on the rest of the site.
 """
 
 from __future__ import annotations
@@ -44,10 +48,9 @@ class RefineConfig:
         lr_head: Adam learning rate of the head's parameters (prototypes, scale, bias, conv).
         batch: slices per step.
         augment: strength of the random affine/gamma/noise augmentation (`episodes.augment`).
-        val_every: steps between two validations on the held-out blocks.
+        val_every: steps between two validations on the held-out study.
         patience: validations without a new best before the run counts as a plateau.
         min_gain: Dice a candidate must gain over the best so far to be published.
-        holdout: share of each study's structure slices held out for the guard.
         budget_seconds: seconds of refinement per set of labels (a new label grants a new budget).
         min_agreement: mean Dice a candidate's predictions on other studies (`anchors`) must reach
             against the quick head's.
@@ -60,7 +63,6 @@ class RefineConfig:
     val_every: int = 15
     patience: int = 8
     min_gain: float = 0.005
-    holdout: float = 0.25
     budget_seconds: float = 600.0
     min_agreement: float = 0.5
 
@@ -68,19 +70,17 @@ class RefineConfig:
         return asdict(self)
 
 
-def holdout_split(mask: torch.Tensor, share: float) -> tuple[list[int], list[int]]:
-    """(training slices, held-out slices) of one study: the held-out block is the `share` of the
-    structure's slices around its middle one; every other slice, with or without the structure, trains.
-    A structure on fewer than 3 slices holds nothing out (such a study cannot be checked)."""
-    has = mask.flatten(1).any(1)
-    fg = [int(i) for i in torch.nonzero(has).flatten()]
-    if len(fg) < 3 or share <= 0:
-        return list(range(mask.shape[0])), []
-    n = max(1, round(share * len(fg)))
-    start = max(0, len(fg) // 2 - n // 2)
-    val = fg[start : start + n]
-    held = set(val)
-    return [i for i in range(mask.shape[0]) if i not in held], val
+def study_split(masks: list[torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
+    """(training slices, held-out slices) per study: the last study that holds the structure is held
+    out whole, every slice of the others trains. With fewer than two such studies nothing is held out
+    (the guard cannot check)."""
+    train = [list(range(m.shape[0])) for m in masks]
+    val: list[list[int]] = [[] for _ in masks]
+    holding = [j for j, m in enumerate(masks) if bool(m.any())]
+    if len(holding) >= 2:
+        j = holding[-1]
+        train[j], val[j] = [], list(range(masks[j].shape[0]))
+    return train, val
 
 
 def pooled_dice(probs: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
@@ -108,7 +108,7 @@ class Refinement:
         state: a `state_dict()` of an earlier run to continue from (same structure; the labels may
             have grown since).
         floor: the held-out Dice a candidate must beat besides the quick head's (e.g. the live refined
-            version's score on the current blocks).
+            version's score on the current held-out study).
         anchors: (S, size, size) image stacks of other studies, labelled or not: a candidate must agree
             with the quick head on them (None: no such check).
     """
@@ -131,9 +131,10 @@ class Refinement:
         self.context = adapter.model.cfg.context
         self.stacks, self.masks = stacks, [m.bool() for m in masks]
         self.guard = guard
-        splits = [holdout_split(m, self.cfg.holdout if guard else 0.0) for m in self.masks]
-        self.train_idx = [t for t, _ in splits]
-        self.val_idx = [v for _, v in splits]
+        if guard:
+            self.train_idx, self.val_idx = study_split(self.masks)
+        else:
+            self.train_idx, self.val_idx = [list(range(m.shape[0])) for m in self.masks], [[] for _ in self.masks]
         self.share = largest_component_share(self.masks)
         self.model = copy.deepcopy(adapter.model).to(self.device)
         self.model.encoder.net.train()
@@ -191,7 +192,7 @@ class Refinement:
     # -- validation and the guard ---------------------------------------------------------------
     @torch.no_grad()
     def score(self, adapter: SegAdapter, head: Head) -> float:
-        """Held-out Dice of (adapter, head) over every study's block."""
+        """Dice of (adapter, head) on the held-out study (all its slices: the whole volume)."""
         probs, refs = [], []
         for stack, mask, idx in zip(self.stacks, self.masks, self.val_idx):
             if idx:
@@ -200,10 +201,10 @@ class Refinement:
         return pooled_dice(probs, refs)
 
     def _head_baseline(self, adapter: SegAdapter) -> float:
-        """The quick head's recipe on the same training slices, scored on the held-out blocks."""
+        """The quick head's recipe on the same training studies, scored on the held-out study."""
         train_masks = [m.clone() for m in self.masks]
         for m, idx in zip(train_masks, self.val_idx):
-            m[idx] = False  # hidden from the head: it adapts on the structure's other slices
+            m[idx] = False  # hidden from the head: it adapts on the training studies only
         keep = [j for j, m in enumerate(train_masks) if m.any()]
         head = adapter.adapt([self.stacks[j] for j in keep], [train_masks[j] for j in keep])
         return self.score(adapter, head)

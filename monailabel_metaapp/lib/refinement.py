@@ -6,7 +6,8 @@ and Next Sample pre-empt it within one step.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
-of its held-out Dice or at its budget. Each run checkpoints atomically under `<store>/refine/`, and a
+of its Dice on the held-out study or at its budget. A structure with one labelled study waits
+for a second one: the guard needs a study to hold out. Each run checkpoints atomically under `<store>/refine/`, and a
 restarted server resumes it.
 """
 
@@ -33,7 +34,7 @@ QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
     "budget spent",
     "held after rollback",
     "failed",
-    "nothing to hold out",
+    "waiting for a second label",
     "off",
 )
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
