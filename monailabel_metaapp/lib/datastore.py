@@ -20,7 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def image_header(path: str) -> sitk.Image:
-    """Geometry of an image without reading its voxels (a DICOM folder is read whole)."""
+    """Geometry of an image without reading its voxels, so checking a label stays cheap.
+
+    Args:
+        path: the image file or DICOM folder (a DICOM folder, or any image that is not 3D, is read whole).
+
+    Returns:
+        An image with the size, spacing, origin and direction of `path` (uint8 voxels, not the image's).
+    """
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -38,12 +45,30 @@ def image_header(path: str) -> sitk.Image:
 
 
 class LabelChecks:
-    """The checks shared by the folder datastore and the PACS one (mixed into a LocalDatastore)."""
+    """The checks shared by the folder datastore and the PACS one (mixed into a LocalDatastore).
+
+    `default_names` (name -> value) is used when a save request names none of the label's values.
+    """
 
     default_names: dict[str, int] = {}
 
     def check_label(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, Any]:
-        """Validate; returns {"named": {name: value}, "unnamed": [values]} or raises HTTPException."""
+        """Check a label before it is stored, so a bad upload never replaces a good label.
+
+        Args:
+            image_id: the image the label belongs to.
+            label_filename: the uploaded label file.
+            label_info: the save request's params (`label_info` or `label_names` name its values;
+                without them `default_names` is used).
+
+        Returns:
+            ``{"named": {name: value}, "unnamed": [values]}`` for the values present (unnamed ones are
+            ignored, with a warning).
+
+        Raises:
+            HTTPException: 404 for an unknown image; 422 for an unreadable file, a label off the image
+                grid, non-integer or negative values, an empty label, or no named value.
+        """
         if image_id not in self._datastore.objects:
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: nothing was stored")
         try:
@@ -86,11 +111,35 @@ class LabelChecks:
 
 
 class ValidatingDatastore(LabelChecks, LocalDatastore):
+    """A folder datastore that checks every final label before storing it (see `LabelChecks`).
+
+    Args:
+        args: passed to `LocalDatastore`.
+        default_names: name -> value used when a save request names no value (the folder's `labels.json`);
+            default None (none).
+        kwargs: passed to `LocalDatastore`.
+    """
+
     def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.default_names = default_names or {}
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Store a label: a final one only once it passes `check_label` (the result is kept in its info
+        under `metaapp`); any other tag only needs a known image.
+
+        Args:
+            image_id: the image the label belongs to.
+            label_filename: the uploaded label file.
+            label_tag: the label's tag ("final" is checked).
+            label_info: the save request's params.
+
+        Returns:
+            The stored label's id.
+
+        Raises:
+            HTTPException: as `check_label`; 404 for an unknown image with any tag.
+        """
         label_info = dict(label_info or {})
         if label_tag == "final":
             label_info["metaapp"] = self.check_label(image_id, label_filename, label_info)

@@ -32,6 +32,7 @@ STORE_SEG_FIX = (
 
 
 def ohif_dir() -> Path:
+    """Folder of the OHIF build shipped inside the installed monailabel package (it may be missing)."""
     import monailabel.endpoints.ohif as stock
 
     return Path(stock.__file__).resolve().parent / "static" / "ohif"
@@ -45,7 +46,16 @@ EXTERNAL_FONTS = (
 
 
 def patch(name: str, text: str) -> str | None:
-    """The fixed text of one viewer file, or None when it needs no fix."""
+    """The fixed text of one viewer file, so SEG export works and no font is fetched from outside.
+
+    Args:
+        name: the file's name; `.js` files get the `storeSegmentation` fix, `.html` and `.css` files
+            lose their Google Fonts links.
+        text: the file's content.
+
+    Returns:
+        The fixed text, or None when the file needs no fix.
+    """
     out = text
     old, new = STORE_SEG_FIX
     if name.endswith(".js") and old in out and "dataSource.store.dicom" in out:
@@ -58,7 +68,13 @@ def patch(name: str, text: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def patched_files() -> dict[str, bytes]:
-    """file name -> patched content, for the viewer files that need a fix (read once)."""
+    """The viewer files that need a fix, patched once and kept in memory (site-packages is never written).
+
+    Logs a warning when no bundle holds the expected `storeSegmentation` code.
+
+    Returns:
+        File name -> patched content; empty when the viewer is not installed.
+    """
     out: dict[str, bytes] = {}
     root = ohif_dir()
     if not root.is_dir():
@@ -74,7 +90,13 @@ def patched_files() -> dict[str, bytes]:
 
 
 def install(app: FastAPI) -> None:
-    """`GET /ohif/{path}` ahead of MONAI Label's own route (same files, the fix applied)."""
+    """Serve `GET /ohif/{path}` ahead of MONAI Label's own route: the same files with the fixes applied.
+
+    Unknown paths get `index.html` (the viewer's client-side routes); 404 when the viewer is not installed.
+
+    Args:
+        app: the MONAI Label FastAPI app.
+    """
     router = APIRouter()
 
     @router.get("/ohif/{path:path}", include_in_schema=False)

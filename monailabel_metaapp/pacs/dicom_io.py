@@ -32,8 +32,27 @@ def _ds_string(value: float) -> str:
 def volume_to_series(
     image: sitk.Image, patient_id: str, study_name: str, modality: str = "MR", description: str = ""
 ) -> list[Dataset]:
-    """One DICOM instance per slice along the volume's third axis, positions and orientation from its
-    geometry (any direction cosines); floats are stored as int16 with a rescale slope."""
+    """A volume as a DICOM image series, so studies kept as NIfTI/NRRD can be loaded into a PACS.
+
+    One instance per slice along the volume's third axis, with positions and orientation from its
+    geometry (any direction cosines); floats or out-of-range integers are stored as int16 with a
+    rescale slope. The UIDs derive from `patient_id` and `study_name`, so storing the same study
+    again replaces it instead of duplicating it.
+
+    Args:
+        image: a 3D volume.
+        patient_id: PatientID and PatientName of the series.
+        study_name: the study's name (StudyDescription; StudyID is its first 16 characters).
+        modality: the DICOM Modality; "MR" is stored as MR Image Storage, anything else as CT Image
+            Storage. Default "MR".
+        description: SeriesDescription; default "" (the study name is used).
+
+    Returns:
+        The series' datasets, one per slice, in slice order.
+
+    Raises:
+        ValueError: when `image` is not 3D.
+    """
     if image.GetDimension() != 3:
         raise ValueError(f"{study_name}: a 3D volume is expected, got {image.GetDimension()}D")
     arr = sitk.GetArrayFromImage(image)  # z, y, x
@@ -85,7 +104,15 @@ def volume_to_series(
 
 
 def series_to_image(files: Sequence[str | Path]) -> sitk.Image:
-    """A DICOM image series (files of one series) as one volume, sorted by GDCM along the normal."""
+    """A DICOM image series as one volume, so a study fetched from a PACS reads like any image file.
+
+    Args:
+        files: the files of the series; they are read from the folder of the first one (GDCM sorts
+            the slices along the normal), so that folder should hold this series only.
+
+    Returns:
+        The volume.
+    """
     folder = Path(files[0]).parent
     reader = sitk.ImageSeriesReader()
     names = reader.GetGDCMSeriesFileNames(str(folder))
@@ -96,8 +123,24 @@ def series_to_image(files: Sequence[str | Path]) -> sitk.Image:
 def label_to_seg(
     label: sitk.Image, names: dict[str, int], source: Sequence[Dataset], series_description: str = "metaapp label"
 ) -> Dataset:
-    """A binary DICOM SEG, one segment per named value, referencing the image series `source`
-    (which must share the label's grid: the app's labels always do)."""
+    """A label map as a DICOM SEG that references its image series, so a label can be stored on a PACS.
+
+    One binary segment per named value present in the label; values without a name are left out.
+
+    Args:
+        label: the label map (integer values, 0 is background).
+        names: structure name -> label value.
+        source: the datasets of the image series the label annotates; they must share the label's
+            grid (the app's labels always do).
+        series_description: SeriesDescription of the SEG (at most 64 characters kept); default
+            "metaapp label".
+
+    Returns:
+        The SEG dataset.
+
+    Raises:
+        ValueError: when the label holds no named value.
+    """
     present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v > 0}
     segments = [
         {
@@ -148,7 +191,14 @@ def label_to_seg(
 
 
 def seg_referenced_series(seg: Dataset) -> str | None:
-    """SeriesInstanceUID of the image series a SEG annotates (None when the SEG does not say)."""
+    """SeriesInstanceUID of the image series a SEG annotates, to match a SEG with its image.
+
+    Args:
+        seg: the SEG dataset.
+
+    Returns:
+        The UID from its ReferencedSeriesSequence, or None when the SEG does not name one.
+    """
     for item in seg.get("ReferencedSeriesSequence", []) or []:
         if "SeriesInstanceUID" in item:
             return str(item.SeriesInstanceUID)
@@ -156,8 +206,18 @@ def seg_referenced_series(seg: Dataset) -> str | None:
 
 
 def seg_to_label(seg: Dataset, reference: sitk.Image) -> tuple[sitk.Image, dict[str, int]]:
-    """A SEG (binary or fractional, any subset of frames) on the reference image's grid:
-    value = segment number; returns (label, {segment label: value})."""
+    """A SEG read back as a label map on its image's grid (SEGs often hold only the labelled frames).
+
+    Binary and fractional SEGs with any subset of frames are read; each segment is resampled onto
+    `reference` and written with its segment number as value (a later segment wins where they overlap).
+
+    Args:
+        seg: the SEG dataset.
+        reference: the image the label must lie on.
+
+    Returns:
+        ``(label, {segment label: value})``; the label is uint8 with `reference`'s geometry.
+    """
     reader = pydicom_seg.SegmentReader()
     result = reader.read(seg)
     out = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint8)
@@ -176,4 +236,12 @@ def seg_to_label(seg: Dataset, reference: sitk.Image) -> tuple[sitk.Image, dict[
 
 
 def read_dataset(path: str | Path) -> Dataset:
+    """One DICOM file as a dataset, so callers need not import pydicom.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The dataset, pixel data included.
+    """
     return pydicom.dcmread(str(path))

@@ -18,10 +18,12 @@ DICOMWEB_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins"
 
 
 def orthanc_binary() -> str | None:
+    """Path of the Orthanc executable on PATH (`Orthanc` or `orthanc`), or None when it is not installed."""
     return shutil.which("Orthanc") or (shutil.which("orthanc") if shutil.which("orthanc") else None)
 
 
 def dicomweb_plugin() -> str | None:
+    """Path of Orthanc's DICOMweb plugin in Debian's plugin folders, or None when it is not installed."""
     for d in DICOMWEB_PLUGIN_DIRS:
         p = Path(d) / "libOrthancDicomWeb.so"
         if p.exists():
@@ -30,7 +32,11 @@ def dicomweb_plugin() -> str | None:
 
 
 def missing() -> str | None:
-    """Why Orthanc cannot run here (None when it can)."""
+    """Why Orthanc cannot run on this machine, so callers can skip or explain instead of failing.
+
+    Returns:
+        The reason with the package to install, or None when Orthanc and its DICOMweb plugin are there.
+    """
     if orthanc_binary() is None:
         return "Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)"
     if dicomweb_plugin() is None:
@@ -39,7 +45,14 @@ def missing() -> str | None:
 
 
 class Orthanc:
-    """Orthanc in a subprocess with its storage in `folder`; `dicomweb` is the URL MONAI Label uses."""
+    """Orthanc in a subprocess with its storage in `folder`; `dicomweb` is the URL MONAI Label uses.
+
+    Use it as a context manager (`with Orthanc(folder) as pacs:`) to stop it on exit.
+
+    Args:
+        folder: where the configuration, the log and the database (`db/`) are kept; created on start.
+        port: the HTTP port; default None (a free port).
+    """
 
     def __init__(self, folder: str | Path, port: int | None = None):
         self.folder = Path(folder)
@@ -49,6 +62,8 @@ class Orthanc:
         self.proc: subprocess.Popen | None = None
 
     def config(self) -> dict:
+        """Orthanc's configuration: HTTP on `port` for this host only, no DICOM port, no authentication,
+        DICOMweb at `/dicom-web/`, and a re-stored instance overwrites the old one."""
         return {
             "Name": "metaapp-pacs",
             "StorageDirectory": str(self.folder / "db"),
@@ -65,6 +80,18 @@ class Orthanc:
         }
 
     def start(self, timeout: float = 60) -> Orthanc:
+        """Write the configuration, start Orthanc (log in `folder/orthanc.log`) and wait until it answers.
+
+        Args:
+            timeout: seconds to wait for Orthanc to answer; default 60.
+
+        Returns:
+            This instance, running.
+
+        Raises:
+            RuntimeError: when Orthanc or its DICOMweb plugin is not installed, or Orthanc exits.
+            TimeoutError: when Orthanc does not answer within `timeout`.
+        """
         why = missing()
         if why:
             raise RuntimeError(why)
@@ -83,12 +110,14 @@ class Orthanc:
         raise TimeoutError(f"Orthanc did not answer on {self.url} in {timeout} s")
 
     def alive(self) -> bool:
+        """True when Orthanc answers its REST API (`GET /system`) within 2 s."""
         try:
             return requests.get(f"{self.url}/system", timeout=2).ok
         except requests.RequestException:
             return False
 
     def stop(self) -> None:
+        """Stop Orthanc (terminate, then kill after 20 s); nothing happens when it is not running."""
         stop_process(self.proc)
 
     def __enter__(self) -> Orthanc:
@@ -99,9 +128,21 @@ class Orthanc:
 
 
 def load_studies(dicomweb: str, folder: str | Path, modality: str = "MR", labels: bool = True) -> dict[str, str]:
-    """Every image of a datastore folder (top level) as a DICOM series on the PACS (STOW-RS), and with
-    `labels` each final label as a SEG referencing it (names from `labels.json`); returns image id ->
-    SeriesInstanceUID. Loading twice stores the same image UIDs again (no duplicate images)."""
+    """Store a datastore folder's studies on a PACS, so the app can be tried against DICOMweb.
+
+    Every image at the top of `folder` is stored as a DICOM series (STOW-RS). Loading twice stores
+    the same image UIDs again (no duplicate images).
+
+    Args:
+        dicomweb: the PACS's DICOMweb URL.
+        folder: a datastore folder (images at the top, final labels in `labels/final/`).
+        modality: the DICOM Modality of the series; default "MR".
+        labels: also store each final label as a SEG referencing its series (names from the folder's
+            `labels.json`; without names no SEG is stored); default True.
+
+    Returns:
+        Image id -> SeriesInstanceUID of its series.
+    """
     from dicomweb_client import DICOMwebClient
 
     from monailabel_metaapp.core.episodes import image_files, label_names
@@ -131,8 +172,24 @@ def serve_with_pacs(
     modality: str = "MR",
     conf: dict | None = None,
 ) -> None:
-    """`metaapp pacs`: Orthanc on 127.0.0.1:orthanc_port holding `studies` as DICOM (+ SEGs of their
-    labels, loaded once), and the app served on 127.0.0.1:port against it. Ctrl-C stops both."""
+    """`metaapp pacs`: the app served against a local PACS, to try the DICOMweb path with one command.
+
+    Orthanc runs on 127.0.0.1:`orthanc_port` holding `studies` as DICOM (with SEGs of their labels)
+    and the app is served on 127.0.0.1:`port` against it, listing series of `modality` only. Ctrl-C
+    or SIGTERM stops both.
+
+    Args:
+        studies: a datastore folder; loaded only when `pacs_dir` holds no database yet.
+        pacs_dir: Orthanc's folder (database in `db/`, the app's DICOM cache in `cache/`); default ".pacs".
+        orthanc_port: Orthanc's HTTP port; default 8042.
+        port: the app's port; default 8000.
+        modality: the DICOM Modality the studies are stored with and the app lists; default "MR".
+        conf: app settings passed as `--conf key value`; default None (none).
+
+    Raises:
+        RuntimeError: when Orthanc cannot start (see `Orthanc.start`).
+        TimeoutError: when Orthanc does not answer in time.
+    """
     import os
     import signal
     import sys

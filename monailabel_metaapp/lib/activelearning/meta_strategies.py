@@ -32,6 +32,14 @@ DEFAULT_LEASE_SECONDS = 600.0  # a served study stays reserved for its annotator
 
 
 def requested_structures(request: dict) -> list[str] | None:
+    """The structures a request ranks by, so a user can ask for the study most useful to one head.
+
+    Args:
+        request: the strategy request; `structures` (a list or a comma-separated string) or `structure`.
+
+    Returns:
+        The structure names, or None when the request names none (every live head is used).
+    """
     s = request.get("structures") or request.get("structure")
     if not s:
         return None
@@ -39,6 +47,17 @@ def requested_structures(request: dict) -> list[str] | None:
 
 
 def served_to_others(info: dict, client_id: str | None, now: float, lease: float) -> bool:
+    """Whether another annotator holds a study, so two annotators are not served the same one.
+
+    Args:
+        info: the study's image info (MONAI Label's `strategy.{name}.{ts, client_id}` records).
+        client_id: the asking client.
+        now: the current time (epoch seconds).
+        lease: seconds a served study stays reserved.
+
+    Returns:
+        True when any strategy served the study to another client less than `lease` seconds ago.
+    """
     for rec in (info.get("strategy") or {}).values():
         if isinstance(rec, dict) and rec.get("client_id") != client_id and now - rec.get("ts", 0) < lease:
             return True
@@ -46,14 +65,31 @@ def served_to_others(info: dict, client_id: str | None, now: float, lease: float
 
 
 class MetaStrategy(Strategy):
-    """Shared eligibility and the ranking API (`rank` is also served at GET /metaapp/activelearning)."""
+    """Shared eligibility and the ranking API (`rank` is also served at GET /metaapp/activelearning).
+
+    Subclasses implement `order`.
+
+    Args:
+        description: the strategy's description shown by MONAI Label.
+        lease_seconds: seconds a study served to one client is withheld from others; default
+            `DEFAULT_LEASE_SECONDS` (600).
+    """
 
     def __init__(self, description: str, lease_seconds: float = DEFAULT_LEASE_SECONDS):
         super().__init__(description)
         self.lease = lease_seconds
 
     def candidates(self, request: dict, datastore: Datastore) -> tuple[list[str], list[str]]:
-        """(eligible unlabelled studies, studies already covered: labelled or served to others)."""
+        """Split the studies into those that may be served and those already covered.
+
+        Args:
+            request: the strategy request (`client_id`, and `label_tag`/`labels` as MONAI Label passes them).
+            datastore: the datastore.
+
+        Returns:
+            ``(eligible, covered)``: unlabelled studies not held by another client (sorted), and the
+            labelled studies plus those served to others.
+        """
         now, client = time.time(), request.get("client_id")
         unlabelled = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         eligible, covered = [], list(datastore.get_labeled_images())
@@ -65,13 +101,45 @@ class MetaStrategy(Strategy):
         return eligible, covered
 
     def rank(self, request: dict, datastore: Datastore) -> list[dict]:
+        """Every eligible study, best first.
+
+        Args:
+            request: the strategy request.
+            datastore: the datastore.
+
+        Returns:
+            Rows ``{"id", "score", "scored", ...}``, best first; empty when no study is eligible.
+        """
         eligible, covered = self.candidates(request, datastore)
         return self.order(eligible, covered, request, datastore)
 
     def order(self, eligible: list[str], covered: list[str], request: dict, datastore: Datastore) -> list[dict]:
+        """Rank the eligible studies; each strategy defines it.
+
+        Args:
+            eligible: the studies that may be served.
+            covered: the studies already labelled or served to others.
+            request: the strategy request.
+            datastore: the datastore.
+
+        Returns:
+            Rows ``{"id", "score", "scored", ...}``, best first.
+
+        Raises:
+            NotImplementedError: in this base class.
+        """
         raise NotImplementedError
 
     def __call__(self, request, datastore: Datastore):
+        """MONAI Label's strategy call ("Next Sample").
+
+        Args:
+            request: the strategy request.
+            datastore: the datastore.
+
+        Returns:
+            The best study's row (its `id` is the image id), or None when no study is eligible.
+        """
         ranked = self.rank(request, datastore)
         if not ranked:
             return None
@@ -81,16 +149,32 @@ class MetaStrategy(Strategy):
 
 
 def uncertainty_of(info: dict, structures: list[str] | None) -> float | None:
+    """A study's cached uncertainty, averaged over the asked heads.
+
+    Args:
+        info: the study's image info.
+        structures: the heads to average over; None: every scored head.
+
+    Returns:
+        The mean uncertainty, or None when none of those heads has scored the study.
+    """
     u = (info.get(KEY) or {}).get("uncertainty") or {}
     vals = [v for n, v in u.items() if structures is None or n in structures]
     return sum(vals) / len(vals) if vals else None
 
 
 class Uncertainty(MetaStrategy):
+    """`uncertainty`: the study the adapted heads are least sure about.
+
+    Args:
+        kw: passed to `MetaStrategy` (`lease_seconds`).
+    """
+
     def __init__(self, **kw):
         super().__init__("Study the adapted heads are least sure about (meta-learned model)", **kw)
 
     def order(self, eligible, covered, request, datastore):
+        """Most uncertain first (ties by id); a study not yet scored counts as most uncertain (score 1)."""
         structures = requested_structures(request)
         rows = []
         for i in eligible:
@@ -100,6 +184,15 @@ class Uncertainty(MetaStrategy):
 
 
 def descriptors(ids: list[str], datastore: Datastore) -> tuple[list[str], torch.Tensor]:
+    """The cached encoder descriptors of some studies, for distances in the shared encoder's space.
+
+    Args:
+        ids: the studies.
+        datastore: the datastore.
+
+    Returns:
+        ``(ids that have a descriptor, their (N, D) descriptors)``; a (0, 0) tensor when none has one.
+    """
     have, vecs = [], []
     for i in ids:
         d = (datastore.get_image_info(i).get(KEY) or {}).get("descriptor")
@@ -110,6 +203,17 @@ def descriptors(ids: list[str], datastore: Datastore) -> tuple[list[str], torch.
 
 
 def diversity_order(eligible: list[str], covered: list[str], datastore: Datastore) -> list[dict]:
+    """Eligible studies in k-center greedy order, so each next study is the least like those before it.
+
+    Args:
+        eligible: the studies to order.
+        covered: the studies already labelled or served to others (the anchors).
+        datastore: the datastore.
+
+    Returns:
+        Rows ``{"id", "score", "scored"}``, score = distance to the nearest covered study (0 with none
+        covered); studies without a descriptor come last, unscored.
+    """
     ids, cand = descriptors(eligible, datastore)
     _, anchors = descriptors(covered, datastore)
     rows = []
@@ -122,19 +226,34 @@ def diversity_order(eligible: list[str], covered: list[str], datastore: Datastor
 
 
 class Diversity(MetaStrategy):
+    """`diversity`: the study farthest from every labelled or served one in the shared encoder's space.
+
+    Args:
+        kw: passed to `MetaStrategy` (`lease_seconds`).
+    """
+
     def __init__(self, **kw):
         super().__init__("Study farthest from everything labelled, in the shared encoder's space", **kw)
 
     def order(self, eligible, covered, request, datastore):
+        """Eligible studies in k-center greedy order (see `diversity_order`)."""
         return diversity_order(eligible, covered, datastore)
 
 
 class Hybrid(MetaStrategy):
+    """`hybrid`: diversity among the more uncertain half, so picks are informative and not redundant.
+
+    Args:
+        kw: passed to `MetaStrategy` (`lease_seconds`).
+    """
+
     def __init__(self, **kw):
         super().__init__("Most diverse study among the more uncertain half", **kw)
         self._uncertainty = Uncertainty()
 
     def order(self, eligible, covered, request, datastore):
+        """The more uncertain half in diversity order (rows carry their `uncertainty` too), then the
+        rest by uncertainty."""
         by_u = self._uncertainty.order(eligible, covered, request, datastore)
         top = [r["id"] for r in by_u[: max(1, (len(by_u) + 1) // 2)]]
         u = {r["id"]: r["score"] for r in by_u}

@@ -23,7 +23,14 @@ KEY = "metaapp_al"
 
 class ALScores:
     """Keeps `image info[metaapp_al]` = {"model", "descriptor", "uncertainty": {name: u},
-    "head_versions": {name: v}, "ts"} up to date for every study."""
+    "head_versions": {name: v}, "ts"} up to date for every study, so strategies never call the model.
+
+    A study is rescored when the model changed, it has no descriptor yet, or (unlabelled studies
+    only) a head version changed. Every head publish or rollback of `service` triggers a pass.
+
+    Args:
+        service: the app's service (datastore, model, live heads and adaptation queue).
+    """
 
     def __init__(self, service):
         self.service = service
@@ -35,6 +42,7 @@ class ALScores:
         service.listeners.append(lambda name: self.trigger())
 
     def start(self) -> ALScores:
+        """Start the worker thread (once) and ask for a first pass; returns this instance."""
         if not self._thread.is_alive():
             self._thread.start()
         self.trigger()
@@ -45,6 +53,13 @@ class ALScores:
         self._dirty.set()
 
     def status(self) -> dict:
+        """The worker's state for clients that poll it.
+
+        Returns:
+            ``{"passes", "last_pass_s", "scored", "state", "pending"}``: complete passes, the last one's
+            duration, studies scored in the last complete pass, "idle" or "scoring", and whether a
+            pass is asked for.
+        """
         with self._lock:
             return dict(self._stats, pending=self._dirty.is_set())
 
@@ -96,6 +111,18 @@ class ALScores:
         return True
 
     def score(self, image_id: str, heads: dict, versions: dict, need_uncertainty: bool = True) -> dict:
+        """One study's active-learning record under the live model (the value stored under `metaapp_al`).
+
+        Args:
+            image_id: the study.
+            heads: structure name -> live head.
+            versions: structure name -> head version, recorded so a later pass can tell stale scores.
+            need_uncertainty: compute each head's uncertainty (1 - soft self-Dice); labelled studies
+                skip it. Default True.
+
+        Returns:
+            ``{"model", "descriptor", "uncertainty": {name: u}, "head_versions", "ts"}``.
+        """
         path = self.datastore.get_image_uri(image_id)
         adapter, _ = self.service.live()
         stack, _geom, feats = self.service.study(path, adapter)
@@ -114,12 +141,25 @@ class ALScores:
 
 
 class ALScoring(ScoringMethod):
-    """`POST /scoring/metaapp_al`: queue a refresh of every study's active-learning scores."""
+    """`POST /scoring/metaapp_al`: queue a refresh of every study's active-learning scores.
+
+    Args:
+        scores: the background scorer to trigger.
+    """
 
     def __init__(self, scores: ALScores):
         super().__init__("Refresh uncertainty and encoder descriptors of every study (in the background)")
         self.scores = scores
 
     def __call__(self, request, datastore=None) -> dict:
+        """Ask for a pass without waiting for it.
+
+        Args:
+            request: the scoring request (unused).
+            datastore: the datastore (unused: the scorer has its own); default None.
+
+        Returns:
+            ``{"queued": True}`` with the scorer's `status`.
+        """
         self.scores.trigger()
         return {"queued": True, **self.scores.status()}
