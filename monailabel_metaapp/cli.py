@@ -52,7 +52,7 @@ def _bank(a: argparse.Namespace) -> None:
 def config_from_args(cls, a: argparse.Namespace, **given):
     """A settings dataclass from the parsed options of the same names, plus `given` fields."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{n: getattr(a, n) for n in names if hasattr(a, n)} | given)
+    return cls(**{n: getattr(a, n) for n in names if getattr(a, n, None) is not None} | given)
 
 
 def _meta_train(a: argparse.Namespace) -> None:
@@ -86,9 +86,23 @@ def _meta_train(a: argparse.Namespace) -> None:
 def _adapt_site(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.site_adaptation import SiteConfig, adapt_site
 
-    cfg = config_from_args(SiteConfig, a)
+    config, trainer = SiteConfig, None
+    if a.task == "cls":
+        from monailabel_metaapp.core.cls_site_adaptation import ClsSiteAdaptation, ClsSiteConfig
+
+        config, trainer = ClsSiteConfig, ClsSiteAdaptation
+    cfg = config_from_args(config, a)
     summary = adapt_site(
-        a.studies, a.out, a.init, a.minutes, cfg, a.device, a.check_minutes, fresh=a.fresh, keep_candidates=a.keep
+        a.studies,
+        a.out,
+        a.init,
+        a.minutes,
+        cfg,
+        a.device,
+        a.check_minutes,
+        fresh=a.fresh,
+        keep_candidates=a.keep,
+        trainer=trainer,
     )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -205,18 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "adapt-site", help="site adaptation: the encoder keeps meta-training on a site's images, guarded"
     )
-    s.add_argument("--studies", nargs="+", required=True, help="datastore folders (labels optional) or .npz banks")
+    s.add_argument(
+        "--task",
+        choices=["seg", "cls"],
+        default="seg",
+        help="seg: the segmentation encoder; cls: the classifier's (UMTRA tasks on the images)",
+    )
+    s.add_argument(
+        "--studies",
+        nargs="+",
+        required=True,
+        help="seg: datastore folders (labels optional) or .npz banks; cls: image folders (PNG, NIfTI, ...) "
+        "or unlabelled:FILE.npz (the train images of a MedMNIST-layout file; its labels are never read)",
+    )
     s.add_argument("--minutes", type=float, required=True, help="training time budget")
     s.add_argument("--out", required=True, help="weights the guard chose (the candidate, or the --init weights)")
-    s.add_argument("--init", help="starting weights, the prior's centre (default: the shipped model)")
+    s.add_argument("--init", help="starting weights, the prior's centre (default: the shipped model of --task)")
     s.add_argument("--device", default="auto", help="auto|cpu|cuda")
     s.add_argument("--check-minutes", type=float, default=0.0, help="also check the candidate every N minutes")
     s.add_argument("--keep-candidates", dest="keep", action="store_true", help="keep each checked candidate")
     s.add_argument("--margin", type=float, default=0.0, help="the candidate must be better by more than this")
     s.add_argument("--lambda-kl", type=float, default=1e-3)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--tasks-per-step", type=int, default=4)
-    s.add_argument("--ssl-fraction", type=float, default=0.5, help="share of superpixel tasks when labels exist")
+    s.add_argument("--tasks-per-step", type=int, help="episodes per outer step (default: seg 4, cls 8)")
+    s.add_argument(
+        "--ssl-fraction", type=float, default=0.5, help="share of self-supervised tasks when labelled tasks exist"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-seconds", type=float, default=60.0)
     s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")

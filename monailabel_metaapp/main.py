@@ -107,7 +107,8 @@ class MetaApp(MONAILabelApp):
         ohif.install(fastapi_app)
         from monailabel_metaapp.lib import site_routes
 
-        site_routes.install(fastapi_app, {name: cfg.site for name, cfg in self.configs.items()})
+        loops = {name: cfg.site for name, cfg in {**self.configs, **self.cls_configs}.items()}
+        site_routes.install(fastapi_app, loops)
         from monailabel_metaapp.lib.cls import routes as cls_routes
 
         for name, cfg in self.cls_configs.items():
@@ -154,7 +155,7 @@ class MetaApp(MONAILabelApp):
             for name, cfg in self.configs.items()
         }
         for name, cfg in self.cls_configs.items():
-            meta["metaapp"][name] = cfg.service.status()
+            meta["metaapp"][name] = {**cfg.service.status(), "site_adaptation": cfg.site.status()}
         if hasattr(self._datastore, "poll"):
             meta["metaapp"]["pacs"] = self._datastore.pacs_status()
         return meta

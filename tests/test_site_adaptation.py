@@ -131,7 +131,7 @@ def test_adapt_site_cli_writes_the_guarded_encoder(capsys, samples_src, tmp_path
 
 # -- through the server ------------------------------------------------------------------------
 
-FAST = {"site_check_minutes": "0.05", "refine": "false"}
+FAST = {"site_check_minutes": "0.05", "refine": "false", "site_adapt_cls": "false"}  # the classifier's: its own test
 
 
 def _site(client: MONAILabelClient) -> dict:
@@ -218,4 +218,5 @@ def test_conf_key_turns_site_adaptation_off(sample_store, start_server, tmp_path
     time.sleep(2)
     st = _site(client)
     assert st["state"] == "off" and st["version"] == 0 and st["last_check"] is None
+    assert client.info()["metaapp"]["fewshot_cls"]["site_adaptation"]["state"] == "off"  # both encoders
     assert not (sample_store / ".metaapp" / "site").exists()

@@ -16,6 +16,7 @@ from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 
 DEFAULT_SEG_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "metaseg.pt"
+DEFAULT_CLS_WEIGHTS = DEFAULT_SEG_WEIGHTS.with_name("metacls.pt")
 
 
 def atomic_write(path: str | Path, write) -> None:

@@ -138,6 +138,28 @@ def to_views(images: np.ndarray, size: int, crop: float = IMAGE_CROP) -> torch.T
     return torch.cat(views, 1).clamp(0, 1)
 
 
+def image_file_views(path: str | Path, size: int, crop: float = IMAGE_CROP) -> torch.Tensor:
+    """A whole image file -> (V, size, size) views: a 2D image one (uint8 as /255, as MedMNIST), a 3D
+    volume its three central orthogonal slices (reoriented, intensities percentile-scaled).
+
+    Args:
+        path: any SimpleITK-readable file (NIfTI, NRRD, PNG, a DICOM folder, ...).
+        size: the side of each view.
+        crop: the central share of each slice kept.
+    """
+    import SimpleITK as sitk
+
+    from monailabel_metaapp.core.volume import CANONICAL, normalise_intensity, read_image
+
+    img = read_image(path)
+    if img.GetSize()[2] > 1:
+        img = sitk.DICOMOrient(img, CANONICAL)
+    arr = sitk.GetArrayFromImage(img)
+    if arr.dtype != np.uint8:
+        arr = normalise_intensity(arr)
+    return to_views(arr[:1] if arr.shape[0] == 1 else arr[None], size, crop)[0]
+
+
 def load_medmnist(path: str | Path, split: str, size: int, crop: float = IMAGE_CROP) -> ClsSet:
     """One split of a MedMNIST-layout .npz, with clear errors for anything else.
 

@@ -259,6 +259,24 @@ class FewShotClsModel(nn.Module):
         return f.reshape(n, v, -1).mean(1)
 
 
+@torch.no_grad()
+def embed_examples(model: FewShotClsModel, views: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Examples (each (V, size, size), V may differ) -> (N, D) features on `device`, batched by view count.
+
+    Args:
+        model: the classifier.
+        views: one tensor of views per example.
+        device: where to compute.
+    """
+    out: list[torch.Tensor | None] = [None] * len(views)
+    for nv in sorted({v.shape[0] for v in views}):
+        idx = [i for i, v in enumerate(views) if v.shape[0] == nv]
+        f = model.embed(torch.stack([views[i] for i in idx]).to(device))
+        for j, i in enumerate(idx):
+            out[i] = f[j]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 DEFAULT_CLS_STEPS = 20  # inner-loop steps of a classifier head's adaptation, in the app and its evaluation
 
 

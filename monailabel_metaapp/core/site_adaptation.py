@@ -13,6 +13,10 @@ a candidate with the live encoder on them:
   out, each held-out labelled study predicted in turn), candidate against live;
 * without: the self-supervised validation loss (fixed superpixel tasks on the held-out images).
 The candidate goes live only when it is better by more than `margin`.
+
+`SiteTrainer` is what the segmentation encoder (`SiteAdaptation`) and the classifier's
+(`cls_site_adaptation.ClsSiteAdaptation`) share: steps, checkpoints, resume, the check's decision and
+the offline `adapt_site`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, save_model, sidecar
-from monailabel_metaapp.core.episodes import EpisodeSampler, Study, add_superpixels, load_bank, load_studies
+from monailabel_metaapp.core.episodes import Episode, EpisodeSampler, Study, add_superpixels, load_bank, load_studies
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.metatrain import (
     MetaTrainConfig,
@@ -63,6 +67,7 @@ class SiteConfig:
     max_support: int = 4  # labelled studies a head adapts on in the guard's Dice check
     check_slices: int = 48  # query slices (evenly spaced) the guard's Dice is computed on
     margin: float = 0.0  # the candidate must beat the live encoder by more than this
+    swap_unlabelled: bool = True  # without labels the self-supervised loss decides (False: only reported)
     seed: int = 0
     checkpoint_seconds: float = 60.0
     val_every: int = 50  # steps between validation losses in the log
@@ -98,19 +103,32 @@ def structure_key(s: Study, value: int) -> str:
     return f"{s.name.split('/')[0]}:{value}"
 
 
-class SiteAdaptation:
-    """Continued meta-training on a site's images, in steps, with a guard.
+class SiteTrainer:
+    """Continued meta-training of a model's encoder on a site's data, in steps, with a guard: what
+    segmentation (`SiteAdaptation`) and classification (`cls_site_adaptation.ClsSiteAdaptation`) share.
+
+    The model starts from `init` with the KL prior centred on it; `step` is one outer step of the
+    meta-objective (`metatrain.outer_step`); `checkpoint` writes the whole state atomically and a new
+    trainer on the same `state_path` resumes it; `check` scores a candidate against the live model.
+    A subclass says what the model, the data, the episodes and the two checks are (the hooks below).
 
     Args:
-        studies: every image of the site (`Study`, labels where final labels exist).
-        init: weights of the live encoder: the start, and the centre of the KL prior.
+        data: the site's data (what `set_data` takes).
+        init: weights of the live model: the start, and the centre of the KL prior.
         state_path: the resumable state (written atomically by `checkpoint`).
+        cfg: the settings (`SiteConfig` or a subclass of it).
+        device: where to train.
+        rank: this process's rank under torchrun.
+        world: the number of processes under torchrun.
         fresh: ignore an existing state instead of resuming it.
     """
 
+    label_metric = "dice"  # the labelled check's score (higher is better)
+    per_key = "per_structure"  # where the labelled check's per-item scores go in a check record
+
     def __init__(
         self,
-        studies: list[Study],
+        data,
         init: str | Path | None,
         state_path: str | Path,
         cfg: SiteConfig | None = None,
@@ -124,7 +142,7 @@ class SiteAdaptation:
         self.rank, self.world = rank, world
         self.state_path = Path(state_path)
         self.init = str(init) if init else "shipped"
-        self.model = load_model(init).to(self.device)
+        self.model = self.load(init).to(self.device)
         self.model.encoder.set_prior_to_current()  # p(theta) centred on the live weights
         self.start = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.model.train()
@@ -133,19 +151,86 @@ class SiteAdaptation:
         self.resumed = False
         if self.state_path.exists() and not fresh:
             self._resume()
-        self.set_studies(studies)
+        self.set_data(data)
 
-    def set_studies(self, studies: list[Study]) -> None:
-        """(Re)build the held-out split, the episode sampler and the validation tasks, e.g. after a
-        datastore gained images or labels."""
-        train, held = split_holdout(studies, self.cfg.holdout_fraction, self.cfg.seed)
-        ctx = self.model.cfg.context
-        seed = self.cfg.seed + 1000 * self.rank + self.steps  # a resumed run draws other episodes
-        sampler = EpisodeSampler(train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed)
-        add_superpixels(held, progress=False)
-        val_sampler = EpisodeSampler(held, ctx, set(), 1.0, device=self.device, seed=12345)
-        self.val_episodes = [val_sampler.ssl_task() for _ in range(self.cfg.val_tasks)]
-        self.train_studies, self.held, self.all_studies, self.sampler = train, held, list(studies), sampler
+    # -- hooks ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, init: str | Path | None, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The model of a weights file (None: the shipped one).
+
+        Args:
+            init: the weights file.
+            device: where it goes.
+        """
+        return load_model(init, device)
+
+    @classmethod
+    def load_sources(cls, sources: list[str | Path], model: torch.nn.Module, progress: bool = True):
+        """The site's data from command-line sources (`adapt_site`).
+
+        Args:
+            sources: what `--studies` names.
+            model: the live model (its input size).
+            progress: show progress.
+        """
+        return load_site_studies(sources, model.cfg.size, progress=progress)
+
+    def set_data(self, data) -> None:
+        """(Re)build the held-out split, the episode sampler and the validation tasks.
+
+        Args:
+            data: the site's data.
+        """
+        raise NotImplementedError
+
+    def sample(self):
+        """One training episode."""
+        return self.sampler.sample()
+
+    def objective(self, episodes: list) -> tuple[torch.Tensor, dict[str, float]]:
+        """The meta-objective of a batch of episodes (task losses and the KL to the prior).
+
+        Args:
+            episodes: the batch.
+        """
+        raise NotImplementedError
+
+    def episode_loss(self, model: torch.nn.Module, episode) -> float:
+        """The query loss of one validation episode after the head's inner steps (mean weights).
+
+        Args:
+            model: the model to score.
+            episode: one of `val_episodes`.
+        """
+        raise NotImplementedError
+
+    def val_loss(self, model: torch.nn.Module, pause: Pause | None = None) -> float:
+        """Mean query loss of the fixed self-supervised tasks on the held-out data (lower is better).
+
+        Args:
+            model: the model to score.
+            pause: called before each task; False stops (InterruptedError).
+        """
+        model = model.to(self.device)
+        losses = []
+        for ep in self.val_episodes:
+            if pause is not None and not pause():
+                raise InterruptedError("stopped")
+            losses.append(self.episode_loss(model, ep))
+        return statistics.fmean(losses)
+
+    def has_labels(self) -> bool:
+        """Whether the labelled check applies (else the self-supervised loss decides)."""
+        return False
+
+    def labelled_scores(self, model: torch.nn.Module, pause: Pause | None = None) -> dict[str, dict[str, float]]:
+        """item -> {`label_metric`: score, more scores...} of the labelled check.
+
+        Args:
+            model: the model to score.
+            pause: called before each unit; False stops (InterruptedError).
+        """
+        raise NotImplementedError
 
     # -- state ------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -179,6 +264,7 @@ class SiteAdaptation:
 
     @property
     def minutes(self) -> float:
+        """Minutes of site training so far (a resumed run included)."""
         return self.elapsed / 60
 
     # -- training ---------------------------------------------------------------------------
@@ -186,13 +272,8 @@ class SiteAdaptation:
         """One outer step of meta-training (a few seconds on a CPU); returns its log record."""
         t0 = time.perf_counter()
         self.model.train()
-        cfg = self.cfg
-
-        def objective(episodes):
-            return meta_objective(self.model, episodes, cfg.lambda_kl, cfg.inner_steps)
-
         parts = outer_step(
-            self.model, self.opt, self.params, self.sampler.sample, objective, cfg.tasks_per_step, self.world
+            self.model, self.opt, self.params, self.sample, self.objective, self.cfg.tasks_per_step, self.world
         )
         self.steps += 1
         self.elapsed += time.perf_counter() - t0
@@ -203,34 +284,132 @@ class SiteAdaptation:
             "kl": round(parts["kl"], 4),
         }
 
-    def candidate(self) -> FewShotSegModel:
+    def candidate(self) -> torch.nn.Module:
         """A copy of the weights trained so far, for checking and installing."""
-        m = copy.deepcopy(self.model).eval()
-        return m
+        return copy.deepcopy(self.model).eval()
 
     def save_candidate(self, path: str | Path, info: dict | None = None) -> None:
+        """Write the weights trained so far, with this run's summary in the sidecar.
+
+        Args:
+            path: the weights file.
+            info: more to record in the sidecar.
+        """
         save_model(self.model, path, {"site_adaptation": self.summary(), **(info or {})})
 
     def summary(self) -> dict:
+        """What this run is: start, steps, minutes, data, settings."""
         return {
             "init": self.init,
             "steps": self.steps,
             "minutes": round(self.minutes, 2),
-            "train_images": len(self.train_studies),
-            "held_out_images": [s.name for s in self.held],
+            **self.data_summary(),
             "config": asdict(self.cfg),
         }
 
+    def data_summary(self) -> dict:
+        """What `summary` says of the data."""
+        return {}
+
     # -- the guard --------------------------------------------------------------------------
-    def val_loss(self, model: FewShotSegModel, pause: Pause | None = None) -> float:
-        """Mean query loss of the fixed superpixel tasks on the held-out images (lower is better)."""
-        model = model.to(self.device)
-        losses = []
-        for ep in self.val_episodes:
-            if pause is not None and not pause():
-                raise InterruptedError("stopped")
-            losses.append(float(task_loss(model, ep, self.cfg.inner_steps, first_order=True, sample=False).detach()))
-        return statistics.fmean(losses)
+    def check(self, candidate: torch.nn.Module, live: torch.nn.Module, pause: Pause | None = None) -> dict:
+        """Candidate against live on the held-out data; `accepted` when the candidate is better by more
+        than the margin. Raises InterruptedError when `pause` says stop.
+
+        Args:
+            candidate: the model trained so far (`candidate`).
+            live: the model in service.
+            pause: called before each unit of work; False stops.
+        """
+        t0 = time.perf_counter()
+        rec: dict = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "steps": self.steps}
+        rec["minutes"] = round(self.minutes, 2)
+        margin, metric = self.cfg.margin, self.label_metric
+        if self.has_labels():
+            cand, base = self.labelled_scores(candidate, pause), self.labelled_scores(live, pause)
+            c = statistics.fmean(v[metric] for v in cand.values())
+            b = statistics.fmean(v[metric] for v in base.values())
+            rec.update(metric=metric, candidate=round(c, 4), live=round(b, 4), accepted=c > b + margin)
+            rec[self.per_key] = {k: _both(cand[k], base[k], metric) for k in cand}
+        else:
+            c, b = self.val_loss(candidate, pause), self.val_loss(live, pause)
+            better = c < b - margin
+            rec.update(metric="ssl_loss", candidate=round(c, 4), live=round(b, 4), accepted=better)
+            if better and not self.cfg.swap_unlabelled:  # reported, but a loss alone does not swap
+                rec.update(accepted=False, better=True, held="no labels to check against")
+        rec["margin"] = margin
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        return rec
+
+
+def _both(cand: dict[str, float], live: dict[str, float], metric: str) -> dict[str, float]:
+    """One item's scores in a check record: `candidate` and `live` for the metric, `candidate_X` and
+    `live_X` for any other score X."""
+    out = {"candidate": round(cand[metric], 4), "live": round(live[metric], 4)}
+    for n in cand:
+        if n != metric:
+            out[f"candidate_{n}"], out[f"live_{n}"] = round(cand[n], 4), round(live[n], 4)
+    return out
+
+
+class SiteAdaptation(SiteTrainer):
+    """Continued meta-training of the segmentation encoder on a site's images, in steps, with a guard.
+
+    Args:
+        studies: every image of the site (`Study`, labels where final labels exist).
+        init: weights of the live encoder: the start, and the centre of the KL prior.
+        state_path: the resumable state (written atomically by `checkpoint`).
+        cfg: the settings.
+        device: where to train.
+        rank: this process's rank under torchrun.
+        world: the number of processes under torchrun.
+        fresh: ignore an existing state instead of resuming it.
+    """
+
+    def set_data(self, data: list[Study]) -> None:
+        """See `set_studies`.
+
+        Args:
+            data: every image of the site.
+        """
+        self.set_studies(data)
+
+    def set_studies(self, studies: list[Study]) -> None:
+        """(Re)build the held-out split, the episode sampler and the validation tasks, e.g. after a
+        datastore gained images or labels.
+
+        Args:
+            studies: every image of the site.
+        """
+        train, held = split_holdout(studies, self.cfg.holdout_fraction, self.cfg.seed)
+        ctx = self.model.cfg.context
+        seed = self.cfg.seed + 1000 * self.rank + self.steps  # a resumed run draws other episodes
+        sampler = EpisodeSampler(train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed)
+        add_superpixels(held, progress=False)
+        val_sampler = EpisodeSampler(held, ctx, set(), 1.0, device=self.device, seed=12345)
+        self.val_episodes = [val_sampler.ssl_task() for _ in range(self.cfg.val_tasks)]
+        self.train_studies, self.held, self.all_studies, self.sampler = train, held, list(studies), sampler
+
+    def objective(self, episodes: list) -> tuple[torch.Tensor, dict[str, float]]:
+        """The segmentation meta-objective (`objective.meta_objective`).
+
+        Args:
+            episodes: the batch.
+        """
+        return meta_objective(self.model, episodes, self.cfg.lambda_kl, self.cfg.inner_steps)
+
+    def data_summary(self) -> dict:
+        """Training and held-out images."""
+        return {"train_images": len(self.train_studies), "held_out_images": [s.name for s in self.held]}
+
+    def episode_loss(self, model: FewShotSegModel, episode: Episode) -> float:
+        """The query loss of one held-out superpixel task.
+
+        Args:
+            model: the model to score.
+            episode: one of `val_episodes`.
+        """
+        return float(task_loss(model, episode, self.cfg.inner_steps, first_order=True, sample=False).detach())
 
     def labelled_checks(self) -> list[tuple[str, int, Study, list[Study]]]:
         """(structure, value, held-out query, support studies) for the leave-one-study-out Dice."""
@@ -243,9 +422,27 @@ class SiteAdaptation:
                     out.append((key, v, q, pool[: self.cfg.max_support]))
         return out
 
+    def has_labels(self) -> bool:
+        """Whether a held-out study has a labelled structure that other studies hold too."""
+        return bool(self.labelled_checks())
+
+    def labelled_scores(self, model: FewShotSegModel, pause: Pause | None = None) -> dict[str, dict[str, float]]:
+        """structure -> {"dice": mean over its held-out studies} (`loso_dice`).
+
+        Args:
+            model: the model to score.
+            pause: called before each structure; False stops (InterruptedError).
+        """
+        return {k: {"dice": d} for k, d in self.loso_dice(model, pause).items()}
+
     def loso_dice(self, model: FewShotSegModel, pause: Pause | None = None) -> dict[str, float]:
         """structure -> mean Dice over its held-out studies, each predicted by a head adapted on the other
-        labelled studies (on the model's slice grid, at most `check_slices` evenly spaced slices)."""
+        labelled studies (on the model's slice grid, at most `check_slices` evenly spaced slices).
+
+        Args:
+            model: the model to score.
+            pause: called before each structure; False stops (InterruptedError).
+        """
         adapter = SegAdapter(model, self.device)
         per: dict[str, list[float]] = {}
         query_feats: dict[int, torch.Tensor] = {}  # a query holding several structures is embedded once
@@ -261,24 +458,6 @@ class SiteAdaptation:
             pred = probabilities_to_labels(probs, [1], one_piece=head.one_piece) == 1
             per.setdefault(key, []).append(dice(pred, (q.label[idx] == v).numpy()))
         return {k: statistics.fmean(d) for k, d in per.items()}
-
-    def check(self, candidate: FewShotSegModel, live: FewShotSegModel, pause: Pause | None = None) -> dict:
-        """Candidate against live on the held-out images; `accepted` when the candidate is better by more
-        than the margin. Raises InterruptedError when `pause` says stop."""
-        t0 = time.perf_counter()
-        rec: dict = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "steps": self.steps}
-        rec["minutes"] = round(self.minutes, 2)
-        if self.labelled_checks():
-            cand, base = self.loso_dice(candidate, pause), self.loso_dice(live, pause)
-            c, b = statistics.fmean(cand.values()), statistics.fmean(base.values())
-            rec.update(metric="dice", candidate=round(c, 4), live=round(b, 4), accepted=c > b + self.cfg.margin)
-            rec["per_structure"] = {k: {"candidate": round(cand[k], 4), "live": round(base[k], 4)} for k in cand}
-        else:
-            c, b = self.val_loss(candidate, pause), self.val_loss(live, pause)
-            rec.update(metric="ssl_loss", candidate=round(c, 4), live=round(b, 4), accepted=c < b - self.cfg.margin)
-        rec["margin"] = self.cfg.margin
-        rec["seconds"] = round(time.perf_counter() - t0, 1)
-        return rec
 
 
 def load_site_studies(sources: list[str | Path], size: int, progress: bool = True) -> list[Study]:
@@ -308,12 +487,27 @@ def adapt_site(
     progress: bool = True,
     fresh: bool = False,
     keep_candidates: bool = False,
+    trainer: type[SiteTrainer] | None = None,
 ) -> dict:
     """Offline site adaptation (`metaapp adapt-site`): train for `minutes`, check the candidate against
     the starting weights (also every `check_minutes` when > 0), and write to `out` the encoder the guard
     chose: the candidate when accepted, the starting weights otherwise (the last candidate is then kept
     as `out.candidate.pt`). Resumes from `out.state.pt`; a JSON-lines log in `out.log.jsonl`.
-    `keep_candidates`: every checked candidate is also kept, as `out.stepNNNNN.pt`."""
+
+    Args:
+        sources: the site's data (`trainer.load_sources`): datastore folders or banks for segmentation.
+        out: the weights file the guard's choice is written to.
+        init: the starting weights and the prior's centre (None: the shipped model).
+        minutes: the training budget.
+        cfg: the settings.
+        device: "auto", "cpu", "cuda", ...
+        check_minutes: also check the candidate every this many minutes (0: at the end only).
+        progress: show a progress bar.
+        fresh: ignore an existing `out.state.pt` instead of resuming it.
+        keep_candidates: every checked candidate is also kept, as `out.stepNNNNN.pt`.
+        trainer: what is adapted (default `SiteAdaptation`, the segmentation encoder).
+    """
+    trainer = trainer or SiteAdaptation
     cfg = cfg or SiteConfig()
     if minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
@@ -324,9 +518,9 @@ def adapt_site(
     torch.manual_seed(cfg.seed + rank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    live = load_model(init, dev)
-    studies = load_site_studies(sources, live.cfg.size, progress=progress and rank == 0)
-    site = SiteAdaptation(studies, init, Path(str(out) + ".state.pt"), cfg, dev, rank, world, fresh)
+    live = trainer.load(init, dev)
+    data = trainer.load_sources(sources, live, progress=progress and rank == 0)
+    site = trainer(data, init, Path(str(out) + ".state.pt"), cfg, dev, rank, world, fresh)
     if site.resumed and rank == 0:
         print(f"resuming from {site.state_path} at step {site.steps} ({site.minutes:.1f} min done)")
     log_path = Path(str(out) + ".log.jsonl")

@@ -13,9 +13,16 @@ Files under `<store_dir>/site/`:
   minutes of site training.
 Version 0 is the encoder the server was started with (conf `model`).
 
-Conf keys: `site_adapt` (default true; false turns it off), `site_adapt_minutes` (cap of training
-minutes, 0: no cap), `site_check_minutes` (training minutes between guard checks, default 10),
-`site_margin` (the candidate must beat the live encoder by more than this, default 0).
+The classifier's encoder has a loop of its own (`ClsSiteAdaptationLoop`): UMTRA tasks on the
+datastore's images (plus labelled tasks from class corrections where there are enough), checked by
+the leave-one-out AUC of the class heads or a self-supervised loss (`core.cls_site_adaptation`); its
+files are `cls_state.pt`, `cls_encoders/vNNNN.pt` and `cls.json` in the same folder. The two loops
+take turns: one training step at a time.
+
+Conf keys: `site_adapt` (default true; false turns both off), `site_adapt_seg` and `site_adapt_cls`
+(default true; false turns one off), `site_adapt_minutes` (cap of training minutes of each, 0: no
+cap), `site_check_minutes` (training minutes between guard checks, default 10), `site_margin` (the
+candidate must beat the live encoder by more than this, default 0).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from monailabel_metaapp.core.checkpoint import load_model, save_json, save_model
+from monailabel_metaapp.core.checkpoint import save_json, save_model
+from monailabel_metaapp.core.cls_site_adaptation import ClsExample, ClsSiteAdaptation, ClsSiteConfig, ClsSiteData
 from monailabel_metaapp.core.episodes import Study, add_superpixels
 from monailabel_metaapp.core.errors import VolumeError
-from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig
+from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig, SiteTrainer
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.lib.activity import GATE, SITE
 
@@ -39,10 +47,21 @@ logger = logging.getLogger(__name__)
 
 OFF, IDLE, TRAINING, CHECKING, PAUSED = "off", "idle", "training", "checking", "paused"
 KEEP_CHECKS = 50  # checks kept in site.json
+STEP_LOCK = threading.Lock()  # the loops take turns: one training step at a time
 
 
-def conf_enabled(conf: dict) -> bool:
-    return str(conf.get("site_adapt", "true")).strip().lower() not in ("false", "0", "no", "off")
+def _on(conf: dict, key: str) -> bool:
+    return str(conf.get(key, "true")).strip().lower() not in ("false", "0", "no", "off")
+
+
+def conf_enabled(conf: dict, part: str = "seg") -> bool:
+    """Whether site adaptation of one encoder is on.
+
+    Args:
+        conf: the app's conf (`site_adapt`, and `site_adapt_seg` or `site_adapt_cls`).
+        part: "seg" or "cls".
+    """
+    return _on(conf, "site_adapt") and _on(conf, f"site_adapt_{part}")
 
 
 class SiteAdaptationLoop:
@@ -53,8 +72,14 @@ class SiteAdaptationLoop:
         conf: the app's conf (see the module's docstring for the keys).
 
     `live_weights` says which encoder the service starts with; `attach(service)` starts the thread.
-    New encoders go live through the service's `install_encoder(path)`.
+    New encoders go live through the service's `install_encoder(path)`. A subclass adapts another
+    encoder through the hooks marked below.
     """
+
+    part = "seg"  # the conf key `site_adapt_seg`
+    files = ("site.json", "state.pt", "encoders")  # record, training state, versions (under site/)
+    trainer: type[SiteTrainer] = SiteAdaptation
+    min_items = 2  # images needed to start
 
     def __init__(self, store_dir: str | Path, conf: dict):
         self.service = None
@@ -62,22 +87,39 @@ class SiteAdaptationLoop:
         self._rolled_back: str | None = None
         self._resumed_at: int | None = None  # the step a restart resumed training at
         self.dir = Path(store_dir) / "site"
-        self.enabled = conf_enabled(conf)
+        self.enabled = conf_enabled(conf, self.part)
         self.cap_minutes = float(conf.get("site_adapt_minutes", 0) or 0)
         self.check_minutes = float(conf.get("site_check_minutes", 10))
-        self.cfg = SiteConfig(tasks_per_step=1, margin=float(conf.get("site_margin", 0)))
+        self.cfg = self.config(float(conf.get("site_margin", 0)))
         self.state = IDLE if self.enabled else OFF
         self.error: str | None = None
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.site: SiteAdaptation | None = None
+        self.site: SiteTrainer | None = None
         self.record = self._load_record()
+
+    # -- hooks ------------------------------------------------------------------------------
+    def config(self, margin: float) -> SiteConfig:
+        """The trainer's settings in the server: one task per step (pre-empted within a second).
+
+        Args:
+            margin: conf `site_margin`.
+        """
+        return SiteConfig(tasks_per_step=1, margin=margin)
+
+    def load_live(self, path: str):
+        """The model of a weights file, on the service's device.
+
+        Args:
+            path: the weights file.
+        """
+        return self.trainer.load(path, self.service.device)
 
     # -- the record (site.json) -------------------------------------------------------------
     @property
     def record_path(self) -> Path:
-        return self.dir / "site.json"
+        return self.dir / self.files[0]
 
     def _load_record(self) -> dict:
         import json
@@ -90,7 +132,7 @@ class SiteAdaptationLoop:
         save_json(self.record_path, self.record)
 
     def version_path(self, version: int) -> Path:
-        return self.dir / "encoders" / f"v{version:04d}.pt"
+        return self.dir / self.files[2] / f"v{version:04d}.pt"
 
     def live_weights(self, configured: str) -> str:
         """The encoder to start the server with: the live site version when it was adapted from the
@@ -117,7 +159,7 @@ class SiteAdaptationLoop:
     def start(self) -> None:
         if not self.enabled or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="site-adaptation", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"site-adaptation-{self.part}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30) -> None:
@@ -147,7 +189,7 @@ class SiteAdaptationLoop:
             self.state = IDLE if self.enabled else OFF
 
     # -- studies ----------------------------------------------------------------------------
-    def _load_studies(self, cache: dict) -> list[Study]:
+    def load_data(self, cache: dict) -> list[Study]:
         """Every datastore image (final labels where they exist, structures numbered by name), read one by
         one between foreground requests; `cache` keeps those already read (by file and mtime)."""
         ds, service = self.service.datastore, self.service
@@ -209,52 +251,52 @@ class SiteAdaptationLoop:
             logger.info("site adaptation has already trained its cap of %.1f min", self.cap_minutes)
             return
         cache: dict = {}
-        studies = self._load_studies(cache)
-        if len(studies) < 2:
-            self.error = f"site adaptation needs at least 2 images, the datastore has {len(studies)}"
+        data = self.load_data(cache)
+        if _count(data) < self.min_items:
+            self.error = f"site adaptation needs at least {self.min_items} images, the datastore has {_count(data)}"
             logger.info(self.error)
             return
         if not self._turn(TRAINING):
             return
-        self.site = site = SiteAdaptation(
-            studies, rec["base"], self.dir / "state.pt", self.cfg, self.service.device, fresh=fresh
-        )
+        state = self.dir / self.files[1]
+        self.site = site = self.trainer(data, rec["base"], state, self.cfg, self.service.device, fresh=fresh)
         if site.resumed:
             self._resumed_at = site.steps
-            logger.info("site adaptation resumed at step %d (%.1f min)", site.steps, site.minutes)
-        live = load_model(self._path_of(int(rec["live"])), self.service.device)
+            logger.info("site adaptation (%s) resumed at step %d (%.1f min)", self.part, site.steps, site.minutes)
+        live = self.load_live(self._path_of(int(rec["live"])))
         last_check = rec.get("last_check_minutes", site.minutes)
         last_ckpt = time.monotonic()
         while not self.stop_event.is_set():
             if self.cap_minutes > 0 and site.minutes >= self.cap_minutes:
                 if site.minutes > last_check:  # the cap's last minutes are checked too
-                    live = self._check(site, live, studies)
+                    live = self._check(site, live)
                 site.checkpoint()
                 rec["minutes"] = round(site.minutes, 3)
                 self._save_record()
                 logger.info("site adaptation reached its cap of %.1f min", self.cap_minutes)
                 return
-            if not self._turn(TRAINING):
-                return
-            site.step()
+            with STEP_LOCK:
+                if not self._turn(TRAINING):
+                    return
+                site.step()
             if time.monotonic() - last_ckpt > self.cfg.checkpoint_seconds:
                 site.checkpoint()
                 rec["minutes"] = round(site.minutes, 3)
                 self._save_record()
                 last_ckpt = time.monotonic()
             if site.minutes - last_check >= self.check_minutes:
-                studies = self._load_studies(cache)  # images and labels saved since are in the next round
-                if len(studies) >= 2:
-                    site.set_studies(studies)
-                live = self._check(site, live, studies)
+                data = self.load_data(cache)  # images and labels saved since are in the next round
+                if _count(data) >= self.min_items:
+                    site.set_data(data)
+                live = self._check(site, live)
                 last_check = site.minutes
 
-    def _check(self, site: SiteAdaptation, live, studies: list[Study]):
+    def _check(self, site: SiteTrainer, live):
         """Guard: candidate against live; install the candidate when it is better. Returns the live model."""
         if not self._turn(CHECKING):
             raise InterruptedError
         if self._rolled_back is not None:  # the guard compares against the encoder rolled back to
-            live, self._rolled_back = load_model(self._rolled_back, self.service.device), None
+            live, self._rolled_back = self.load_live(self._rolled_back), None
         candidate = site.candidate()
         check = site.check(candidate, live, pause=lambda: self._turn(CHECKING))
         rec = self.record
@@ -271,9 +313,9 @@ class SiteAdaptationLoop:
                 rec.setdefault("version_minutes", {})[str(version)] = round(site.minutes, 3)
             check["version"] = version
             live = candidate
-            logger.info("site adaptation: encoder v%d is live (%s)", version, _scores(check))
+            logger.info("site adaptation (%s): encoder v%d is live (%s)", self.part, version, _scores(check))
         else:
-            logger.info("site adaptation: the live encoder stays (%s)", _scores(check))
+            logger.info("site adaptation (%s): the live encoder stays (%s)", self.part, _scores(check))
         site.checkpoint()
         rec["checks"] = [*rec.get("checks", []), check][-KEEP_CHECKS:]
         rec["minutes"] = round(site.minutes, 3)
@@ -322,6 +364,67 @@ class SiteAdaptationLoop:
         if self.error:
             out["error"] = self.error
         return out
+
+
+class ClsSiteAdaptationLoop(SiteAdaptationLoop):
+    """The background learner of the classifier's encoder (`core.cls_site_adaptation`): UMTRA tasks on
+    every datastore image, labelled tasks from class corrections where there are enough, and the
+    guard's leave-one-out AUC of the class heads (or the self-supervised loss without corrections).
+
+    Args:
+        store_dir: the app's store (`<studies>/.metaapp`); files go to `<store_dir>/site/cls*`.
+        conf: the app's conf (see the module's docstring for the keys).
+    """
+
+    part = "cls"
+    files = ("cls.json", "cls_state.pt", "cls_encoders")
+    trainer = ClsSiteAdaptation
+    min_items = 4
+
+    def config(self, margin: float) -> ClsSiteConfig:
+        """The classifier's settings (a step of 8 tasks takes a fraction of a second on a CPU).
+
+        Args:
+            margin: conf `site_margin` (AUC with class corrections, loss without).
+        """
+        return ClsSiteConfig(margin=margin)
+
+    def load_data(self, cache: dict) -> ClsSiteData:
+        """Every datastore image as the classifier sees it (a whole image) and every class correction,
+        read one by one between foreground requests; `cache` keeps the images already read (by file
+        and mtime)."""
+        service = self.service
+        images, used = {}, set()
+        for image_id in sorted(service.image_ids()):
+            if not self._turn(TRAINING):
+                raise InterruptedError
+            try:
+                path = service.datastore.get_image_uri(image_id)
+                key = (image_id, os.path.getmtime(path))
+                if key not in cache:
+                    cache[key] = service.regions.image_views(path)
+            except Exception as e:  # an unreadable image is skipped, not fatal
+                logger.warning("classifier site adaptation skips %s: %s", image_id, e)
+                continue
+            images[image_id] = cache[key]
+            used.add(key)
+        for k in [k for k in cache if k not in used]:  # images removed or changed since
+            del cache[k]
+        examples = []
+        for task in sorted(service.store.by_task()):
+            if not self._turn(TRAINING):
+                raise InterruptedError
+            for image_id, key, rec in service.examples(task):
+                try:
+                    examples.append(ClsExample(task, image_id, service.views(image_id, rec), rec["class"]))
+                except (LookupError, ValueError, VolumeError) as e:
+                    logger.warning("classifier site adaptation skips correction %s %s: %s", image_id, key, e)
+        return ClsSiteData(images, examples)
+
+
+def _count(data) -> int:
+    """Images in a loop's data (a list of studies, or `ClsSiteData`)."""
+    return len(data.images) if isinstance(data, ClsSiteData) else len(data)
 
 
 def _scores(check: dict) -> str:

@@ -1,9 +1,9 @@
 """REST routes of idle-time site adaptation:
-* `GET /metaapp/site`: per segmentation model, the state, the live encoder version, its minutes of site
-  training and the last check (both scores, the decision);
+* `GET /metaapp/site`: per model (`fewshot_seg`, `fewshot_cls`), the state, the live encoder version,
+  its minutes of site training and the last check (both scores, the decision);
 * `POST /metaapp/site/rollback[?version=N][&model=NAME]`: make an earlier encoder live again (default:
-  the one before the live one; version 0 is the encoder the server started with); every head re-adapts
-  on it before it goes live.
+  the one before the live one; version 0 is the encoder the server started with; default model: the
+  segmentation one); every head re-adapts on it before it goes live.
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ from fastapi import APIRouter, FastAPI, HTTPException
 
 
 def install(app: FastAPI, loops: dict) -> None:
-    """loops: segmentation model name -> SiteAdaptationLoop."""
+    """Mount the routes.
+
+    Args:
+        app: MONAI Label's FastAPI app.
+        loops: model name -> its SiteAdaptationLoop (the segmentation model first).
+    """
     router = APIRouter()
 
     def pick(model: str | None):
         loop = loops.get(model) if model else next(iter(loops.values()), None)
         if loop is None:
-            raise HTTPException(404, f"unknown model {model!r}" if model else "no segmentation model")
+            raise HTTPException(404, f"unknown model {model!r}" if model else "no model")
         return loop
 
     @router.get("/metaapp/site", summary="Site adaptation of the encoder: state, versions, last check")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from monailabel_metaapp.core.checkpoint import load_cls_model, pick_device
-from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS, adapt
+from monailabel_metaapp.core.checkpoint import DEFAULT_CLS_WEIGHTS, load_cls_model, pick_device
+from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS, adapt, embed_examples
 from monailabel_metaapp.lib.cls.heads import ClsHead
 
-DEFAULT_CLS_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "weights" / "metacls.pt"
+__all__ = ["DEFAULT_CLS_WEIGHTS", "Classifier"]
 
 
 class Classifier:
@@ -30,20 +30,13 @@ class Classifier:
         self.model = load_cls_model(self.model_path, self.device)
         self.steps = steps
 
-    @torch.no_grad()
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """Examples (each (V, size, size), V may differ) -> (N, D) features; batched by view count.
+        """Examples (each (V, size, size), V may differ) -> (N, D) features on the CPU.
 
         Args:
             views: one tensor of views per example.
         """
-        out: list[torch.Tensor | None] = [None] * len(views)
-        for nv in sorted({v.shape[0] for v in views}):
-            idx = [i for i, v in enumerate(views) if v.shape[0] == nv]
-            f = self.model.embed(torch.stack([views[i] for i in idx]).to(self.device)).cpu()
-            for j, i in enumerate(idx):
-                out[i] = f[j]
-        return torch.stack(out)  # type: ignore[arg-type]
+        return embed_examples(self.model, views, self.device).cpu()
 
     def fit(self, views: list[torch.Tensor], names: list[str]) -> ClsHead:
         """A head adapted to labelled examples (at least two classes).

@@ -12,6 +12,7 @@ the prediction's box, so the example does not move when the segmentation head ch
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS
 from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.adapt_queue import AdaptQueue
 from monailabel_metaapp.lib.cls.classifier import Classifier
 from monailabel_metaapp.lib.cls.corrections import CorrectionStore, label_classes, store_label_classes, task_of
@@ -68,7 +70,8 @@ class ClsService:
         self.datastore = datastore
         self.classifier = cl = Classifier(model_path, device, steps)
         self.device, self.model_path, self.model, self.steps = cl.device, cl.model_path, cl.model, steps
-        self.size, self.seg, self.embed, self.predict = self.model.cfg.size, seg, cl.embed, cl.predict
+        self.size, self.seg = self.model.cfg.size, seg
+        self._model_lock = threading.Lock()  # the classifier and its heads change together
         self.heads = ClsHeadStore(Path(store_dir) / "cls")
         self.store = CorrectionStore(datastore)
         self.regions = RegionViews(datastore, self.size, self.model.cfg.image_crop, self.label_structures, seg)
@@ -177,6 +180,58 @@ class ClsService:
         named = (info.get("metaapp") or {}).get("named") or self.label_structures(image_id)
         return store_label_classes(classes, named, lambda name, c, task: self.correct(image_id, c, name, task=task))
 
+    # -- the live classifier ----------------------------------------------------------------------
+    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Examples -> features under the live classifier (`Classifier.embed`).
+
+        Args:
+            views: one tensor of views per example.
+        """
+        return self.classifier.embed(views)
+
+    def predict(self, head: ClsHead, feats: torch.Tensor) -> list[list[dict]]:
+        """Features -> classes with the live classifier (`Classifier.predict`).
+
+        Args:
+            head: a task's head.
+            feats: the examples' features.
+        """
+        return self.classifier.predict(head, feats)
+
+    def live(self) -> tuple[Classifier, dict[str, ClsHead], dict[str, dict]]:
+        """The live classifier, its heads and their records, read together: every head in it was
+        adapted on that classifier's encoder."""
+        with self._model_lock:
+            return self.classifier, self.heads.heads(), self.heads.snapshot()
+
+    def install_encoder(self, path: str | Path) -> dict[str, int]:
+        """Make a new classifier encoder live together with heads adapted on it. Every task's head is
+        adapted on the new encoder first, then encoder and heads swap in one step, so inference never
+        pairs an encoder with a head adapted on another.
+
+        Args:
+            path: the new classifier's weights.
+
+        Returns:
+            task -> new head version.
+        """
+        new = Classifier(path, str(self.device), self.steps)
+        heads = {}
+        for task in sorted(self.heads.heads()):
+            with GATE.busy():
+                views, names = self._examples(task)
+                if len(set(names)) >= 2:
+                    t0 = time.perf_counter()
+                    heads[task] = new.fit(views, names)
+                    heads[task].seconds = time.perf_counter() - t0
+        with self._model_lock:
+            self.classifier, self.model, self.model_path = new, new.model, new.model_path
+            versions = {task: self.heads.publish(task, head) for task, head in heads.items()}
+            for task in set(self.heads.heads()) - set(heads):  # no head is served on another encoder
+                self.heads.retire(task, NEEDS_TWO)
+        logger.info("classifier encoder %s is live; heads re-adapted on it: %s", path, versions)
+        return versions
+
     # -- adaptation -------------------------------------------------------------------------------
     def adapt_all(self) -> list[str]:
         """Queue the re-adaptation of every task that has stored corrections."""
@@ -199,8 +254,8 @@ class ClsService:
                 stale.append(task)
         return self.queue.submit(stale)
 
-    def _adapt(self, task: str) -> None:
-        t0 = time.perf_counter()
+    def _examples(self, task: str) -> tuple[list[torch.Tensor], list[str]]:
+        """(views, class) of every usable stored correction of one task."""
         views, names = [], []
         for image_id, key, rec in self.examples(task):
             try:
@@ -208,28 +263,38 @@ class ClsService:
                 names.append(rec["class"])
             except (LookupError, ValueError, VolumeError) as e:
                 logger.warning("class correction %s %s skipped: %s", image_id, key, e)
+        return views, names
+
+    def _adapt(self, task: str) -> None:
+        t0 = time.perf_counter()
+        views, names = self._examples(task)
         if len(set(names)) < 2:
             counts = dict(sorted(Counter(names).items()))
             self.heads.retire(task, NEEDS_TWO, examples=counts)
             logger.info("%s classifier: examples of %s only; %s", task, sorted(counts), NEEDS_TWO)
             return
-        head = self.classifier.fit(views, names)
+        classifier = self.classifier
+        head = classifier.fit(views, names)
         fit_seconds, head.seconds = head.seconds, time.perf_counter() - t0
-        version = self.heads.publish(task, head)
+        with self._model_lock:
+            if self.classifier is not classifier:  # a new encoder went live meanwhile: adapt on it
+                self.queue.submit([task])
+                return
+            version = self.heads.publish(task, head)
         logger.info(
             "%s classifier adapted on %d examples of %d classes in %.3f s (embed + head %.3f s) -> version %d",
             *(task, len(names), len(head.classes), head.seconds, fit_seconds, version),
         )
 
     # -- inference --------------------------------------------------------------------------------
-    def _head(self, task: str) -> tuple[ClsHead, int]:
-        head = self.heads.heads().get(task)
-        rec = self.heads.snapshot().get(task, {})
+    def _head(self, task: str) -> tuple[Classifier, ClsHead, int]:
+        classifier, heads, snap = self.live()
+        head, rec = heads.get(task), snap.get(task, {})
         if head is None:
             examples = rec.get("examples") or {}
             have = f"examples so far: {examples}" if examples else "no class examples yet"
             raise NoHead(f"the {task} classifier has no head yet ({have}; it needs 2 classes): {TEACH}")
-        return head, int(rec.get("version", 0))
+        return classifier, head, int(rec.get("version", 0))
 
     def classify(self, image_id: str, region: str | None = None, roi: Any = None, task: str | None = None) -> dict:
         """{"prediction": [{"idx", "label", "score"}] (best first), "kind", "task", "head_version", ...}.
@@ -245,14 +310,14 @@ class ClsService:
         kind = "image" if roi is None and region in (None, "", "image") else "region"
         task = kind if task in (None, "") else task
         self.heads.check(task, kind)
-        head, version = self._head(task)
+        classifier, head, version = self._head(task)
         rec = self.regions.describe(image_id, region, roi)
         out: dict[str, Any] = {"kind": kind, "task": task}
         if "roi" in rec:
             out["roi"] = rec["roi"]
         elif kind == "region":
             out |= {"region": rec["region"], "source": rec["source"]}
-        out["prediction"] = self.predict(head, self.embed([self.views(image_id, rec)]))[0]
+        out["prediction"] = classifier.predict(head, classifier.embed([self.views(image_id, rec)]))[0]
         out["head_version"] = version
         out["latency"] = round(time.perf_counter() - t0, 4)
         return out
@@ -267,7 +332,8 @@ class ClsService:
             label: the segmentation result on the image's grid.
             names: name -> value of the structures in `label`.
         """
-        heads = {t: h for t, h in self.heads.heads().items() if self.heads.kind(t) == "region"}
+        classifier, live, _ = self.live()
+        heads = {t: h for t, h in live.items() if self.heads.kind(t) == "region"}
         if not heads or not names:
             return {}
         arr = sitk.GetArrayViewFromImage(label)
@@ -281,9 +347,9 @@ class ClsService:
                 logger.warning("no class for %s: %s", name, e)
         if not views:
             return {}
-        feats = self.embed(views)
+        feats = classifier.embed(views)
         by_task = {
-            task: {name: dict(pred[0]) for name, pred in zip(order, self.predict(head, feats))}
+            task: {name: dict(pred[0]) for name, pred in zip(order, classifier.predict(head, feats))}
             for task, head in sorted(heads.items())
         }
         out: dict[str, dict] = {"classes": by_task.pop("region")} if "region" in by_task else {}

@@ -19,8 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from monailabel_metaapp.core.cls_data import region_views, to_views
-from monailabel_metaapp.core.volume import CANONICAL, label_slices, normalise_intensity, read_image, to_slices
+from monailabel_metaapp.core.cls_data import image_file_views, region_views
+from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.lib.cls.corrections import roi_key
 from monailabel_metaapp.lib.lru import LRU
 
@@ -153,13 +153,7 @@ class RegionViews:
         Args:
             path: the image file.
         """
-        img = read_image(path)
-        if img.GetSize()[2] > 1:
-            img = sitk.DICOMOrient(img, CANONICAL)
-        arr = sitk.GetArrayFromImage(img)
-        if arr.dtype != np.uint8:
-            arr = normalise_intensity(arr)
-        return to_views(arr[:1] if arr.shape[0] == 1 else arr[None], self.size, self.image_crop)[0]
+        return image_file_views(path, self.size, self.image_crop)
 
     def mask_views(self, path: str, mask_img: sitk.Image) -> torch.Tensor:
         """A region given as a binary mask on the image's grid -> (V, size, size).
