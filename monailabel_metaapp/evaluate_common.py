@@ -65,13 +65,23 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     groups = sorted({r[group] for r in rows}) if group else [None]
+    methods = sorted({r["method"] for r in rows})
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(groups), figsize=(panel[0] * len(groups), panel[1]), squeeze=False)
     for ax, g in zip(axes[0], groups):
-        for method in sorted({r["method"] for r in rows}):
+        for method in methods:
             rr = sorted((r for r in rows if r["method"] == method and (g is None or r[group] == g)), key=lambda r: r[x])
             if rr:
                 xs = [r[x] for r in rr]
-                ax.errorbar(xs, [r[y] for r in rr], yerr=[r[y_err] for r in rr], marker="o", capsize=3, label=method)
+                ax.errorbar(
+                    xs,
+                    [r[y] for r in rr],
+                    yerr=[r[y_err] for r in rr],
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                    color=colour[method],
+                )
         ax.set_title(title if g is None else g)
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
@@ -81,7 +91,8 @@ def plot_curves(
         if xticks is not None:
             ax.set_xticks(xticks)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    axes[0][0].legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles])
     if group and title:
         fig.suptitle(title)
     fig.tight_layout()
