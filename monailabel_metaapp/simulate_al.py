@@ -28,6 +28,7 @@ from tqdm import tqdm
 from monailabel_metaapp.core.adaptation import dice
 from monailabel_metaapp.core.episodes import IMAGE_SUFFIXES, image_files, label_names
 from monailabel_metaapp.devserver import Server
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
 MODEL = "fewshot_seg"
 
@@ -234,6 +235,7 @@ def simulate_al(
         "minutes": round((time.time() - t_start) / 60, 1),
     }
     result["picks"] = picks
+    result["provenance"] = stamp([SHIPPED_SEG])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
