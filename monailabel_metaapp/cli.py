@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-minutes", type=float, default=0.0, help="also check the candidate every N minutes")
     s.add_argument("--keep-candidates", dest="keep", action="store_true", help="keep each checked candidate")
     s.add_argument("--margin", type=float, default=0.0, help="the candidate must be better by more than this")
+    s.add_argument(
+        "--swap-unlabelled",
+        action="store_true",
+        default=None,
+        help="cls: without class corrections, let the self-supervised loss choose the candidate (off: only reported)",
+    )
     s.add_argument("--lambda-kl", type=float, default=1e-3)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--tasks-per-step", type=int, help="episodes per outer step (default: seg 4, cls 8)")

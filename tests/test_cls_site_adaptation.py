@@ -67,9 +67,11 @@ def test_steps_resume_and_the_guard_scores_both_encoders(brain_images, tmp_path)
     for n, p in live.encoder.net.named_parameters():  # the prior is the start, not the resumed weights
         assert torch.equal(getattr(again.model.encoder, f"prior_mean__{n.replace('.', '__')}"), p)
 
-    rec = site.check(site.candidate(), live)  # no corrections: the self-supervised loss decides
+    rec = site.check(site.candidate(), live)  # no corrections: the self-supervised loss, reported only
     assert rec["metric"] == "ssl_loss" and rec["candidate"] > 0 and rec["live"] > 0
-    assert rec["accepted"] == (rec["candidate"] < rec["live"])
+    assert not rec["accepted"] and rec.get("better", False) == (rec["candidate"] < rec["live"])
+    site.cfg.swap_unlabelled = True  # `--swap-unlabelled`: the loss decides
+    assert site.check(site.candidate(), live)["accepted"] == (rec["candidate"] < rec["live"])
 
     # class corrections of two classes: leave-one-out AUC and accuracy of the head, candidate vs live
     examples = [

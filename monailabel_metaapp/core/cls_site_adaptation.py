@@ -14,7 +14,9 @@ About one image in eight (at least two) is held out of training. The guard (`che
 * with class corrections of at least 2 classes (2 examples each): leave-one-out AUC (accuracy beside
   it) of the head adapted, as the app adapts it, on the task's other corrections, candidate encoder
   against live; a task whose corrections are also trained on is queried on held-out images only;
-* without: the self-supervised validation loss (fixed UMTRA tasks on the held-out images).
+* without: the self-supervised validation loss (fixed UMTRA tasks on the held-out images), reported
+  but deciding nothing unless `swap_unlabelled` (on unlabelled chest X-rays it fell in every run while
+  the few-shot AUC fell too: `benchmarks/cls_site_adaptation.py`).
 The candidate goes live only when it is better by more than `margin`.
 """
 
@@ -49,6 +51,7 @@ class ClsSiteConfig(SiteConfig):
 
     Args:
         tasks_per_step: episodes per outer step (as the shipped classifier's meta-training).
+        swap_unlabelled: let the self-supervised loss decide when no task has class corrections to check.
         n_way: classes per episode.
         k_shot: support examples per class.
         n_query: query examples per class.
@@ -57,6 +60,9 @@ class ClsSiteConfig(SiteConfig):
     """
 
     tasks_per_step: int = 8
+    # without class corrections the self-supervised loss is reported but swaps nothing: on unlabelled
+    # chest X-rays it fell in every run while the 5-shot AUC fell too (docs/benchmarks/cls_site_adaptation.md)
+    swap_unlabelled: bool = False
     n_way: int = 2
     k_shot: int = 5
     n_query: int = 10

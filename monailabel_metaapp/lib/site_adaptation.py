@@ -15,7 +15,8 @@ Version 0 is the encoder the server was started with (conf `model`).
 
 The classifier's encoder has a loop of its own (`ClsSiteAdaptationLoop`): UMTRA tasks on the
 datastore's images (plus labelled tasks from class corrections where there are enough), checked by
-the leave-one-out AUC of the class heads or a self-supervised loss (`core.cls_site_adaptation`); its
+the leave-one-out AUC of the class heads (without class corrections a self-supervised loss is only
+reported and nothing swaps: `core.cls_site_adaptation`); its
 files are `cls_state.pt`, `cls_encoders/vNNNN.pt` and `cls.json` in the same folder. The two loops
 take turns: one training step at a time.
 
@@ -369,7 +370,7 @@ class SiteAdaptationLoop:
 class ClsSiteAdaptationLoop(SiteAdaptationLoop):
     """The background learner of the classifier's encoder (`core.cls_site_adaptation`): UMTRA tasks on
     every datastore image, labelled tasks from class corrections where there are enough, and the
-    guard's leave-one-out AUC of the class heads (or the self-supervised loss without corrections).
+    guard's leave-one-out AUC of the class heads (without corrections nothing swaps).
 
     Args:
         store_dir: the app's store (`<studies>/.metaapp`); files go to `<store_dir>/site/cls*`.
@@ -385,7 +386,7 @@ class ClsSiteAdaptationLoop(SiteAdaptationLoop):
         """The classifier's settings (a step of 8 tasks takes a fraction of a second on a CPU).
 
         Args:
-            margin: conf `site_margin` (AUC with class corrections, loss without).
+            margin: conf `site_margin` (of the leave-one-out AUC).
         """
         return ClsSiteConfig(margin=margin)
 
