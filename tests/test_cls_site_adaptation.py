@@ -42,7 +42,8 @@ def brain_images(samples_src) -> ClsSiteData:
 
 
 def _delta(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return sum(float((p - q).abs().sum()) for p, q in zip(a.encoder.net.parameters(), b.encoder.net.parameters()))
+    pairs = zip(a.encoder.net.parameters(), b.encoder.net.parameters())
+    return sum(float((p - q).abs().sum().detach()) for p, q in pairs)
 
 
 def test_steps_resume_and_the_guard_scores_both_encoders(brain_images, tmp_path):
