@@ -134,6 +134,35 @@ def server_run(npz: Path, base: Path, work: Path, n_images: int, minutes: float)
     return out, record
 
 
+def labelled_guard(npz: Path, base: Path, candidate: Path, work: Path, per_class: int, draws: int) -> list[dict]:
+    """The guard a site with class corrections gets: `per_class` train images per class as corrections
+    (their PneumoniaMNIST labels, drawn anew per draw), the leave-one-out AUC of heads adapted on the
+    candidate against the starting weights. Returns each draw's check record.
+
+    Args:
+        npz: PneumoniaMNIST.
+        base: the starting classifier.
+        candidate: the site-adapted one.
+        work: scratch folder.
+        per_class: corrections per class.
+        draws: how many sets of corrections.
+    """
+    from monailabel_metaapp.core.cls_data import load_medmnist
+    from monailabel_metaapp.core.cls_site_adaptation import ClsExample, ClsSiteData
+    from monailabel_metaapp.evaluate_cls import support_indices
+
+    live, cand = ClsSiteAdaptation.load(base), ClsSiteAdaptation.load(candidate)
+    train = load_medmnist(npz, "train", live.cfg.size, live.cfg.image_crop)
+    out = []
+    for draw in range(draws):
+        idx = support_indices(train.labels, per_class, np.random.default_rng(10_000 + draw))
+        examples = [ClsExample("image", f"x{i}", train.images[i], str(int(train.labels[i]))) for i in idx]
+        data = ClsSiteData({e.image: e.views for e in examples}, examples)
+        site = ClsSiteAdaptation(data, base, work / "guard_state.pt", ClsSiteConfig(), "cpu", fresh=True)
+        out.append(site.check(cand, live))
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     """Per run, the 5-shot test AUC before and after, with the guard's decision.
 
@@ -180,6 +209,8 @@ def main() -> None:
     ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--corrections", type=int, default=10, help="per class, for the labelled guard's check")
+    ap.add_argument("--draws", type=int, default=5, help="sets of corrections the labelled guard is checked with")
     ap.add_argument("--out", default="benchmarks/results/cls_site_adaptation.json")
     a = ap.parse_args()
     root = require_shared_datasets()
@@ -228,6 +259,7 @@ def main() -> None:
                 "steps": res["steps"],
                 "minutes": res["minutes"],
                 "auc": auc_rows(npz, candidate, shots, a.repeats),
+                "path": candidate,
             }
         )
         print(json.dumps({k: runs[-1][k] for k in ("name", "guard")}), runs[-1]["auc"][report]["auc_mean"], flush=True)
@@ -249,10 +281,18 @@ def main() -> None:
                 "minutes": record.get("minutes"),
                 "server_record": record,
                 "auc": auc_rows(npz, candidate, shots, a.repeats),
+                "path": candidate,
             }
         )
         print(json.dumps({k: runs[-1][k] for k in ("name", "guard")}), runs[-1]["auc"][report]["auc_mean"], flush=True)
 
+    for r in runs:  # the labelled guard, as a site with class corrections would check the same candidate
+        checks = labelled_guard(npz, base, r.pop("path"), work, a.corrections, a.draws)
+        r["labelled_guard"] = {
+            "accepted": sum(c["accepted"] for c in checks),
+            "draws": len(checks),
+            "loo_auc_candidate_minus_live": [round(c["candidate"] - c["live"], 4) for c in checks],
+        }
     for r in runs:  # the guard's verdict: better (it swaps, or holds a better candidate without labels)
         r["gain"] = {k: round(r["auc"][k]["auc_mean"] - before[k]["auc_mean"], 4) for k in shots}
         r["verdict_better"] = bool(r["guard"].get("better", r["guard"].get("accepted")))
@@ -266,6 +306,8 @@ def main() -> None:
         "judged_better_and_worse": sum(r["verdict_better"] and r["gain"][report] <= 0 for r in runs),
         "judged_worse_and_better": sum(not r["verdict_better"] and r["gain"][report] > 0 for r in runs),
         "swapped": sum(bool(r["guard"].get("accepted")) for r in runs),
+        "labelled_guard_accepted": sum(r["labelled_guard"]["accepted"] for r in runs),
+        "labelled_guard_checks": sum(r["labelled_guard"]["draws"] for r in runs),
         "runs": len(runs),
     }
     result = {
@@ -283,6 +325,8 @@ def main() -> None:
             "supports for every model",
             "guard": "self-supervised loss of fixed UMTRA tasks on the held-out 1/8 of the site's images, "
             "candidate against the starting weights, margin 0",
+            "labelled_guard": f"{a.corrections} train images per class as class corrections, {a.draws} draws: "
+            "leave-one-out AUC of the head on the candidate against the starting weights, margin 0",
             "threads": a.threads,
         },
         "base_model": {"path": str(base), "meta_train": train_summary},
