@@ -48,23 +48,18 @@ def main() -> None:
 
 
 def plot(curves: dict[str, list[float]], structure: str, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from monailabel_metaapp.evaluate_common import plot_curves
 
     labels = {"head": "quick head only (labels back to back)", "refine": "refinement on, 60 s between saves"}
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, c in curves.items():
-        ax.plot(range(1, len(c) + 1), c, marker="o", label=labels[name])
-    ax.set_xlabel("labels saved")
-    ax.set_ylabel(f"{structure} Dice on 5 held-out studies")
-    ax.set_ylim(0.5, 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    rows = [
+        {"method": labels[name], "labels": n, "dice": d, "spread": 0.0}
+        for name, c in curves.items()
+        for n, d in enumerate(c, start=1)
+    ]
+    plot_curves(
+        rows, png, "dice", "spread", f"{structure} Dice on held-out studies", "labels saved",
+        title=f"{structure}: Dice after each saved label", ylim=(0.5, 1.0), x="labels",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
