@@ -84,14 +84,14 @@ def _meta_train(a: argparse.Namespace) -> None:
 
 
 def _adapt_site(a: argparse.Namespace) -> None:
-    from monailabel_metaapp.core.site_adaptation import SiteConfig, adapt_site
+    from monailabel_metaapp.core.site_adaptation import SiteAdaptation, adapt_site
 
-    config, trainer = SiteConfig, None
+    trainer = SiteAdaptation
     if a.task == "cls":
-        from monailabel_metaapp.core.cls_site_adaptation import ClsSiteAdaptation, ClsSiteConfig
+        from monailabel_metaapp.core.cls_site_adaptation import ClsSiteAdaptation
 
-        config, trainer = ClsSiteConfig, ClsSiteAdaptation
-    cfg = config_from_args(config, a)
+        trainer = ClsSiteAdaptation
+    cfg = config_from_args(trainer.config_class, a)
     summary = adapt_site(
         a.studies,
         a.out,

@@ -35,13 +35,13 @@ from monailabel_metaapp.core.cls_data import (
     image_file_views,
     load_unlabelled_images,
 )
+from monailabel_metaapp.core.cls_metatrain import UNLABELLED_PREFIX
 from monailabel_metaapp.core.cls_model import DEFAULT_CLS_STEPS, FewShotClsModel, adapt, embed_examples
 from monailabel_metaapp.core.episodes import IMAGE_SUFFIXES
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
 from monailabel_metaapp.core.site_adaptation import Pause, SiteConfig, SiteTrainer, _rank_key
 
-UNLABELLED_PREFIX = "unlabelled:"  # as in `metaapp meta-train --task cls`
 FLAT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D images a folder may hold
 
 
@@ -143,21 +143,9 @@ class ClsSiteAdaptation(SiteTrainer):
         fresh: ignore an existing state instead of resuming it.
     """
 
+    config_class = ClsSiteConfig
     label_metric = "auc"
     per_key = "per_task"
-
-    def __init__(
-        self,
-        data: ClsSiteData,
-        init: str | Path | None,
-        state_path: str | Path,
-        cfg: ClsSiteConfig | None = None,
-        device: str | torch.device = "cpu",
-        rank: int = 0,
-        world: int = 1,
-        fresh: bool = False,
-    ):
-        super().__init__(data, init, state_path, cfg or ClsSiteConfig(), device, rank, world, fresh)
 
     @classmethod
     def load(cls, init: str | Path | None, device: str | torch.device = "cpu") -> FewShotClsModel:

@@ -123,6 +123,7 @@ class SiteTrainer:
         fresh: ignore an existing state instead of resuming it.
     """
 
+    config_class: type[SiteConfig] = SiteConfig  # the settings a trainer takes when given none
     label_metric = "dice"  # the labelled check's score (higher is better)
     per_key = "per_structure"  # where the labelled check's per-item scores go in a check record
 
@@ -137,7 +138,7 @@ class SiteTrainer:
         world: int = 1,
         fresh: bool = False,
     ):
-        self.cfg = cfg or SiteConfig()
+        self.cfg = cfg or self.config_class()
         self.device = torch.device(device)
         self.rank, self.world = rank, world
         self.state_path = Path(state_path)
@@ -508,7 +509,7 @@ def adapt_site(
         trainer: what is adapted (default `SiteAdaptation`, the segmentation encoder).
     """
     trainer = trainer or SiteAdaptation
-    cfg = cfg or SiteConfig()
+    cfg = cfg or trainer.config_class()
     if minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
     if init and not Path(init).exists():
