@@ -158,7 +158,7 @@ class Refinement:
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.baseline = self._head_baseline(adapter) if self.checkable else None
-        self.anchors = [(st, adapter.predict(st, [head])[0] >= 0.5) for st in (anchors or [])] if guard else []
+        self.anchors = [(st, adapter.predict(st, [head])[0] >= 0.5) for st in (anchors or [])] if self.checkable else []
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
         if state is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from monailabel_metaapp.core.checkpoint import atomic_write
-from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter
+from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter, study_split
 from monailabel_metaapp.lib.activity import GATE, REFINE
 from monailabel_metaapp.lib.versioned_store import slug
 
@@ -205,8 +205,12 @@ class RefinementWorker:
             return None, [], 0.0
         adapter, _ = svc.live()
         stacks, masks = svc.support(items, adapter)
-        state = self._read(name)
         labels = [image_id for image_id, _ in items]
+        if not any(study_split(masks)[1]):  # one labelled study: nothing to check a version on
+            with self._cv:
+                self._status[name] = {"state": UNCHECKABLE, "labels": len(labels)}
+            return None, labels, 0.0
+        state = self._read(name)
         resumed = state is not None and state.get("labels") == labels and state.get("finished") is None
         spent = float(state.get("spent", 0.0)) if resumed else 0.0
         if live.stage == REFINED and live.encoder_file:  # the live refined version sets the bar too
@@ -221,10 +225,6 @@ class RefinementWorker:
             run.best = max(run.best, run.score(floor_adapter, live))
         if resumed:
             run.best = max(run.best, float(state.get("best", -1.0)))
-        if not run.checkable:
-            with self._cv:
-                self._status[name] = {"state": UNCHECKABLE, "labels": len(labels)}
-            return None, labels, spent
         logger.info(
             "refining %s on %d label(s) (%s; quick head's held-out Dice %.3f)",
             name,
