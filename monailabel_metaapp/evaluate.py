@@ -38,6 +38,7 @@ from monailabel_metaapp.core.episodes import augment, image_files, label_names, 
 from monailabel_metaapp.core.inner_loop import seg_loss
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.evaluate_common import int_list, plot_curves, write_result
+from monailabel_metaapp.samples import REFERENCES_DIR
 
 
 @dataclass
@@ -50,9 +51,13 @@ class EvalStudy:
 
 
 def load_eval_studies(folder: str | Path, size: int) -> list[EvalStudy]:
+    """Every study of a datastore folder with a reference: its final label, or for the sample
+    studies the held-out reference in `.references/` (`metaapp samples`)."""
     out = []
     for f in tqdm(image_files(folder), desc="reading", unit="study"):
         lp = Path(folder) / "labels" / "final" / f.name
+        if not lp.exists():
+            lp = Path(folder) / REFERENCES_DIR / f.name
         if not lp.exists():
             continue
         stack, geom = to_slices(read_image(f), size)

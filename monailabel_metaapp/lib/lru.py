@@ -80,6 +80,28 @@ class LRU(Generic[V]):
             self.max_bytes is not None and self._bytes > self.max_bytes
         )
 
+    def drop(self, which: Callable[[Hashable], bool]) -> int:
+        """Drop the items whose key `which` accepts; returns how many.
+
+        Args:
+            which: key -> whether to drop its item.
+        """
+        with self._lock:
+            keys = [k for k in self._items if which(k)]
+            for k in keys:
+                self._bytes -= self._items.pop(k)[1]
+            return len(keys)
+
+    def peek(self, key: Hashable) -> V | None:
+        """The item of `key` (None when absent), without making it the most recent.
+
+        Args:
+            key: what the item depends on.
+        """
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def clear(self) -> None:
         """Drop every item (e.g. after the model that made them changed)."""
         with self._lock:

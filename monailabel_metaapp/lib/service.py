@@ -23,6 +23,7 @@ from monailabel_metaapp.core.refine import RefineConfig, refined_adapter
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.adapt_queue import AdaptQueue
+from monailabel_metaapp.lib.clicks import ClickCorrections
 from monailabel_metaapp.lib.heads import HeadStore
 from monailabel_metaapp.lib.label_names import final_label_structures
 from monailabel_metaapp.lib.lru import LRU, tensor_bytes
@@ -74,6 +75,7 @@ class SegService:
         self.refined: LRU[SegAdapter] = LRU(max_items=max(1, refined_in_ram))  # encoder file -> adapter
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
         self.listeners: list[Callable[[str], None]] = []  # called with a structure name as its head changes
+        self.clicks = ClickCorrections(self)  # per-study copies of heads that the annotators' points adapt
         self.refinement = RefinementWorker(
             self, Path(store_dir) / "refine", refine or RefineConfig(), refine is not None
         )
@@ -183,6 +185,7 @@ class SegService:
         checked = info.get("metaapp") or {"named": self.label_structures(image_id), "unnamed": []}
         for name in checked["named"]:
             self.heads.ensure(name, checked["named"][name] if name not in self.heads.registry else None)
+        self.clicks.forget(self.datastore.get_image_uri(image_id))  # the saved label now teaches the head
         queued = self.queue.submit(sorted(checked["named"]))
         return {"adapting": queued, "ignored_values": checked.get("unnamed", [])}
 
@@ -269,11 +272,17 @@ class SegService:
     def probabilities(self, path: str, stack, feats, adapter: SegAdapter, head: Head) -> torch.Tensor:
         """(1, S, size, size) foreground probabilities of one head: on the shared embeddings for a quick
         head, on its own encoder's (loaded on demand, embeddings cached) for a refined one."""
+        own, feats = self.head_features(path, feats, adapter, head)
+        return own.predict(stack, [head], feats=feats.float())
+
+    def head_features(self, path: str, feats, adapter: SegAdapter, head: Head) -> tuple[SegAdapter, torch.Tensor]:
+        """The adapter a head runs on and the study's embeddings under it: the shared ones (`feats`)
+        for a quick head, its own encoder's for a refined one."""
         if head.encoder_file is None:
-            return adapter.predict(stack, [head], feats=feats.float())
+            return adapter, feats
         own = self.refined.get(
             head.encoder_file,
             lambda: refined_adapter(adapter, torch.load(head.encoder_file, map_location="cpu", weights_only=True)),
         )
         _, _, own_feats = self.study(path, own, encoder=head.encoder_file)
-        return own.predict(stack, [head], feats=own_feats.float())
+        return own, own_feats

@@ -14,6 +14,7 @@ from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig
 from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_SECONDS, Diversity, Hybrid, Uncertainty
+from monailabel_metaapp.lib.infers.fewshot_clicks import FewShotClicksInfer
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
 from monailabel_metaapp.lib.service import SegService
@@ -58,7 +59,7 @@ class FewShotSeg(TaskConfig):
         logger.info("few-shot segmentation: model %s on %s, heads in %s", model, self.service.device, self.store_dir)
 
     def infer(self) -> dict:
-        return {self.name: FewShotSegInfer(self.service)}
+        return {self.name: FewShotSegInfer(self.service), f"{self.name}_clicks": FewShotClicksInfer(self.service)}
 
     def trainer(self) -> dict:
         return {

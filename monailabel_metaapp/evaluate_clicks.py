@@ -1,0 +1,227 @@
+"""`metaapp evaluate clicks`: click corrections under the standard simulated-click protocol.
+
+For each structure, repeat and query study, an annotator with k saved labels (k = 0: points alone)
+opens the query study and clicks: each click at the voxel deepest inside the largest 3D error
+region of what is shown, foreground or background by the error's sign. After each click the
+server's code path runs (`core.clicks`: a copy of the head adapted to the clicks and the saved
+labels, the clicked pieces kept) and the whole-volume Dice against the reference is recorded.
+
+Methods, each with its own simulated clicks:
+- `meta`: the product, the structure's head adapted on the k saved labels, then the clicks;
+- `reset`: the same clicks on a head started from the points alone at every study (nothing learned
+  from saved labels; it does not depend on k);
+- `random_walker`: scikit-image's random walker on the study's intensities, seeded by the
+  foreground clicks and by the background clicks plus the in-plane border of the volume.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, SegAdapter, dice, probabilities_to_labels
+from monailabel_metaapp.core.checkpoint import load_model, pick_device
+from monailabel_metaapp.core.clicks import Click, Corrections, apply_clicks, clicks_to_reach, next_click, saved_slices
+from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
+from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies
+from monailabel_metaapp.evaluate_common import plot_curves
+
+LEVELS = (0.80, 0.85, 0.90)
+METHODS = ("meta", "reset", "random_walker")
+
+
+def spacing_zyx(study: EvalStudy) -> tuple[float, float, float]:
+    return tuple(reversed(study.geom.reference.GetSpacing()))
+
+
+class MetaClicks:
+    """The app's click path on one study (`core.clicks.apply_clicks`), one click at a time.
+
+    Args:
+        adapter: the encoder's adapter.
+        study: the open study.
+        start: the structure's head adapted on its saved labels (None: points alone).
+        saved: (features, masks) of the saved labels' support slices (None: no saved label).
+    """
+
+    def __init__(self, adapter: SegAdapter, study: EvalStudy, start, saved):
+        self.adapter, self.study = adapter, study
+        self.feats = adapter.embed(study.stack)
+        self.state = Corrections(start, saved, start.one_piece if start is not None else True)
+
+    def first(self) -> np.ndarray:
+        """What the annotator sees on opening the study."""
+        start = self.state.start
+        if start is None:
+            return np.zeros(self.study.ref.shape, bool)
+        probs = self.adapter.predict(self.study.stack, [start], feats=self.feats)
+        return probabilities_to_labels(stack_to_original(probs, self.study.geom), [1], one_piece=start.one_piece) == 1
+
+    def click(self, c: Click) -> np.ndarray:
+        return apply_clicks(self.adapter, self.study.stack, self.study.geom, self.feats, self.state, [c])
+
+
+class RandomWalkerClicks:
+    """scikit-image's random walker seeded by the clicks (and the in-plane border as background).
+
+    Args:
+        study: the open study.
+    """
+
+    def __init__(self, study: EvalStudy):
+        self.image = normalise_intensity(sitk.GetArrayFromImage(study.geom.reference))
+        self.spacing = spacing_zyx(study)
+        self.clicks: list[Click] = []
+
+    def first(self) -> np.ndarray:
+        return np.zeros(self.image.shape, bool)
+
+    def click(self, c: Click) -> np.ndarray:
+        from skimage.segmentation import random_walker
+
+        self.clicks.append(c)
+        fg = [cl.ijk[::-1] for cl in self.clicks if cl.foreground]
+        if not fg:
+            return np.zeros(self.image.shape, bool)
+        seeds = np.zeros(self.image.shape, np.uint8)
+        seeds[:, [0, -1], :] = 2
+        seeds[:, :, [0, -1]] = 2
+        for cl in self.clicks:
+            seeds[cl.ijk[::-1]] = 1 if cl.foreground else 2
+        out = random_walker(self.image, seeds, beta=130, mode="cg_j", spacing=self.spacing, tol=1e-2)
+        return out == 1
+
+
+def run_clicks(session, ref: np.ndarray, spacing: tuple[float, float, float], n_clicks: int) -> tuple[list, list]:
+    """Dice after 0..n_clicks simulated clicks, and the seconds of each click's correction.
+
+    Args:
+        session: a `MetaClicks` or `RandomWalkerClicks`.
+        ref: (z, y, x) binary reference.
+        spacing: voxel spacing in numpy order.
+        n_clicks: clicks to simulate.
+    """
+    pred = session.first()
+    dices, seconds = [dice(pred, ref)], []
+    for _ in range(n_clicks):
+        c = next_click(pred, ref, spacing)
+        if c is None:
+            dices.append(1.0)
+            continue
+        t0 = time.perf_counter()
+        pred = session.click(c)
+        seconds.append(time.perf_counter() - t0)
+        dices.append(dice(pred, ref))
+    return dices, seconds
+
+
+def saved_support(adapter: SegAdapter, support: list[EvalStudy], value: int):
+    """The head of k saved labels and its support slices' (features, masks), as the app adapts it."""
+    if not support:
+        return None, None
+    stacks = [s.stack for s in support]
+    masks = [s.lstack == value for s in support]
+    head = adapter.adapt(stacks, masks)
+    picks = saved_slices(adapter, masks)
+    feats = torch.cat([adapter.embed(st, i) for st, i in zip(stacks, picks)])
+    return head, (feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
+
+
+def evaluate_clicks(
+    studies: str | Path,
+    shots: list[int],
+    clicks: int = 10,
+    labels: dict[str, int] | None = None,
+    model: str | None = None,
+    repeats: int = 2,
+    queries: int = 3,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Dice after each click and NoC@80/85/90 per structure, k and method (see the module's doc)."""
+    dev = pick_device(device)
+    adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
+    data = load_eval_studies(studies, adapter.size)
+    if labels is None:
+        names = label_names(studies)
+        values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
+        labels = {names.get(v, str(v)): v for v in values}
+    methods = list(methods or METHODS)
+    curves: dict[tuple, list[list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    bar = tqdm(total=len(labels) * repeats * queries, desc="clicks", unit="query")
+    for name, v in labels.items():
+        pool = [s for s in data if (s.ref == v).any()]
+        for r in range(repeats):
+            order = random.Random(f"{seed}-{v}-{r}").sample(pool, len(pool))
+            query = order[max(shots) : max(shots) + queries]
+            for q in query:
+                ref = q.ref == v
+                sp = spacing_zyx(q)
+                base = {}
+                if "reset" in methods:
+                    base["reset"] = run_clicks(MetaClicks(adapter, q, None, None), ref, sp, clicks)
+                if "random_walker" in methods:
+                    base["random_walker"] = run_clicks(RandomWalkerClicks(q), ref, sp, clicks)
+                for k in shots:
+                    runs = dict(base)
+                    if "meta" in methods:
+                        head, saved = saved_support(adapter, order[:k], v)
+                        runs["meta"] = run_clicks(MetaClicks(adapter, q, head, saved), ref, sp, clicks)
+                    for method, (d, sec) in runs.items():
+                        curves.setdefault((name, k, method), []).append(d)
+                        seconds.setdefault(method, []).extend(sec)
+                bar.update(1)
+    bar.close()
+    rows, noc = [], []
+    for (name, k, method), ds in curves.items():
+        arr = np.asarray(ds)
+        for c in range(arr.shape[1]):
+            rows.append(
+                {
+                    "structure": name,
+                    "shots": k,
+                    "method": method,
+                    "clicks": c,
+                    "dice_mean": round(float(arr[:, c].mean()), 4),
+                    "dice_std": round(float(arr[:, c].std()), 4),
+                    "n": int(arr.shape[0]),
+                }
+            )
+        for level in LEVELS:
+            nocs = [clicks_to_reach(list(d), level, clicks) for d in ds]
+            noc.append(
+                {"structure": name, "shots": k, "method": method, "level": level, "noc_mean": statistics.fmean(nocs)}
+            )
+    settings = {
+        "studies": str(studies),
+        "shots": shots,
+        "clicks": clicks,
+        "labels": labels,
+        "model": model or "shipped",
+        "repeats": repeats,
+        "queries": queries,
+        "methods": methods,
+        "seed": seed,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+    per_click = {m: round(statistics.median(s), 3) for m, s in seconds.items() if s}
+    return {"settings": settings, "rows": rows, "noc": noc, "median_seconds_per_click": per_click}
+
+
+def plot_clicks(result: dict, png: Path) -> None:
+    """Dice against clicks: one panel per structure and k, one curve per method."""
+    rows = [r | {"panel": f"{r['structure']}, k={r['shots']}"} for r in result["rows"]]
+    plot_curves(
+        rows, png, "dice_mean", "dice_std", "Dice", "clicks", "panel", "Dice after each click", x="clicks", ylim=(0, 1)
+    )
