@@ -121,6 +121,8 @@ def _distill(a: argparse.Namespace) -> None:
 def _evaluate(a: argparse.Namespace) -> None:
     if a.task == "cls":
         from monailabel_metaapp.evaluate_cls import run_from_args
+    elif a.task == "clicks":
+        from monailabel_metaapp.evaluate_clicks import run_from_args
     else:
         from monailabel_metaapp.evaluate import run_from_args
     run_from_args(a)
@@ -272,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_distill)
 
     s = sub.add_parser("evaluate", help="few-shot evaluation with baselines")
-    s.add_argument("task", choices=["seg", "cls"])
-    s.add_argument("--studies", help="seg: datastore folder with final labels; cls: one with stored class corrections")
+    s.add_argument("task", choices=["seg", "cls", "clicks"])
+    s.add_argument(
+        "--studies", help="seg, clicks: datastore folder with final labels; cls: one with stored class corrections"
+    )
     s.add_argument("--npz", help="cls: MedMNIST-layout file (train_/test_ images and labels)")
     s.add_argument("--steps", type=int, default=20, help="cls: inner-loop steps of the head")
     s.add_argument("--shots", default="1,3,5")
@@ -281,7 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="weights (default: the shipped checkpoint)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--queries", type=int, default=8)
-    s.add_argument("--baselines", default=None, help="seg: scratch,finetune,proto (default); cls: scratch,linear")
+    s.add_argument(
+        "--baselines",
+        default=None,
+        help="seg: scratch,finetune,proto (default); cls: scratch,linear; clicks: reset,random_walker",
+    )
+    s.add_argument("--clicks", type=int, default=10, help="clicks: simulated clicks per study")
+    s.add_argument("--annotator", type=int, default=0, help="clicks: also the annotation loop over N studies")
+    s.add_argument("--cap", type=int, default=20, help="clicks: most clicks per study in the annotation loop")
     s.add_argument("--scratch-seconds", type=float, default=150.0)
     s.add_argument("--protocol", choices=["volume", "oracle"], default="volume")
     s.add_argument(

@@ -8,8 +8,8 @@ labels, the clicked pieces kept) and the whole-volume Dice against the reference
 
 Methods, each with its own simulated clicks:
 - `meta`: the product, the structure's head adapted on the k saved labels, then the clicks;
-- `reset`: the same clicks on a head started from the points alone at every study (nothing learned
-  from saved labels; it does not depend on k);
+- `reset`: clicks on a head started from the points alone at every study (nothing learned from
+  saved labels; it does not depend on k, and at k = 0 it is the product);
 - `random_walker`: scikit-image's random walker on the study's intensities, seeded by the
   foreground clicks and by the background clicks plus the in-plane border of the volume.
 """
@@ -151,10 +151,7 @@ def evaluate_clicks(
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
-    if labels is None:
-        names = label_names(studies)
-        values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
-        labels = {names.get(v, str(v)): v for v in values}
+    labels = labels or _all_labels(studies, data)
     methods = list(methods or METHODS)
     curves: dict[tuple, list[list[float]]] = {}
     seconds: dict[str, list[float]] = {}
@@ -174,7 +171,9 @@ def evaluate_clicks(
                     base["random_walker"] = run_clicks(RandomWalkerClicks(q), ref, sp, clicks)
                 for k in shots:
                     runs = dict(base)
-                    if "meta" in methods:
+                    if "meta" in methods and k == 0 and "reset" in runs:
+                        runs["meta"] = runs["reset"]  # points alone: the product is the reset head
+                    elif "meta" in methods:
                         head, saved = saved_support(adapter, order[:k], v)
                         runs["meta"] = run_clicks(MetaClicks(adapter, q, head, saved), ref, sp, clicks)
                     for method, (d, sec) in runs.items():
@@ -219,9 +218,115 @@ def evaluate_clicks(
     return {"settings": settings, "rows": rows, "noc": noc, "median_seconds_per_click": per_click}
 
 
+def simulate_annotator(
+    studies: str | Path,
+    n_studies: int = 6,
+    cap: int = 20,
+    target: float = 0.90,
+    labels: dict[str, int] | None = None,
+    model: str | None = None,
+    repeats: int = 2,
+    seed: int = 0,
+    device: str = "auto",
+) -> list[dict]:
+    """The annotation loop with clicks: study after study, the annotator opens the structure's
+    prediction from the labels saved so far, clicks until Dice reaches `target` (or `cap` clicks),
+    then saves the finished label, which the next study's head learns from. Rows: one per structure,
+    repeat and study, with the clicks it took."""
+    dev = pick_device(device)
+    adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
+    data = load_eval_studies(studies, adapter.size)
+    labels = labels or _all_labels(studies, data)
+    rows = []
+    bar = tqdm(total=len(labels) * repeats * n_studies, desc="annotator", unit="study")
+    for name, v in labels.items():
+        pool = [s for s in data if (s.ref == v).any()]
+        for r in range(repeats):
+            order = random.Random(f"{seed}-annotator-{v}-{r}").sample(pool, min(n_studies, len(pool)))
+            for i, q in enumerate(order):
+                head, saved = saved_support(adapter, order[:i], v)
+                session = MetaClicks(adapter, q, head, saved)
+                ref, sp = q.ref == v, spacing_zyx(q)
+                pred = session.first()
+                dices = [dice(pred, ref)]
+                while dices[-1] < target and len(dices) <= cap:
+                    c = next_click(pred, ref, sp)
+                    pred = session.click(c)
+                    dices.append(dice(pred, ref))
+                rows.append(
+                    {
+                        "structure": name,
+                        "repeat": r,
+                        "study": i + 1,
+                        "saved_labels": i,
+                        "clicks": clicks_to_reach(dices, target, cap),
+                        "dice_opened": round(dices[0], 4),
+                        "dice_saved": round(dices[-1], 4),
+                    }
+                )
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+def _all_labels(studies, data: list[EvalStudy]) -> dict[str, int]:
+    names = label_names(studies)
+    values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
+    return {names.get(v, str(v)): v for v in values}
+
+
 def plot_clicks(result: dict, png: Path) -> None:
     """Dice against clicks: one panel per structure and k, one curve per method."""
     rows = [r | {"panel": f"{r['structure']}, k={r['shots']}"} for r in result["rows"]]
     plot_curves(
         rows, png, "dice_mean", "dice_std", "Dice", "clicks", "panel", "Dice after each click", x="clicks", ylim=(0, 1)
     )
+
+
+def plot_annotator(rows: list[dict], png: Path) -> None:
+    """Clicks per study along the annotation sequence, one curve per structure."""
+    by: dict[tuple, list[int]] = {}
+    for r in rows:
+        by.setdefault((r["structure"], r["study"]), []).append(r["clicks"])
+    curve = [
+        {"structure": n, "method": n, "shots": s, "clicks_mean": statistics.fmean(c), "clicks_std": float(np.std(c))}
+        for (n, s), c in sorted(by.items())
+    ]
+    plot_curves(curve, png, "clicks_mean", "clicks_std", "clicks to the target Dice", "study in the sequence", title="")
+
+
+def run_from_args(a) -> None:
+    """`metaapp evaluate clicks`: the click curves and NoC (JSON + PNG at --out); with --annotator N,
+    also the annotation loop over N studies (`<out>_annotator.json/.png`)."""
+    import json
+
+    from monailabel_metaapp.evaluate_common import int_list, name_list, write_result
+    from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
+
+    if not a.studies:
+        raise ValueError("evaluate clicks needs --studies DIR (a datastore folder with final labels)")
+    labels = json.loads(a.labels) if a.labels else None
+    res = evaluate_clicks(
+        a.studies,
+        int_list(a.shots),
+        a.clicks,
+        labels,
+        a.model,
+        a.repeats,
+        a.queries,
+        ["meta", *name_list(a.baselines, "reset,random_walker")],
+        a.seed,
+        a.device,
+    )
+    res["provenance"] = stamp([a.model or SHIPPED_SEG])
+    write_result(res, a.out, plot_clicks)
+    for n in res["noc"]:
+        if n["level"] == 0.85:
+            print(f"{n['structure']:>20} k={n['shots']} {n['method']:>13}: NoC@85 {n['noc_mean']:.1f}")
+    if a.annotator:
+        rows = simulate_annotator(a.studies, a.annotator, a.cap, 0.90, labels, a.model, a.repeats, a.seed, a.device)
+        out = Path(a.out).with_name(Path(a.out).stem + "_annotator.json")
+        settings = {"studies": str(a.studies), "n_studies": a.annotator, "cap": a.cap, "target": 0.90, "seed": a.seed}
+        result = {"settings": settings, "rows": rows, "provenance": stamp([a.model or SHIPPED_SEG])}
+        write_result(result, out, lambda r, png: plot_annotator(r["rows"], png))
+        print(f"annotation loop: {out}")
