@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from monailabel_metaapp.core.adaptation import dice
 from monailabel_metaapp.core.clicks import next_click
+from monailabel_metaapp.lib.ohif import ohif_dir
 from monailabel_metaapp.shared_data import one_structure_label
 
 MODEL = "fewshot_seg_clicks"
@@ -117,3 +118,9 @@ def test_points_alone_start_a_structure_and_bad_points_get_a_clear_4xx(sample_st
     r = post({"foreground": [[int(x), int(y), int(z)]]})
     assert r.status_code == 200 and r.json()["structure"] == "white matter"
     assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+    # the OHIF the app serves sends the label its point prompts were placed for
+    panel = next(f for f in ohif_dir().glob("*.bundle.*.js") if "Point Prompts" in f.read_text(errors="ignore"))
+    served = requests.get(f"{server.url}/ohif/{panel.name}", timeout=30).text
+    deepgrow_branch = served[served.index("params['foreground'] = fg;") :][:200]
+    assert "params['label'] = currentLabel;" in deepgrow_branch

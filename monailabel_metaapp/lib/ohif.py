@@ -1,12 +1,13 @@
-"""The OHIF viewer MONAI Label bundles (3.10.0-beta.5), served from a route this app owns with one fix.
+"""The OHIF viewer MONAI Label bundles (3.10.0-beta.5), served from a route this app owns with two fixes.
 
 OHIF's segmentation panel calls the `storeSegmentation` command without a data source, so
 "Export DICOM SEG" fails with `TypeError: Cannot read properties of undefined (reading 'store')`
 and a correction never reaches the PACS. The fix falls back to the active data source (MONAI Label's
-`/proxy/dicom/`). The files in site-packages are never modified: the patched file is built in memory
-when first asked for, so reinstalling monailabel keeps the fix, and a bundle without the expected
-code is served unchanged (with a warning) rather than broken. The viewer's Google Fonts links are
-dropped too: nothing the app serves reaches outside 127.0.0.1."""
+`/proxy/dicom/`). Its point-prompts panel sends a deepgrow model's points without the label they
+were placed for; the second fix adds `label`. The files in site-packages are never modified: the
+patched files are built in memory when first asked for, so reinstalling monailabel keeps the fixes,
+and a bundle without the expected code is served unchanged (with a warning) rather than broken. The
+viewer's Google Fonts links are dropped too: nothing the app serves reaches outside 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def ohif_dir() -> Path:
     return Path(stock.__file__).resolve().parent / "static" / "ohif"
 
 
+# (text in OHIF's MONAI Label point-prompts panel, what replaces it): for a deepgrow model the panel
+# sends the points but not the label they were placed for; the fix adds it, so the app corrects the
+# structure the annotator picked (without it, the one whose head is most sure at the points)
+POINT_LABEL_FIX = (
+    "        params['foreground'] = fg;\n        params['background'] = bg;\n",
+    "        params['foreground'] = fg;\n        params['background'] = bg;\n"
+    "        params['label'] = currentLabel; // monailabel_metaapp fix\n",
+)
+
 # the viewer would fetch its font from Google: nothing may leave 127.0.0.1 (the system font is used)
 EXTERNAL_FONTS = (
     re.compile(r"@import url\(https://fonts\.googleapis\.com/[^)]*\);?"),
@@ -46,11 +56,12 @@ EXTERNAL_FONTS = (
 
 
 def patch(name: str, text: str) -> str | None:
-    """The fixed text of one viewer file, so SEG export works and no font is fetched from outside.
+    """The fixed text of one viewer file, so SEG export works, point prompts name their label and no
+    font is fetched from outside.
 
     Args:
-        name: the file's name; `.js` files get the `storeSegmentation` fix, `.html` and `.css` files
-            lose their Google Fonts links.
+        name: the file's name; `.js` files get the `storeSegmentation` and point-label fixes, `.html`
+            and `.css` files lose their Google Fonts links.
         text: the file's content.
 
     Returns:
@@ -60,6 +71,8 @@ def patch(name: str, text: str) -> str | None:
     old, new = STORE_SEG_FIX
     if name.endswith(".js") and old in out and "dataSource.store.dicom" in out:
         out = out.replace(old, new, 1)
+    if name.endswith(".js") and POINT_LABEL_FIX[0] in out:
+        out = out.replace(*POINT_LABEL_FIX, 1)
     if name.endswith((".html", ".css")):
         for pattern in EXTERNAL_FONTS:
             out = pattern.sub("", out)
