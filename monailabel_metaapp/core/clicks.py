@@ -23,7 +23,7 @@ from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.networks import prototypes
-from monailabel_metaapp.core.volume import SliceGeometry, stack_to_original
+from monailabel_metaapp.core.volume import SliceGeometry, grid_spacing, stack_to_original
 
 CLICK_RADIUS = 2  # pixels of the model grid (160 px across the field of view) around a click that it labels
 FAR_FRACTION = 0.25  # points alone: pixels farther than this share of the slice from every foreground click...
@@ -235,7 +235,8 @@ def saved_slices(adapter: SegAdapter, masks: list[torch.Tensor], total: int = SA
     return out
 
 
-SLAB = 1  # a correction removes foreground only on the clicked slices and this many on each side
+REACH = 0.7  # a click changes the label shown within this share of the structure's equivalent radius...
+MIN_REACH_MM = 10.0  # ...and at least this far
 
 
 @dataclass
@@ -266,15 +267,13 @@ def apply_clicks(
     feats: torch.Tensor,
     state: Corrections,
     new: list[Click],
-    slab: int = SLAB,
 ) -> np.ndarray:
     """Add clicks to a study's corrections; returns the corrected (z, y, x) mask on the original grid.
 
-    The copy of the head is adapted to every click (`correct_head`). Its prediction is shown where
-    the clicks ask for a change: foreground it adds counts everywhere once a foreground click exists
-    (a missed rim or slice is usually missed throughout), foreground it removes counts only on the
-    clicked slices and `slab` slices on each side (a leak is local, and a head moved by one click
-    must not erase the structure elsewhere). With points alone, the copy's prediction is shown as is.
+    The copy of the head is adapted to every click (`correct_head`). Its prediction is shown near the
+    clicks: within `reach_mm` of one (3D) the label follows the copy, farther away it stays as it
+    was, so a head moved by a click cannot undo the structure elsewhere. With points alone, or when
+    nothing was shown before, the copy's prediction is shown everywhere.
 
     Args:
         adapter: the encoder's adapter (the head's own, for a refined head).
@@ -283,7 +282,6 @@ def apply_clicks(
         feats: its embeddings under `adapter`.
         state: the study's corrections so far (updated in place).
         new: the clicks to add.
-        slab: slices on each side of a clicked slice where foreground may be removed.
     """
     grid_new = [(*to_grid(c, geom, adapter.size), c.foreground) for c in new]
     state.clicks += new
@@ -291,22 +289,51 @@ def apply_clicks(
     base = state.head if state.head is not None else state.start
     state.head = correct_head(adapter, feats, state.grid, base, new=grid_new, saved=state.saved)
     corrected = adapter.predict(stack, [state.head], feats=feats.float())[0] >= 0.5
-    if state.start is None:
+    before = state.shown
+    if before is None and state.start is not None:
+        before = adapter.predict(stack, [state.start], feats=feats.float())[0] >= 0.5
+    if before is None or not before.any():
         shown = corrected
     else:
-        before = state.shown
-        if before is None:
-            before = adapter.predict(stack, [state.start], feats=feats.float())[0] >= 0.5
-        near = torch.zeros(stack.shape[0], dtype=torch.bool)
-        for s, *_ in state.grid:
-            near[max(0, s - slab) : s + slab + 1] = True
-        added = corrected & ~before if any(g[3] for g in state.grid) else torch.zeros_like(before)
-        removed = before & ~corrected & near[:, None, None]
-        shown = (before | added) & ~removed
+        spacing = grid_spacing(geom, adapter.size)
+        near = near_clicks(state.grid, before.shape, spacing, reach_mm(before, spacing))
+        shown = torch.where(near, corrected, before)
     state.shown = shown
     mask = stack_to_original(shown.float()[None], geom)[0] >= 0.5
     state.mask = keep_clicked(mask, [c.ijk[::-1] for c in state.clicks if c.foreground], state.one_piece)
     return state.mask
+
+
+def reach_mm(mask: torch.Tensor, spacing: tuple[float, float, float]) -> float:
+    """How far from a click a correction reaches: `REACH` x the radius of a ball of the shown
+    structure's volume (about 20 mm for a cardiac blood pool), at least `MIN_REACH_MM`.
+
+    Args:
+        mask: (S, H, W) the label shown, on the model grid.
+        spacing: the model grid's spacing (slice, row, column) in mm.
+    """
+    volume = float(mask.sum()) * float(np.prod(spacing))
+    return max(MIN_REACH_MM, REACH * (3 * volume / (4 * np.pi)) ** (1 / 3))
+
+
+def near_clicks(
+    grid: list[tuple[int, int, int, bool]], shape: tuple[int, ...], spacing: tuple[float, float, float], reach: float
+) -> torch.Tensor:
+    """(S, H, W) voxels of the model grid within `reach` mm of a click.
+
+    Args:
+        grid: clicks as (slice, row, column, foreground) on the model grid.
+        shape: the grid's shape.
+        spacing: its spacing (slice, row, column) in mm.
+        reach: the distance in mm.
+    """
+    axes = [torch.arange(n, dtype=torch.float32) * sp for n, sp in zip(shape, spacing)]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    near = torch.zeros(shape, dtype=torch.bool)
+    for s, y, x, _ in grid:
+        d2 = (zz - s * spacing[0]) ** 2 + (yy - y * spacing[1]) ** 2 + (xx - x * spacing[2]) ** 2
+        near |= d2 <= reach**2
+    return near
 
 
 def keep_clicked(mask: np.ndarray, fg_zyx: list[tuple[int, int, int]], one_piece: bool) -> np.ndarray:

@@ -133,6 +133,18 @@ def to_slices(img: sitk.Image, size: int, label: bool = False) -> tuple[torch.Te
     return (t.round() if label else t), geom
 
 
+def grid_spacing(geom: SliceGeometry, size: int) -> tuple[float, float, float]:
+    """Spacing in mm of the model's slice grid: (between slices, row, column).
+
+    Args:
+        geom: the image's geometry (`to_slices`).
+        size: the side of the square slices.
+    """
+    sp = tuple(reversed(geom.oriented.GetSpacing()))  # z, y, x
+    rows, cols = (d for d in range(3) if d != geom.axis)
+    return sp[geom.axis], sp[rows] * geom.shape[rows] / size, sp[cols] * geom.shape[cols] / size
+
+
 def label_slices(lbl: sitk.Image, geom: SliceGeometry, size: int) -> torch.Tensor:
     """A label cut the same way as its image (after checking it lies on the same grid).
 
