@@ -7,7 +7,8 @@ background click as a background one), then a few Meta-SGD steps fit the head to
 neighbourhoods and to the structure's saved labels together, so that a click fixes the open study
 without undoing what the saved labels taught. With no saved label and no head (points alone), the
 prototypes start from the clicks, and pixels far from every foreground click on the clicked slices
-stand in, weakly, for background.
+stand in, weakly, for background. The corrected head's prediction is shown only near the clicks
+(`apply_clicks`), so one click cannot undo the structure far from it.
 """
 
 from __future__ import annotations
