@@ -1,8 +1,10 @@
 """An annotator's correction in the OHIF viewer the app serves reaches the model: headless Chromium
 (Debian's, driven by Playwright) opens a study from a real Orthanc in OHIF's segmentation mode, paints
 a structure with the brush, exports the DICOM SEG to the PACS; the app picks it up, stores it as the
-final label, adapts a head, and inference on another study finds the structure. Screenshots of each
-step go to test-artifacts/ohif/ (or $METAAPP_ARTIFACTS)."""
+final label, adapts a head, and inference on another study finds the structure. On that study, OHIF's
+Point Prompts tab then sends foreground points where the shown brain misses it to `fewshot_seg_clicks`,
+and OHIF shows the app's correction. Screenshots of each step go to test-artifacts/ohif/ (or
+$METAAPP_ARTIFACTS)."""
 
 from __future__ import annotations
 
@@ -155,7 +157,88 @@ def test_ohif_brush_correction_exported_as_seg_teaches_the_app(
     )
     _overlay(pacs_server.url, ml, other, tmp_path, shots / "06_next_study_result.png")
     assert after > before + 0.3, f"brain Dice on another study: before {before:.3f}, after {after:.3f}"
+
+    _point_prompts(page, pacs_server, reference, shots, tmp_path)
     assert outside == [], f"the viewer reached outside 127.0.0.1: {outside}"
+
+
+# the label map OHIF's MONAI Label mode shows (segmentation '1'), flat in the volume's index order
+LABELMAP_JS = """() => Array.from(
+  window.services.segmentationService.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray())"""
+SEGMENTS_JS = """() => Object.fromEntries(Object.values(
+  window.services.segmentationService.getSegmentations()[0].segments).map(s => [s.label, s.segmentIndex]))"""
+# page position and voxel index [i, j, k] of every 6th canvas pixel of the axial viewport inside the image
+AXIAL_JS = """() => {
+  const vp = window.services.cornerstoneViewportService.getCornerstoneViewport('mpr-axial');
+  const {imageData, dimensions} = vp.getImageData();
+  const r = vp.element.getBoundingClientRect();
+  const out = [];
+  for (let y = 0; y < r.height; y += 6) for (let x = 0; x < r.width; x += 6) {
+    const ijk = imageData.worldToIndex(vp.canvasToWorld([x, y])).map(Math.round);
+    if (ijk.every((v, a) => v >= 0 && v < dimensions[a])) out.push([r.x + x, r.y + y, ijk]);
+  }
+  return out;
+}"""
+
+
+def _point_prompts(page, server, reference: sitk.Image, shots: Path, tmp: Path) -> None:
+    """OHIF's Point Prompts tab: foreground points on the brain where the shown label misses it, run
+    with `fewshot_seg_clicks`; the app gets the points with the label, and OHIF shows its correction."""
+    import numpy as np
+
+    ref = sitk.GetArrayFromImage(reference) > 0
+    depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(reference > 0, insideIsPositive=True))
+    banner = page.get_by_text("Confirm and Hide")
+    if banner.is_visible():
+        banner.click()
+    page.get_by_text("Point Prompts", exact=True).click()
+    models = page.locator("select.selectBox", has=page.locator("option[value=fewshot_seg_clicks]"))
+    models.select_option("fewshot_seg_clicks")
+    assert models.input_value() == "fewshot_seg_clicks"
+    page.locator("tr.clickable-row", has_text="brain").click()
+
+    brain = page.evaluate(SEGMENTS_JS)["brain"]
+    shown = np.array(page.evaluate(LABELMAP_JS), dtype=np.uint8).reshape(ref.shape)
+    # where the label OHIF shows misses the brain, deepest inside it first
+    pixels = [(x, y, [int(v) for v in ijk]) for x, y, ijk in page.evaluate(AXIAL_JS)]  # Math.round: -0.0
+    misses = [(x, y, ijk) for x, y, ijk in pixels if ref[tuple(ijk[::-1])] and shown[tuple(ijk[::-1])] != brain]
+    assert misses, "the shown label misses no brain voxel on the axial slice: nothing for a point to correct"
+    misses.sort(key=lambda m: -depth[tuple(m[2][::-1])])
+    points = [misses[0]]
+    far = [m for m in misses if np.hypot(m[0] - points[0][0], m[1] - points[0][1]) > 30]
+    points += far[:1]
+    for x, y, _ in points:
+        page.mouse.click(x, y)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "07_point_prompts_placed.png"))
+
+    with page.expect_response(lambda r: "/infer/fewshot_seg_clicks" in r.url, timeout=180_000) as reply:
+        page.locator('button[title="Run PointPrompts"]').click()
+    res = reply.value
+    assert res.status == 200, res.text()
+    body = res.request.post_data
+    sent = json.loads(body[body.index("{") : body.rindex("}") + 1])
+    placed = [list(ijk) for _, _, ijk in points]
+    assert sent["label"] == "brain" and sent["foreground"] == placed, sent
+    page.get_by_text("Running Inference for Point Prompts - Successful").wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots / "07_point_prompts.png"))
+
+    logged = [ln for ln in server.log_path.read_text(errors="replace").splitlines() if "Infer Request" in ln]
+    assert any(
+        "'fewshot_seg_clicks'" in ln and "'label': 'brain'" in ln and f"'foreground': {placed}" in ln for ln in logged
+    ), "the app logged no fewshot_seg_clicks request with the points and the label:\n" + "\n".join(logged[-5:])
+
+    (tmp / "points.nrrd").write_bytes(res.body())
+    corrected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "points.nrrd"))) == 1
+    now = np.array(page.evaluate(LABELMAP_JS), dtype=np.uint8).reshape(ref.shape)
+    assert all(now[tuple(ijk[::-1])] == brain for ijk in placed), "a placed point is not brain in OHIF"
+    assert np.array_equal(now == brain, corrected), "the brain OHIF shows is not the app's correction"
+    changed = {
+        "gained": int(((now == brain) & (shown != brain)).sum()),
+        "lost": int(((now != brain) & (shown == brain)).sum()),
+    }
+    (shots / "point_prompts.json").write_text(json.dumps({"foreground": placed, "label": "brain", **changed}, indent=2))
 
 
 def _overlay(url: str, ml: MONAILabelClient, image_id: str, tmp: Path, out: Path) -> None:
