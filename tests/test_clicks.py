@@ -107,6 +107,8 @@ def test_points_alone_start_a_structure_and_bad_points_get_a_clear_4xx(sample_st
     assert r.status_code == 422 and "[i, j, k]" in r.json()["detail"]
     r = post({"label": "spleen", "background": [[10, 10, 10]]})
     assert r.status_code == 400 and "unknown structure 'spleen'" in r.json()["detail"]
+    r = post({"label": "background", "foreground": [[10, 10, 10]]})  # OHIF with its background label selected
+    assert r.status_code == 400 and "not background" in r.json()["detail"]
     r = post({"label": "white matter", "foreground": [], "background": []})
     assert r.status_code == 400 and "no points" in r.json()["detail"]
     r = requests.post(f"{server.url}/infer/{MODEL}?image=no_such_study", timeout=60)

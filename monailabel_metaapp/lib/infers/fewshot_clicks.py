@@ -51,6 +51,10 @@ class FewShotClicksInfer(InferTask):
         structure = request.get("label") or request.get("structure") or None
         if structure is not None and not isinstance(structure, str):
             raise HTTPException(status_code=422, detail=f"'label' must be a structure's name; got {structure!r}")
+        if isinstance(structure, str) and structure.strip().lower() == "background":  # OHIF's background label
+            raise HTTPException(
+                status_code=400, detail="select the structure the points are for (not background), then run"
+            )
         fg, bg = request.get("foreground") or [], request.get("background") or []
         if not isinstance(fg, list) or not isinstance(bg, list):
             raise HTTPException(status_code=422, detail="'foreground' and 'background' must be lists of [i, j, k]")
