@@ -63,6 +63,7 @@ class MetaClicks:
         if start is None:
             return np.zeros(self.study.ref.shape, bool)
         probs = self.adapter.predict(self.study.stack, [start], feats=self.feats)
+        self.state.shown = probs[0] >= 0.5  # as the app keeps what its inference showed
         return probabilities_to_labels(stack_to_original(probs, self.study.geom), [1], one_piece=start.one_piece) == 1
 
     def click(self, c: Click) -> np.ndarray:

@@ -249,6 +249,8 @@ class Corrections:
         start: the structure's head the copy started from (None: points alone).
         saved: (features, masks) of the saved labels' support slices (None: no saved label).
         one_piece: whether the structure is one piece (keep the clicked components only).
+        shown: (S, H, W) the label shown before the first click, on the model grid (None: predicted
+            from `start` at the first click).
     """
 
     start: Head | None
@@ -289,16 +291,18 @@ def apply_clicks(
     state.grid += grid_new
     base = state.head if state.head is not None else state.start
     state.head = correct_head(adapter, feats, state.grid, base, new=grid_new, saved=state.saved)
-    corrected = adapter.predict(stack, [state.head], feats=feats.float())[0] >= 0.5
     before = state.shown
     if before is None and state.start is not None:
         before = adapter.predict(stack, [state.start], feats=feats.float())[0] >= 0.5
     if before is None or not before.any():
-        shown = corrected
-    else:
+        shown = adapter.predict(stack, [state.head], feats=feats.float())[0] >= 0.5
+    else:  # only the slices within reach of a click are predicted again
         spacing = grid_spacing(geom, adapter.size)
         near = near_clicks(state.grid, before.shape, spacing, reach_mm(before, spacing))
-        shown = torch.where(near, corrected, before)
+        idx = torch.nonzero(near.flatten(1).any(1)).flatten()
+        corrected = adapter.predict(stack[idx], [state.head], feats=feats[idx].float())[0] >= 0.5
+        shown = before.clone()
+        shown[idx] = torch.where(near[idx], corrected, before[idx])
     state.shown = shown
     mask = stack_to_original(shown.float()[None], geom)[0] >= 0.5
     state.mask = keep_clicked(mask, [c.ijk[::-1] for c in state.clicks if c.foreground], state.one_piece)

@@ -96,9 +96,11 @@ class ClickCorrections:
         if state is not None and not set(state.clicks) <= set(clicks):
             state = None  # points were removed: start again from the live head
         if state is None:
-            state = Corrections(head, self._saved(structure, own), head.one_piece if head is not None else True)
+            one_piece = head.one_piece if head is not None else True
+            shown = svc.shown.peek((key[0], structure, version)) if head is not None else None
+            state = Corrections(head, self._saved(structure, own), one_piece, shown=shown)
         new = [c for c in clicks if c not in set(state.clicks)]
-        mask = apply_clicks(own, stack, geom, own_feats.float(), state, new) if new else state.mask
+        mask = apply_clicks(own, stack, geom, own_feats, state, new) if new else state.mask
         self.copies.put(key, ((version, id(own)), state))
         img = sitk.GetImageFromArray(mask.astype(np.uint8))
         img.CopyInformation(geom.reference)

@@ -75,6 +75,7 @@ class SegService:
         self.refined: LRU[SegAdapter] = LRU(max_items=max(1, refined_in_ram))  # encoder file -> adapter
         self.queue = AdaptQueue(self._adapt, self.heads.set_state)
         self.listeners: list[Callable[[str], None]] = []  # called with a structure name as its head changes
+        self.shown: LRU[torch.Tensor] = LRU(max_items=16)  # (image path, structure, version) -> mask inferred
         self.clicks = ClickCorrections(self)  # per-study copies of heads that the annotators' points adapt
         self.refinement = RefinementWorker(
             self, Path(store_dir) / "refine", refine or RefineConfig(), refine is not None
@@ -262,6 +263,8 @@ class SegService:
                 stack_to_original(probs, geom), [labels[n] for n in names], one_piece=[h.one_piece for h in heads]
             )
             snap = self.heads.snapshot()
+            for n, p in zip(names, probs):  # what the annotator sees: a click on this study starts from it
+                self.shown.put((os.path.realpath(path), n, snap[n]["version"]), p >= 0.5)
             params["head_versions"] = {n: snap[n]["version"] for n in names}
             params["head_stages"] = {n: h.stage for n, h in zip(names, heads)}
         img = sitk.GetImageFromArray(out)
