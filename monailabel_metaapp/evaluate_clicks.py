@@ -279,8 +279,19 @@ def _all_labels(studies, data: list[EvalStudy]) -> dict[str, int]:
 def plot_clicks(result: dict, png: Path) -> None:
     """Dice against clicks: one panel per structure and k, one curve per method."""
     rows = [r | {"panel": f"{r['structure']}, k={r['shots']}"} for r in result["rows"]]
+    ncols = len(result["settings"]["shots"])
     plot_curves(
-        rows, png, "dice_mean", "dice_std", "Dice", "clicks", "panel", "Dice after each click", x="clicks", ylim=(0, 1)
+        rows,
+        png,
+        "dice_mean",
+        "dice_std",
+        "Dice",
+        "clicks",
+        "panel",
+        "Dice after each click",
+        x="clicks",
+        ylim=(0, 1),
+        ncols=ncols,
     )
 
 

@@ -41,6 +41,7 @@ def plot_curves(
     xticks: list[int] | None = None,
     x: str = "shots",
     xscale: str = "linear",
+    ncols: int | None = None,
 ) -> None:
     """One panel per `group` value (or one panel), one curve per method: `y` ± `y_err` against `x`.
 
@@ -58,6 +59,7 @@ def plot_curves(
         xticks: the x ticks (None: matplotlib's choice).
         x: the row field on the x axis.
         xscale: "linear" or "log".
+        ncols: panels per row (None: all in one row).
     """
     import matplotlib
 
@@ -67,7 +69,12 @@ def plot_curves(
     groups = sorted({r[group] for r in rows}) if group else [None]
     methods = sorted({r["method"] for r in rows})
     colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
-    fig, axes = plt.subplots(1, len(groups), figsize=(panel[0] * len(groups), panel[1]), squeeze=False)
+    ncols = min(ncols or len(groups), len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(groups) :]:
+        ax.set_visible(False)
     for ax, g in zip(axes[0], groups):
         for method in methods:
             rr = sorted((r for r in rows if r["method"] == method and (g is None or r[group] == g)), key=lambda r: r[x])
