@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -47,6 +48,7 @@ class ClickCorrections:
     def __init__(self, service, max_copies: int = 16):
         self.service = service
         self.copies: LRU[tuple] = LRU(max_items=max_copies)  # (image path, structure) -> (version, Corrections)
+        self._lock = threading.Lock()
 
     def forget(self, path: str) -> None:
         """Drop every copy of a study (its label was saved: from now on it teaches the shared head)."""
@@ -67,7 +69,7 @@ class ClickCorrections:
             VolumeError: a point outside the image, or a malformed one (HTTP 422).
             ValueError: no point at all, or no structure to correct (HTTP 400).
         """
-        with GATE.busy():
+        with GATE.busy(), self._lock:  # one correction at a time: a study's copy is updated in place
             return self._correct(path, structure, foreground, background)
 
     def _correct(self, path, structure, foreground, background) -> tuple[sitk.Image, dict]:
@@ -76,7 +78,7 @@ class ClickCorrections:
         adapter, live = svc.live()
         stack, geom, feats = svc.study(path, adapter)
         size = geom.reference.GetSize()
-        clicks = parse_points(foreground, True, size) + parse_points(background, False, size)
+        clicks = list(dict.fromkeys(parse_points(foreground, True, size) + parse_points(background, False, size)))
         if not clicks:
             raise ValueError("no points: place at least one foreground or background point")
         if not structure:
