@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import dice
-from monailabel_metaapp.core.episodes import IMAGE_SUFFIXES, image_files, label_names
+from monailabel_metaapp.core.episodes import image_files, image_stem, label_names
 from monailabel_metaapp.devserver import Server
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
@@ -35,11 +35,7 @@ MODEL = "fewshot_seg"
 
 def image_ids(studies: Path) -> dict[str, Path]:
     """image id (file name without its suffix) -> file, for the images at the top of a datastore."""
-    out = {}
-    for p in image_files(studies):
-        suffix = next(e for e in IMAGE_SUFFIXES if p.name.lower().endswith(e))
-        out[p.name[: -len(suffix)]] = p
-    return out
+    return {image_stem(p): p for p in image_files(studies)}
 
 
 def resolve_structure(studies: Path, structure: str) -> tuple[str, int]:

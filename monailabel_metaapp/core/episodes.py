@@ -28,6 +28,16 @@ from monailabel_metaapp.core.errors import VolumeError
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 
 
+def image_stem(path: str | Path) -> str:
+    """An image file's name without its image suffix: the datastore's id of a local or PACS-cached study.
+
+    Args:
+        path: the image file.
+    """
+    name = Path(path).name
+    return next((name[: -len(e)] for e in IMAGE_SUFFIXES if name.lower().endswith(e)), name)
+
+
 @dataclass
 class Study:
     """One volume as slices on the model grid (uint8 storage keeps a bank small)."""

@@ -29,6 +29,7 @@ from monailabel_metaapp.core.clicks import (
     saved_slices,
     to_grid,
 )
+from monailabel_metaapp.core.episodes import image_stem
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.volume import label_slices, read_image
 from monailabel_metaapp.lib.activity import GATE
@@ -50,10 +51,14 @@ class ClickCorrections:
         self.copies: LRU[tuple] = LRU(max_items=max_copies)  # (image path, structure) -> (version, Corrections)
         self._lock = threading.Lock()
 
-    def forget(self, path: str) -> None:
-        """Drop every copy of a study (its label was saved: from now on it teaches the shared head)."""
-        real = os.path.realpath(path)
-        self.copies.drop(lambda key: key[0] == real)
+    def forget(self, image_id: str) -> None:
+        """Drop every copy of a study (its label was saved: from now on it teaches the shared head).
+        Matched by the image file's name, so a save never has to fetch an image from a PACS.
+
+        Args:
+            image_id: the datastore's image id (its file name without the suffix).
+        """
+        self.copies.drop(lambda key: image_stem(key[0]) == image_id)
 
     def correct(self, path: str, structure: str | None, foreground: list, background: list) -> tuple[sitk.Image, dict]:
         """The structure's label on the study after the annotator's points (binary, value 1).

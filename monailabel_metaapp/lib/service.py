@@ -186,7 +186,7 @@ class SegService:
         checked = info.get("metaapp") or {"named": self.label_structures(image_id), "unnamed": []}
         for name in checked["named"]:
             self.heads.ensure(name, checked["named"][name] if name not in self.heads.registry else None)
-        self.clicks.forget(self.datastore.get_image_uri(image_id))  # the saved label now teaches the head
+        self.clicks.forget(image_id)  # the saved label now teaches the head
         queued = self.queue.submit(sorted(checked["named"]))
         return {"adapting": queued, "ignored_values": checked.get("unnamed", [])}
 
