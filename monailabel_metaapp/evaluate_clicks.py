@@ -330,6 +330,8 @@ def run_from_args(a) -> None:
         a.seed,
         a.device,
     )
+    if not res["rows"]:
+        raise ValueError(f"no structure is in more than max(--shots) = {max(int_list(a.shots))} labelled studies")
     res["provenance"] = stamp([a.model or SHIPPED_SEG])
     write_result(res, a.out, plot_clicks)
     for n in res["noc"]:
