@@ -70,6 +70,19 @@ def load_eval_studies(folder: str | Path, size: int) -> list[EvalStudy]:
     return out
 
 
+def structure_labels(studies: str | Path, data: list[EvalStudy]) -> dict[str, int]:
+    """name -> value of every structure the studies' references hold, named by `labels.json` (the value
+    itself when unnamed).
+
+    Args:
+        studies: the datastore folder.
+        data: its studies (`load_eval_studies`).
+    """
+    names = label_names(studies)
+    values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
+    return {names.get(v, str(v)): v for v in values}
+
+
 def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) -> np.ndarray:
     return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
@@ -203,10 +216,7 @@ def evaluate_seg(
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=steps)
     data = load_eval_studies(studies, adapter.size)
-    if labels is None:
-        names = label_names(studies)
-        values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
-        labels = {names.get(v, str(v)): v for v in values}
+    labels = labels or structure_labels(studies, data)
     baselines = [b for b in (baselines or []) if b]
     methods = ["meta", *baselines] if protocol == "volume" else ["meta", *[b for b in baselines if b == "proto"]]
     results: dict[tuple, list[tuple[float, float]]] = {}

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.clicks import Click, Corrections, apply_clicks, clicks_to_reach, next_click, saved_slices
-from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
-from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies
+from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies, structure_labels
 from monailabel_metaapp.evaluate_common import plot_curves
 
 LEVELS = (0.80, 0.85, 0.90)
@@ -152,7 +151,7 @@ def evaluate_clicks(
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
-    labels = labels or _all_labels(studies, data)
+    labels = labels or structure_labels(studies, data)
     methods = list(methods or METHODS)
     curves: dict[tuple, list[list[float]]] = {}
     seconds: dict[str, list[float]] = {}
@@ -237,7 +236,7 @@ def simulate_annotator(
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
-    labels = labels or _all_labels(studies, data)
+    labels = labels or structure_labels(studies, data)
     rows = []
     bar = tqdm(total=len(labels) * repeats * n_studies, desc="annotator", unit="study")
     for name, v in labels.items():
@@ -268,12 +267,6 @@ def simulate_annotator(
                 bar.update(1)
     bar.close()
     return rows
-
-
-def _all_labels(studies, data: list[EvalStudy]) -> dict[str, int]:
-    names = label_names(studies)
-    values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
-    return {names.get(v, str(v)): v for v in values}
 
 
 def plot_clicks(result: dict, png: Path) -> None:

@@ -18,15 +18,13 @@ import random
 import statistics
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
-from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, load_eval_studies
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, load_eval_studies, structure_labels
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
@@ -159,10 +157,7 @@ def evaluate_timeline(
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev)
     data = load_eval_studies(studies, adapter.size)
-    if labels is None:
-        names = label_names(studies)
-        values = sorted({int(v) for s in data for v in np.unique(s.ref) if v > 0})
-        labels = {names.get(v, str(v)): v for v in values}
+    labels = labels or structure_labels(studies, data)
     results: dict[tuple, list[float]] = {}
     guard_log = []
     bar = tqdm(total=len(labels) * len(shots) * repeats, desc="timeline", unit="episode")

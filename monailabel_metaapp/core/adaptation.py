@@ -188,6 +188,19 @@ def largest_component_share(masks: list[torch.Tensor]) -> float:
     return inside / total if total else 1.0
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 3D connected component of a binary mask (the mask itself when it has at most one).
+
+    Args:
+        mask: a binary volume.
+    """
+    cc, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum_labels(mask, cc, index=np.arange(1, n + 1))
+    return cc == 1 + int(np.argmax(sizes))
+
+
 def probabilities_to_labels(
     probs: np.ndarray, values: list[int], threshold: float = 0.5, one_piece: bool | list[bool] = True
 ) -> np.ndarray:
@@ -205,10 +218,7 @@ def probabilities_to_labels(
     one_piece = [one_piece] * keep.shape[0] if isinstance(one_piece, bool) else one_piece
     for k in range(keep.shape[0]):
         if one_piece[k]:
-            cc, n = ndimage.label(keep[k])
-            if n > 1:
-                sizes = ndimage.sum_labels(keep[k], cc, index=np.arange(1, n + 1))
-                keep[k] = cc == (1 + int(np.argmax(sizes)))
+            keep[k] = largest_component(keep[k])
     scored = np.where(keep, probs, -1.0)
     best = scored.argmax(0)
     out = np.zeros(probs.shape[1:], dtype=np.uint8)

@@ -11,7 +11,6 @@ from the structure's live head.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -30,12 +29,8 @@ from monailabel_metaapp.core.clicks import (
     to_grid,
 )
 from monailabel_metaapp.core.episodes import image_stem
-from monailabel_metaapp.core.errors import VolumeError
-from monailabel_metaapp.core.volume import label_slices, read_image
 from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.lru import LRU
-
-logger = logging.getLogger(__name__)
 
 
 class ClickCorrections:
@@ -140,22 +135,10 @@ class ClickCorrections:
         return best
 
     def _saved(self, structure: str, adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(features, masks) of up to SAVED_SLICES slices of the structure's saved labels."""
-        svc = self.service
-        items = svc.labelled_structures().get(structure, [])
+        """(features, masks) of about SAVED_SLICES slices of the structure's latest saved labels."""
+        items = self.service.labelled_structures().get(structure, [])[-SAVED_SLICES:]
         if not items:
             return None
-        stacks, masks = [], []
-        for image_id, value in items[-SAVED_SLICES:]:
-            try:
-                _, geom, f = svc.study(svc.datastore.get_image_uri(image_id), adapter)
-                lbl = label_slices(read_image(svc.datastore.get_label_uri(image_id, "final")), geom, adapter.size)
-            except VolumeError as e:
-                logger.warning("click corrections skip the label of %s: %s", image_id, e)
-                continue
-            stacks.append(f)
-            masks.append(lbl == value)
-        if not masks:
-            return None
+        _, masks, feats = self.service.labelled(items, adapter)
         picks = saved_slices(adapter, masks)
-        return torch.cat([f[i].float() for f, i in zip(stacks, picks)]), torch.cat([m[i] for m, i in zip(masks, picks)])
+        return torch.cat([f[i].float() for f, i in zip(feats, picks)]), torch.cat([m[i] for m, i in zip(masks, picks)])

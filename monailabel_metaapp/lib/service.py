@@ -163,6 +163,18 @@ class SegService:
             masks.append(lbl == value)
         return stacks, masks
 
+    def labelled(self, items: list[tuple[str, int]], adapter: SegAdapter) -> tuple[list, list, list]:
+        """(slices, binary masks, cached embeddings) of a structure's labelled studies [(image id, value)]
+        under `adapter`: what a head adapts from."""
+        stacks, masks, feats = [], [], []
+        for image_id, value in items:
+            stack, geom, f = self.study(self.datastore.get_image_uri(image_id), adapter)
+            lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, adapter.size)
+            stacks.append(stack)
+            masks.append(lbl == value)
+            feats.append(f)
+        return stacks, masks, feats
+
     # -- labels in the datastore ------------------------------------------------------------
     def label_structures(self, image_id: str) -> dict[str, int]:
         """name -> value of the named structures in an image's final label."""
@@ -216,14 +228,8 @@ class SegService:
             raise VolumeError(f"no final label holds {name!r}")
         with GATE.busy():
             adapter, _ = self.live()
-            stacks, masks, feats = [], [], []
-            for image_id, value in items:
-                stack, geom, f = self.study(self.datastore.get_image_uri(image_id), adapter)
-                lbl = label_slices(read_image(self.datastore.get_label_uri(image_id, "final")), geom, adapter.size)
-                stacks.append(stack)
-                masks.append(lbl == value)
-                feats.append(f.float())
-            head = adapter.adapt(stacks, masks, feats=feats)
+            stacks, masks, feats = self.labelled(items, adapter)
+            head = adapter.adapt(stacks, masks, feats=[f.float() for f in feats])
             # listeners first: the scorer then waits for this adaptation to end, so a client that sees the
             # new version never sees the old scores marked fresh
             self.notify(name)
