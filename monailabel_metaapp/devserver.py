@@ -32,9 +32,17 @@ class Server:
     """`metaapp serve` in a subprocess: the same path the README's command takes."""
 
     def __init__(
-        self, studies: Path | str, log: Path, conf: dict | None = None, port: int | None = None, env: dict | None = None
+        self,
+        studies: Path | str,
+        log: Path,
+        conf: dict | None = None,
+        port: int | None = None,
+        env: dict | None = None,
+        headers: dict | None = None,
     ):
+        """headers: sent with the readiness and status requests (a bearer token when auth is on)."""
         self.studies, self.log_path, self.conf, self.env = studies, Path(log), conf or {}, env or {}
+        self.headers = headers or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -51,7 +59,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/info/", headers=self.headers, timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -65,7 +73,8 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def structures(self, model: str = "fewshot_seg") -> dict:
-        return requests.get(f"{self.url}/info/", timeout=10).json()["metaapp"][model]["structures"]
+        info = requests.get(f"{self.url}/info/", headers=self.headers, timeout=10).json()
+        return info["metaapp"][model]["structures"]
 
     def wait_ready(self, timeout: float = 240, poll: float = 0.5, **min_versions: int) -> dict:
         """Wait until nothing is queued/adapting and the named structures (spaces as _) reached a version."""
@@ -83,7 +92,7 @@ class Server:
         """Wait until no head is adapting and the active-learning scores are fresh (one full pass done)."""
         t0 = time.time()
         while time.time() - t0 < timeout:
-            meta = requests.get(f"{self.url}/info/", timeout=10).json()["metaapp"][model]
+            meta = requests.get(f"{self.url}/info/", headers=self.headers, timeout=10).json()["metaapp"][model]
             busy = any(s["state"] in ("queued", "adapting") for s in meta["structures"].values())
             al = meta["activelearning"]
             if not busy and al["state"] == "idle" and not al["pending"] and al["passes"] > 0:

@@ -101,8 +101,9 @@ class MetaApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as fastapi_app
 
-        from monailabel_metaapp.lib import ohif, routes
+        from monailabel_metaapp.lib import auth, ohif, routes
 
+        auth.install()  # before any route can be reached
         routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
         from monailabel_metaapp.lib import site_routes

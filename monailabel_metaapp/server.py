@@ -19,6 +19,10 @@ def serve(
         build(studies)
     if not studies.startswith(("http://", "https://")) and not Path(studies).is_dir():
         raise FileNotFoundError(f"studies folder {studies!r} does not exist")
+    from monailabel_metaapp.lib.auth import exposure_warning
+
+    if warning := exposure_warning(host):
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     args = [
         sys.executable,
         "-m",

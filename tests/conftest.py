@@ -70,10 +70,12 @@ def sample_store(samples_src, tmp_path) -> Path:
 def start_server(tmp_path):
     servers = []
 
-    def _start(studies: Path | str, conf: dict | None = None, env: dict | None = None) -> Server:
+    def _start(
+        studies: Path | str, conf: dict | None = None, env: dict | None = None, headers: dict | None = None
+    ) -> Server:
         # background learning (site adaptation, refinement) only where a test asks for it
         conf = {"site_adapt": "false", "refine": "false", **(conf or {})}
-        s = Server(studies, tmp_path / f"server{len(servers)}.log", conf, env=env).start()
+        s = Server(studies, tmp_path / f"server{len(servers)}.log", conf, env=env, headers=headers).start()
         servers.append(s)
         return s
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from monailabel.utils.others.generic import get_mime_type
 
-from monailabel_metaapp.lib.routes import include_first
+from monailabel_metaapp.lib.auth import USER, include_first
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def install(app: FastAPI) -> None:
     """
     router = APIRouter()
 
-    @router.get("/ohif/{path:path}", include_in_schema=False)
+    @router.get("/ohif/{path:path}", include_in_schema=False, dependencies=[USER])  # as MONAI Label's
     async def ohif(path: str):
         root = ohif_dir().resolve()
         file = (root / path).resolve() if path else root / "index.html"

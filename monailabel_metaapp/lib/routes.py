@@ -17,13 +17,15 @@ import uuid
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
+from monailabel_metaapp.lib.auth import ADMIN, ANNOTATOR, USER, include_first
+
 
 def install(app: FastAPI, services: dict, strategies: dict | None = None) -> None:
     """services: quick-adapt model name -> SegService; strategies: name -> Strategy (ranked ones listed)."""
     router = APIRouter()
     strategies = strategies or {}
 
-    @router.post("/train/{model}", include_in_schema=False)
+    @router.post("/train/{model}", include_in_schema=False, dependencies=[ADMIN])
     async def quick_train(model: str, request: Request):
         service = services.get(model)
         if service is None:  # not ours: hand over to MONAI Label's own /train/{model}
@@ -37,11 +39,15 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
             "adapting": names,
         }
 
-    @router.get("/metaapp/structures", summary="Adapted heads: version, labels learned from, state")
+    @router.get(
+        "/metaapp/structures", summary="Adapted heads: version, labels learned from, state", dependencies=[USER]
+    )
     async def structures():
         return {m: s.structures() for m, s in services.items()}
 
-    @router.post("/metaapp/structures/{name}/rollback", summary="Make an earlier head version live again")
+    @router.post(
+        "/metaapp/structures/{name}/rollback", summary="Make an earlier head version live again", dependencies=[ADMIN]
+    )
     async def rollback(name: str, version: int | None = None, model: str | None = None):
         service = services.get(model) if model else next(iter(services.values()))
         if service is None:
@@ -56,7 +62,7 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
         service.notify(name)
         return {"structure": name, "version": v, "stage": service.heads.version_info(name).get("stage", "head")}
 
-    @router.post("/scoring/{method}", include_in_schema=False)
+    @router.post("/scoring/{method}", include_in_schema=False, dependencies=[ANNOTATOR])
     async def scoring(method: str, request: Request):
         from monailabel.interfaces.utils.app import app_instance
 
@@ -65,7 +71,11 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
             return await _stock(app, request, "scoring")
         return task({})
 
-    @router.get("/metaapp/activelearning/{strategy}", summary="The ranking a strategy picks from, with scores")
+    @router.get(
+        "/metaapp/activelearning/{strategy}",
+        summary="The ranking a strategy picks from, with scores",
+        dependencies=[USER],
+    )
     async def ranking(strategy: str, structure: str | None = None, client_id: str | None = None):
         from monailabel.interfaces.utils.app import app_instance
 
@@ -77,16 +87,6 @@ def install(app: FastAPI, services: dict, strategies: dict | None = None) -> Non
         return {"strategy": strategy, "ranking": task.rank(request, app_instance().datastore())}
 
     include_first(app, router)  # our /train/{model} must win over MONAI Label's
-
-
-def include_first(app: FastAPI, router: APIRouter) -> None:
-    """Include a router ahead of every route already there, so its routes override MONAI Label's.
-    Moves exactly what `include_router` added (FastAPI may add one entry per router, not per route)."""
-    before = len(app.router.routes)
-    app.include_router(router)
-    added = app.router.routes[before:]
-    del app.router.routes[before:]
-    app.router.routes[0:0] = added
 
 
 async def _stock(app: FastAPI, request: Request, kind: str = "train"):

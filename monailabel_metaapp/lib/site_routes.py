@@ -12,6 +12,8 @@ import asyncio
 
 from fastapi import APIRouter, FastAPI, HTTPException
 
+from monailabel_metaapp.lib.auth import ADMIN, USER, include_first
+
 
 def install(app: FastAPI, loops: dict) -> None:
     """Mount the routes.
@@ -28,11 +30,15 @@ def install(app: FastAPI, loops: dict) -> None:
             raise HTTPException(404, f"unknown model {model!r}" if model else "no model")
         return loop
 
-    @router.get("/metaapp/site", summary="Site adaptation of the encoder: state, versions, last check")
+    @router.get(
+        "/metaapp/site", summary="Site adaptation of the encoder: state, versions, last check", dependencies=[USER]
+    )
     async def site_status():
         return {name: loop.status() for name, loop in loops.items()}
 
-    @router.post("/metaapp/site/rollback", summary="Make an earlier site-adapted encoder live again")
+    @router.post(
+        "/metaapp/site/rollback", summary="Make an earlier site-adapted encoder live again", dependencies=[ADMIN]
+    )
     async def rollback(version: int | None = None, model: str | None = None):
         loop = pick(model)
         if loop.service is None:
@@ -43,8 +49,4 @@ def install(app: FastAPI, loops: dict) -> None:
             raise HTTPException(409, str(e)) from e
         return {"version": v, "site_adaptation": loop.status()}
 
-    before = len(app.router.routes)
-    app.include_router(router)
-    added = app.router.routes[before:]  # ahead of MONAI Label's routes, as lib/routes.py does
-    del app.router.routes[before:]
-    app.router.routes[0:0] = added
+    include_first(app, router)  # ahead of MONAI Label's routes

@@ -22,6 +22,7 @@ import uuid
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.auth import ADMIN, ANNOTATOR, USER, include_first
 
 
 def _body(raw: bytes) -> dict:
@@ -64,18 +65,22 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
     """
     router = APIRouter()
 
-    @router.put("/metaapp/classes/{image_id}", summary="Store a class correction; the classifier adapts")
+    @router.put(
+        "/metaapp/classes/{image_id}",
+        summary="Store a class correction; the classifier adapts",
+        dependencies=[ANNOTATOR],
+    )
     async def put_class(image_id: str, request: Request):
         return store_correction(service, image_id, _body(await request.body()))
 
-    @router.delete("/metaapp/classes/{image_id}", summary="Drop a class correction")
+    @router.delete("/metaapp/classes/{image_id}", summary="Drop a class correction", dependencies=[ANNOTATOR])
     async def delete_class(image_id: str, key: str = "image"):
         try:
             return service.remove(image_id, key)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from e
 
-    @router.get("/metaapp/classes", summary="Classifier heads and the stored class corrections")
+    @router.get("/metaapp/classes", summary="Classifier heads and the stored class corrections", dependencies=[USER])
     async def classes(image: str | None = None):
         ids = [image] if image else service.image_ids()
         try:
@@ -84,7 +89,7 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
             raise HTTPException(404, str(e)) from e
         return {"heads": service.heads.snapshot(), "corrections": stored}
 
-    @router.post(f"/train/{model}", include_in_schema=False)
+    @router.post(f"/train/{model}", include_in_schema=False, dependencies=[ADMIN])
     async def train(request: Request):
         body = _body(await request.body())
         items = body.get("corrections") if isinstance(body.get("corrections"), list) else None
@@ -100,9 +105,4 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
             stored.append(store_correction(service, str(it["image"]), it))
         return reply | {"model": model, "stored": stored, "adapting": sorted({s["task"] for s in stored})}
 
-    # ahead of MONAI Label's /train/{model} and the app's: move exactly what include_router added
-    before = len(app.router.routes)
-    app.include_router(router)
-    added = app.router.routes[before:]
-    del app.router.routes[before:]
-    app.router.routes[0:0] = added
+    include_first(app, router)  # ahead of MONAI Label's /train/{model} and the app's
