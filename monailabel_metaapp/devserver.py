@@ -64,6 +64,7 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
+        self.stop()  # never leave a server behind that did not come up
         raise TimeoutError(f"server did not answer /info/ in {timeout} s:\n{self.log_tail()}")
 
     def stop(self) -> None:

@@ -20,6 +20,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from monailabel_metaapp import __version__
 from monailabel_metaapp.core.episodes import label_names
+from monailabel_metaapp.lib import memory
 from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.configs.fewshot_cls import FewShotCls
 from monailabel_metaapp.lib.configs.fewshot_seg import FewShotSeg
@@ -104,6 +105,7 @@ class MetaApp(MONAILabelApp):
         from monailabel_metaapp.lib import auth, ohif, routes
 
         auth.install()  # before any route can be reached
+        self.trimmer = memory.Trimmer(lambda: GATE.ticks).start()
         routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
         from monailabel_metaapp.lib import site_routes
@@ -159,4 +161,7 @@ class MetaApp(MONAILabelApp):
             meta["metaapp"][name] = {**cfg.service.status(), "site_adaptation": cfg.site.status()}
         if hasattr(self._datastore, "poll"):
             meta["metaapp"]["pacs"] = self._datastore.pacs_status()
+        services = {n: c.service for n, c in {**self.configs, **self.cls_configs}.items()}
+        caches = {f"{n}.{k}": v for n, s in services.items() for k, v in s.memory().items()}
+        meta["metaapp"]["memory"] = memory.report(caches, getattr(self, "trimmer", None))
         return meta

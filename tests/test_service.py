@@ -30,3 +30,17 @@ def test_new_site_weights_replace_the_encoder_and_every_head_is_readapted(cmr_st
     assert all(after[n]["version"] == 2 for n in CMR_STRUCTURES), after
     img, params = service.infer(ds.get_image_uri("cmr_28"))
     assert set(params["head_versions"]) == set(CMR_STRUCTURES)
+
+
+def test_the_study_cache_keeps_to_its_bound_and_says_what_it_holds(cmr_store, tmp_path):
+    """`embedding_cache_mb` bounds the studies kept embedded; `/info/` reports them from `memory()`."""
+    ds = LocalDatastore(str(cmr_store), extensions=["*.nii.gz"], auto_reload=False)
+    roomy = SegService(ds, tmp_path / "a", str(DEFAULT_SEG_WEIGHTS), device="cpu")
+    tight = SegService(ds, tmp_path / "b", str(DEFAULT_SEG_WEIGHTS), device="cpu", cache_mb=1)
+    for service in (roomy, tight):
+        for image in ("cmr_28", "cmr_29"):
+            service.study(ds.get_image_uri(image))
+    held = roomy.memory()["studies"]
+    assert held["items"] == 2 and held["max_mb"] == 2048 and held["mb"] > 1
+    tight_held = tight.memory()["studies"]
+    assert tight_held["items"] == 1 and tight_held["max_mb"] == 1, "over the bound only the newest study stays"

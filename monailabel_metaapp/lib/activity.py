@@ -31,6 +31,7 @@ class ActivityGate:
         self._active: dict[int, int] = {}
         self._last: dict[int, float] = {}
         self._cv = threading.Condition()
+        self.ticks = 0  # grows with every request finished and every background step begun
 
     @contextmanager
     def busy(self, level: int = FOREGROUND) -> Iterator[None]:
@@ -43,6 +44,7 @@ class ActivityGate:
             with self._cv:
                 self._active[level] -= 1
                 self._last[level] = time.monotonic()
+                self.ticks += 1
                 self._cv.notify_all()
 
     def _blocking(self, level: int) -> float:
@@ -65,6 +67,7 @@ class ActivityGate:
                     return False
                 wait = self._blocking(level)
                 if wait <= 0:
+                    self.ticks += 1
                     return True
                 if deadline is not None:
                     left = deadline - time.monotonic()

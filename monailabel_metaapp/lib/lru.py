@@ -108,6 +108,14 @@ class LRU(Generic[V]):
             self._items.clear()
             self._bytes = 0
 
+    def stats(self) -> dict:
+        """Items held and their size (MiB, as `size` counts them), with the bounds."""
+        with self._lock:
+            out: dict = {"items": len(self._items), "max_items": self.max_items}
+            if self._size is not None:
+                out |= {"mb": round(self._bytes / 2**20, 1), "max_mb": round((self.max_bytes or 0) / 2**20) or None}
+            return out
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

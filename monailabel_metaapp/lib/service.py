@@ -91,6 +91,15 @@ class SegService:
         refining = self.refinement.status()
         return {n: row | {"refinement": refining.get(n)} for n, row in self.heads.snapshot().items()}
 
+    def memory(self) -> dict[str, dict]:
+        """What the service's caches hold, with their bounds (`/info/` `metaapp.memory`)."""
+        return {
+            "studies": self.cache.stats(),
+            "refined_encoders": self.refined.stats(),
+            "shown_masks": self.shown.stats(),
+            "click_copies": self.clicks.copies.stats(),
+        }
+
     def notify(self, name: str) -> None:
         for listener in self.listeners:
             try:

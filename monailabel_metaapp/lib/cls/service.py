@@ -355,6 +355,10 @@ class ClsService:
         out: dict[str, dict] = {"classes": by_task.pop("region")} if "region" in by_task else {}
         return out | ({"task_classes": by_task} if by_task else {})
 
+    def memory(self) -> dict[str, dict]:
+        """What the classifier's caches hold, with their bounds (`/info/` `metaapp.memory`)."""
+        return {"views": self.regions.cache.stats(), "region_stacks": self.regions.stacks.stats()}
+
     def status(self) -> dict:
         """What /info/ shows of the classifier: device, model, heads, and how to teach it."""
         return {

@@ -51,6 +51,7 @@ class FewShotSeg(TaskConfig):
             default_names=names,
             refine=refine_config(conf),
             refined_in_ram=int(conf.get("refine_models_in_ram", 4)),
+            cache_mb=int(conf.get("embedding_cache_mb", 2048)),
         )
         self.site.attach(self.service)
         self.scores = ALScores(self.service)  # started by the app once start-up adaptation is queued
