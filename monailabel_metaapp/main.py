@@ -27,6 +27,7 @@ from monailabel_metaapp.lib.configs.fewshot_seg import FewShotSeg
 from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_UPLOAD_MB = 1024  # largest request body (a study or a label upload)
 
 
 class MetaApp(MONAILabelApp):
@@ -102,9 +103,10 @@ class MetaApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as fastapi_app
 
-        from monailabel_metaapp.lib import auth, ohif, routes
+        from monailabel_metaapp.lib import auth, limits, ohif, routes
 
         auth.install()  # before any route can be reached
+        limits.install(fastapi_app, float(self.conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)))
         self.trimmer = memory.Trimmer(lambda: GATE.ticks).start()
         routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
