@@ -164,6 +164,9 @@ class MetaApp(MONAILabelApp):
         if hasattr(self._datastore, "poll"):
             meta["metaapp"]["pacs"] = self._datastore.pacs_status()
         services = {n: c.service for n, c in {**self.configs, **self.cls_configs}.items()}
+        found = list(getattr(self._datastore, "problems", []))
+        found += [f"{n}: {p}" for n, s in services.items() for p in s.heads.problems]
+        meta["metaapp"]["damaged_at_start"] = found  # damaged files skipped or rebuilt at start-up
         caches = {f"{n}.{k}": v for n, s in services.items() for k, v in s.memory().items()}
         meta["metaapp"]["memory"] = memory.report(caches, getattr(self, "trimmer", None))
         return meta

@@ -95,3 +95,25 @@ def test_label_names_from_slicer_monailabel_and_labels_json():
     assert named_values({"params": {"label_names": {"kidney": 5}}}, defaults) == {"kidney": 5}
     assert named_values({}, defaults) == defaults
     assert split_named([1, 2, 9], defaults) == ({"liver": 1, "spleen": 2}, [9])
+
+
+def test_a_damaged_head_file_or_registry_never_stops_a_restart_and_versions_never_go_back(tmp_path):
+    store = HeadStore(tmp_path)
+    for v in (1.0, 2.0, 3.0):
+        store.publish("liver", _head(v, int(v)))
+    store.publish("spleen", _head(9.0, 1))
+    (tmp_path / "liver" / "v0003.pt").write_bytes(b"half a file")  # a disk fault, a copy gone wrong
+
+    again = HeadStore(tmp_path)  # starts; the newest version that loads serves
+    assert again.snapshot()["liver"]["version"] == 2 and again.heads()["liver"].params["bias"].item() == 2.0
+    assert again.snapshot()["liver"]["n_labels"] == 2 and again.heads()["spleen"].params["bias"].item() == 9.0
+    assert any("'liver' version 3" in p for p in again.problems)
+    with pytest.raises(ValueError, match="cannot be read"):
+        again.rollback("liver", 3)
+    assert again.publish("liver", _head(4.0, 4)) == 4, "a new version never reuses a number"
+
+    (tmp_path / "registry.json").write_text("{not json")
+    fresh = HeadStore(tmp_path)  # starts without records: heads re-adapt from their labels
+    assert fresh.heads() == {} and any("registry.json could not be read" in p for p in fresh.problems)
+    assert list(tmp_path.glob("registry.json.damaged-*")), "the damaged registry is kept aside"
+    assert fresh.publish("liver", _head(5.0, 4)) == 5, "numbers go on from the files on disk"

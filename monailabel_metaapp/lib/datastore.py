@@ -4,14 +4,21 @@ values or no named structure -> 422 with the reason."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException
+from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore
 
+from monailabel_metaapp.core.checkpoint import atomic_write
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.volume import read_image, same_geometry
 from monailabel_metaapp.lib.label_names import named_values, split_named
@@ -121,8 +128,48 @@ class ValidatingDatastore(LabelChecks, LocalDatastore):
     """
 
     def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
+        self.problems: list[str] = []  # what start-up found damaged and did about it (for /info/)
         super().__init__(*args, **kwargs)
         self.default_names = default_names or {}
+
+    # MONAI Label rewrites datastore_v2.json in place, so a crash mid-write leaves half a file, and a
+    # damaged file stops the server at start-up. Here every write is atomic and a copy of the last good
+    # file is kept beside it; a damaged file is moved aside and the copy (or the folder itself) used.
+    def _update_datastore_file(self, lock=True):
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write(self._datastore_config_path, lambda p: Path(p).write_text(text))
+            atomic_write(self._datastore_config_path + ".bak", lambda p: Path(p).write_text(text))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def _init_from_datastore_file(self, throw_exception=False):
+        try:
+            super()._init_from_datastore_file(throw_exception=True)
+        except ValueError as e:
+            if not throw_exception:  # a reload while serving: keep what is in memory
+                logger.error("datastore file unreadable, kept the one in memory: %s", e)
+                return
+            path = Path(self._datastore_config_path)
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            backup = path.with_name(path.name + ".bak")
+            what = "rebuilt from the studies folder (class corrections and label info are lost)"
+            if backup.exists():
+                shutil.copy(backup, path)
+                try:
+                    super()._init_from_datastore_file(throw_exception=True)
+                    what = f"restored from {backup.name}"
+                except ValueError:
+                    path.unlink()
+            self.problems.append(f"{path.name} could not be read; moved to {aside.name}; {what}")
+            logger.error("%s", self.problems[-1])
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Store a label: a final one only once it passes `check_label` (the result is kept in its info

@@ -4,7 +4,9 @@ Each named record (a structure, a classification task) keeps numbered versions o
   registry.json          {registry_key: {name: {"version", "versions", "state", "updated", ...}}}
   <dirname>/v0003.pt     a version's parameters (plain state_dict, weights_only-loadable)
 Writes are atomic (a crash never leaves half a file or half a registry). A restart reloads every
-live head and repairs the states an interrupted adaptation left behind. `publish` makes a new
+live head and repairs the states an interrupted adaptation left behind; a damaged head file or
+registry is skipped (an earlier version serves, or the head re-adapts from its labels) and listed in
+`problems`, and version numbers never go back. `publish` makes a new
 version live, `rollback` an earlier one, `retire` stops serving a record without deleting anything.
 
 Thread-safe: the adaptation worker publishes while inference threads read `heads()`; each head is
@@ -14,6 +16,8 @@ swapped in whole. A subclass says what a head is through the hooks marked below.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import threading
 import time
@@ -25,6 +29,7 @@ import torch
 from monailabel_metaapp.core.checkpoint import atomic_write, save_json
 
 READY, QUEUED, ADAPTING, FAILED, NEW = "ready", "queued", "adapting", "failed", "no head yet"
+logger = logging.getLogger(__name__)
 
 H = TypeVar("H")
 
@@ -65,17 +70,54 @@ class VersionedStore(Generic[H]):
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._heads: dict[str, H] = {}
-        reg = self.folder / "registry.json"
-        self.registry: dict[str, dict] = json.loads(reg.read_text())[self.registry_key] if reg.exists() else {}
+        self.problems: list[str] = []  # what start-up found damaged and what it did about it (for /info/)
+        self.registry: dict[str, dict] = self._read_registry(self.folder / "registry.json")
         for rec_name, rec in self.registry.items():
             self._upgrade(rec_name, rec)
         for name in names:
             self.record(name)
         for rec_name, rec in self.registry.items():
             if rec.get("version"):
-                self._heads[rec_name] = self.load(rec_name, rec["version"])
+                self._load_live(rec_name, rec)
             if rec.get("state") in (QUEUED, ADAPTING):  # interrupted by a restart
                 rec["state"] = READY if rec.get("version") else NEW
+        if self.problems:
+            self._save_registry()
+
+    def _note(self, problem: str) -> None:
+        logger.error("%s: %s", self.folder, problem)
+        self.problems.append(problem)
+
+    def _read_registry(self, reg: Path) -> dict[str, dict]:
+        """The registry's records; a damaged registry is moved aside and the store starts without it
+        (heads re-adapt from their labels, and version numbers go on from the files on disk)."""
+        if not reg.exists():
+            return {}
+        try:
+            records = json.loads(reg.read_text())[self.registry_key]
+            if not isinstance(records, dict):
+                raise TypeError(f"{self.registry_key!r} is not an object")
+            return records
+        except (ValueError, KeyError, TypeError) as e:
+            aside = reg.with_name(f"{reg.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(reg, aside)
+            self._note(f"registry.json could not be read ({e}); moved to {aside.name}; records start again")
+            return {}
+
+    def _load_live(self, name: str, rec: dict) -> None:
+        """Serve the live version of `name`, or the newest earlier one that loads when its file is
+        damaged; with none, the record has no head (and re-adapts from its labels)."""
+        for version in sorted((v for v in rec.get("versions", []) if v <= rec["version"]), reverse=True):
+            try:
+                head = self.load(name, version)
+            except Exception as e:  # a truncated or foreign file: skip it, never fail the start-up
+                self._note(f"{self.noun} {name!r} version {version} could not be read ({type(e).__name__}); skipped")
+                continue
+            self._heads[name] = head
+            if version != rec["version"]:
+                rec.update(version=version, state=READY, updated=now_iso(), **self._fields(head))
+            return
+        rec.update(version=0, state=NEW, updated=now_iso())
 
     # -- hooks --------------------------------------------------------------------------------
     def _new_record(self, name: str, **init: Any) -> dict:
@@ -235,7 +277,10 @@ class VersionedStore(Generic[H]):
             name: the record.
         """
         with self._lock:
-            return max(self.registry.get(name, {}).get("versions", []), default=0) + 1
+            known = self.registry.get(name, {}).get("versions", [])
+            files = (self.folder / self.dirname(name)).glob("v*.pt")
+            on_disk = [int(m[1]) for f in files if (m := re.fullmatch(r"v(\d+)\.pt", f.name))]
+            return max(known + on_disk, default=0) + 1  # never back, even after a registry was lost
 
     def rollback(self, name: str, version: int | None = None) -> int:
         """Make an earlier version live again.
@@ -255,7 +300,10 @@ class VersionedStore(Generic[H]):
             target = version if version is not None else (max(older) if older else None)
             if target is None or target not in rec["versions"]:
                 raise ValueError(f"{name!r} has no version {target} to roll back to (versions: {rec['versions']})")
-            head = self.load(name, target)
+            try:
+                head = self.load(name, target)
+            except Exception as e:
+                raise ValueError(f"version {target} of {name!r} cannot be read ({type(e).__name__}: {e})") from e
             self._heads[name] = head
             rec.update(version=target, state=READY, updated=now_iso(), **self._fields(head))
             self._save_registry()
