@@ -141,6 +141,9 @@ class MetaApp(MONAILabelApp):
 
     def _on_save_label(self, image_id: str, label_id: str) -> dict:
         super().on_save_label(image_id, label_id)
+        saving = getattr(self._datastore, "saving", None)
+        if getattr(saving, "tag", "final") != "final":  # a draft or a model's output: nothing to learn from
+            return {"metaapp": {}}
         reply = {name: s.on_label_saved(image_id) for name, s in self.seg_services().items()}
         for name, cfg in self.cls_configs.items():  # label_info entries that carry a "class"
             if classes := cfg.service.on_label_saved(image_id):

@@ -4,8 +4,14 @@ skipped or rebuilt and named in `/info/`."""
 
 from __future__ import annotations
 
+import errno
+import json
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
+import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
@@ -60,3 +66,74 @@ def test_a_damaged_head_or_datastore_file_is_skipped_or_rebuilt_and_named_in_inf
     stored = requests.get(f"{server.url}/metaapp/classes?image=mni_03", timeout=30).json()["corrections"]
     assert stored["mni_03"], "the class correction came back with the datastore file"
     assert list(sample_store.glob("datastore_v2.json.damaged-*")), "the damaged file is kept aside"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs to fill up (needs root; skipped where it cannot be mounted)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"a small tmpfs cannot be mounted here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the disk is full; returns it (delete it to free the space)."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (2**20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_gets_507_keeps_the_live_head_and_leaves_nothing_half_written(
+    small_disk, sample_store, start_server
+):
+    store = small_disk / "studies"
+    shutil.copytree(sample_store, store)
+    server = start_server(store)
+    before = server.wait_ready()
+    filler = fill(small_disk)
+    labels, heads = files(store / "labels"), files(store / ".metaapp" / "heads")
+
+    names = {"label_info": [{"name": n, "idx": v} for n, v in {"grey matter": 1, "white matter": 2}.items()]}
+    upload = {"label": ("mni_01.nii.gz", (sample_store / "labels" / "final" / "mni_01.nii.gz").read_bytes())}
+    r = requests.put(f"{server.url}/datastore/label?image=mni_01", files=upload, data={"params": json.dumps(names)})
+    assert r.status_code == 507 and "no space left" in r.json()["detail"], r.text
+
+    # every head re-adapts, and none can be written
+    r = requests.post(f"{server.url}/train/fewshot_seg", json={}, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 240
+    st = server.structures()
+    while any(s["state"] in ("queued", "adapting") for s in st.values()):
+        assert time.time() < deadline, st
+        time.sleep(0.5)
+        st = server.structures()
+    assert all(st[n]["state"] == "failed" and "No space" in st[n]["error"] for n in before), st
+    assert {n: s["version"] for n, s in st.items()} == {n: s["version"] for n, s in before.items()}
+    r = requests.post(f"{server.url}/infer/fewshot_seg?image=mni_03&output=json", timeout=120)
+    assert r.status_code == 200 and r.json()["head_versions"] == {n: s["version"] for n, s in before.items()}
+    assert files(store / "labels") == labels and files(store / ".metaapp" / "heads") == heads
+    assert not [p for p in store.rglob("*") if p.name.endswith((".tmp", ".previous"))], "half-written files left"
+
+    filler.unlink()  # space again: the same requests go through
+    r = requests.put(f"{server.url}/datastore/label?image=mni_01", files=upload, data={"params": json.dumps(names)})
+    assert r.status_code == 200, r.text
+    after = server.wait_ready()
+    assert all(after[n]["version"] > before[n]["version"] and after[n]["state"] == "ready" for n in names_of(names))
+
+
+def names_of(params: dict) -> list[str]:
+    return [i["name"] for i in params["label_info"]]

@@ -4,6 +4,7 @@ reader never sees half a file."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -36,6 +37,19 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """`torch.save` atomically. Serialised in memory first, so a full disk raises a plain
+    `OSError` (ENOSPC) rather than torch's zip-writer error, and never leaves part of a file.
+
+    Args:
+        path: the file to write.
+        obj: tensors or a dict of them (weights, a training state).
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda p: Path(p).write_bytes(buf.getbuffer()))
 
 
 def save_json(path: str | Path, data: Any) -> None:

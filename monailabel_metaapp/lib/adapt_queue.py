@@ -48,7 +48,9 @@ class AdaptQueue:
                 self._work(name)
             except Exception as e:  # a failed adaptation must not kill the worker
                 logger.exception("adaptation of %s failed", name)
-                self._on_state(name, "failed", str(e))
+                with self._cv:  # a save meanwhile queued another run: that is what clients should see
+                    again = name in self._pending
+                self._on_state(name, "queued" if again else "failed", None if again else str(e))
             finally:
                 with self._cv:
                     self._running = None

@@ -4,10 +4,13 @@ values or no named structure -> 422 with the reason."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore
 
 from monailabel_metaapp.core.checkpoint import atomic_write
 from monailabel_metaapp.core.errors import VolumeError
@@ -24,6 +27,9 @@ from monailabel_metaapp.core.volume import read_image, same_geometry
 from monailabel_metaapp.lib.label_names import named_values, split_named
 
 logger = logging.getLogger(__name__)
+MAX_STRUCTURES_PER_LABEL = 255  # structures take label values 1-255 in the app's label maps
+NAME_OK = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")  # a structure name: no path separator, no control character
+TAG_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a label tag names a folder under labels/
 
 
 def image_header(path: str) -> sitk.Image:
@@ -51,6 +57,24 @@ def image_header(path: str) -> sitk.Image:
     return img
 
 
+def requested_image(request: dict, datastore) -> str:
+    """The image file an infer request names, when it is one of the datastore's; 404 otherwise.
+
+    MONAI Label passes a request's `image` on as a path when a file of that name exists, so without
+    this check an inference would read any file the server can (`image=../../etc/passwd`).
+
+    Args:
+        request: the infer request (MONAI Label has put the image's file in `image`).
+        datastore: the app's datastore (a folder, or a PACS with its local cache).
+    """
+    path = request.get("image") or ""
+    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or "/nonexistent")
+    real = os.path.realpath(path) if isinstance(path, str) and path else ""
+    if not real or not real.startswith(root + os.sep) or not os.path.isfile(real):
+        raise HTTPException(status_code=404, detail=f"image not found in the datastore: {path or '(unknown id)'}")
+    return path
+
+
 class LabelChecks:
     """The checks shared by the folder datastore and the PACS one (mixed into a LocalDatastore).
 
@@ -58,6 +82,26 @@ class LabelChecks:
     """
 
     default_names: dict[str, int] = {}
+
+    def check_grid(self, image_id: str, label_filename: str) -> sitk.Image:
+        """The uploaded label, read, when it is an image on the study's grid; 422 with the reason if not."""
+        try:
+            lbl = read_image(label_filename)
+        except VolumeError as e:
+            raise HTTPException(status_code=422, detail=f"label for {image_id}: {e}; nothing was stored") from e
+        image = image_header(self.get_image_uri(image_id))
+        if not same_geometry(lbl, image):
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"label for {image_id} does not lie on its image grid: label size {lbl.GetSize()}, spacing "
+                    f"{np.round(lbl.GetSpacing(), 3).tolist()}, origin {np.round(lbl.GetOrigin(), 2).tolist()}; "
+                    f"image size "
+                    f"{image.GetSize()}, spacing {np.round(image.GetSpacing(), 3).tolist()}, origin "
+                    f"{np.round(image.GetOrigin(), 2).tolist()}; nothing was stored"
+                ),
+            )
+        return lbl
 
     def check_label(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, Any]:
         """Check a label before it is stored, so a bad upload never replaces a good label.
@@ -78,32 +122,25 @@ class LabelChecks:
         """
         if image_id not in self._datastore.objects:
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: nothing was stored")
-        try:
-            lbl = read_image(label_filename)
-        except VolumeError as e:
-            raise HTTPException(status_code=422, detail=f"label for {image_id}: {e}; nothing was stored") from e
-        image = image_header(self.get_image_uri(image_id))
-        if not same_geometry(lbl, image):
-            raise HTTPException(
-                status_code=422,
-                detail=(
-                    f"label for {image_id} does not lie on its image grid: label size {lbl.GetSize()}, spacing "
-                    f"{np.round(lbl.GetSpacing(), 3).tolist()}, origin {np.round(lbl.GetOrigin(), 2).tolist()}; "
-                    f"image size "
-                    f"{image.GetSize()}, spacing {np.round(image.GetSpacing(), 3).tolist()}, origin "
-                    f"{np.round(image.GetOrigin(), 2).tolist()}; nothing was stored"
-                ),
-            )
+        lbl = self.check_grid(image_id, label_filename)
         arr = sitk.GetArrayViewFromImage(lbl)
         values = np.unique(arr)
-        if np.any(values != np.round(values)) or np.any(values < 0):
-            raise HTTPException(status_code=422, detail=f"label for {image_id} holds non-integer or negative values")
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or np.any(values < 0):
+            detail = f"label for {image_id} holds non-integer, negative or non-finite values; nothing was stored"
+            raise HTTPException(status_code=422, detail=detail)
         values = [int(v) for v in values if v > 0]
         if not values:
             raise HTTPException(
                 status_code=422, detail=f"label for {image_id} is empty (no voxel > 0); nothing was stored"
             )
         named, unnamed = split_named(values, named_values(label_info, self.default_names))
+        if len(named) > MAX_STRUCTURES_PER_LABEL:
+            detail = f"label for {image_id} names {len(named)} structures; at most {MAX_STRUCTURES_PER_LABEL} per label"
+            raise HTTPException(status_code=422, detail=detail + "; nothing was stored")
+        bad = [n for n in named if not NAME_OK.fullmatch(n)]
+        if bad:
+            detail = f"label for {image_id}: structure names {bad[:5]} hold '/', '\\', control characters or are empty"
+            raise HTTPException(status_code=422, detail=detail + "; nothing was stored")
         if not named:
             raise HTTPException(
                 status_code=422,
@@ -129,6 +166,7 @@ class ValidatingDatastore(LabelChecks, LocalDatastore):
 
     def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
         self.problems: list[str] = []  # what start-up found damaged and did about it (for /info/)
+        self.saving = threading.local()  # the tag of the save this thread is handling
         super().__init__(*args, **kwargs)
         self.default_names = default_names or {}
 
@@ -188,8 +226,54 @@ class ValidatingDatastore(LabelChecks, LocalDatastore):
             HTTPException: as `check_label`; 404 for an unknown image with any tag.
         """
         label_info = dict(label_info or {})
+        if not TAG_OK.fullmatch(label_tag or "") or ".." in label_tag:
+            raise HTTPException(status_code=422, detail=f"label tag {label_tag!r}: letters, digits, '_', '.', '-' only")
+        self.saving.tag = label_tag  # the app reacts to final labels only (`MetaApp.on_save_label`)
         if label_tag == "final":
             label_info["metaapp"] = self.check_label(image_id, label_filename, label_info)
         elif image_id not in self._datastore.objects:
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: nothing was stored")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        else:  # any other tag (a model's original output, a draft): still an image on the study's grid
+            self.check_grid(image_id, label_filename)
+        try:
+            return self._store_label(image_id, label_filename, label_tag, label_info)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            detail = f"no space left where the datastore is ({self._datastore_path}): nothing was stored"
+            raise HTTPException(status_code=507, detail=detail) from e
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """MONAI Label's `save_label`, all or nothing: the label file is replaced atomically, and when the
+        datastore file cannot be written after it, the previous label (kept as a hard link, which costs
+        no space) comes back."""
+        obj = self._datastore.objects[image_id]
+        _, ext = self._to_id(os.path.basename(label_filename))
+        dest = Path(self._datastore.label_path(label_tag)) / self._filename(image_id, ext)
+        previous = dest.with_name(f".{dest.name}.previous")
+        with FileLock(self._lock_file):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            before = obj.labels.get(label_tag)
+            if dest.exists():
+                previous.unlink(missing_ok=True)
+                os.link(dest, previous)
+            try:
+                atomic_write(dest, lambda p: shutil.copyfile(label_filename, p))
+                info = label_info | {"ts": int(time.time()), "name": dest.name}
+                obj.labels[label_tag] = DataModel(info=info, ext=ext)
+                self._update_datastore_file(lock=False)
+            except BaseException:
+                if previous.exists() and dest.exists() and os.path.samefile(previous, dest):
+                    previous.unlink()  # the label was never replaced (rename of a file onto itself does nothing)
+                elif previous.exists():
+                    os.replace(previous, dest)
+                elif dest.exists() and before is None:
+                    dest.unlink()
+                if before is None:
+                    obj.labels.pop(label_tag, None)
+                else:
+                    obj.labels[label_tag] = before
+                raise
+            previous.unlink(missing_ok=True)
+        logger.info("label %s of %s stored: %s", label_tag, image_id, dest.name)
+        return image_id

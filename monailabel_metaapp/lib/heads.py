@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from monailabel_metaapp.core.adaptation import Head
-from monailabel_metaapp.core.checkpoint import atomic_write
+from monailabel_metaapp.core.checkpoint import save_torch
 from monailabel_metaapp.lib.versioned_store import VersionedStore, now_iso
 
 
@@ -33,7 +33,9 @@ class HeadStore(VersionedStore[Head]):
     def _new_record(self, name: str, value: int | None = None) -> dict:
         used = {r["value"] for r in self.registry.values()}
         if value is None or value in used or not 0 < value < 256:
-            value = next(v for v in range(1, 256) if v not in used)
+            value = next((v for v in range(1, 256) if v not in used), None)
+            if value is None:
+                raise ValueError(f"no label value left for {name!r}: 255 structures already have one")
         return {"value": int(value), "n_labels": 0}
 
     def ensure(self, name: str, value: int | None = None) -> dict:
@@ -93,7 +95,7 @@ class HeadStore(VersionedStore[Head]):
         with self._lock:
             if encoder is not None:  # first: a listed version always has its encoder
                 path = self._encoder_path(name, self.next_version(name))
-                atomic_write(path, lambda p: torch.save(encoder, p))
+                save_torch(path, encoder)
                 head.encoder_file = str(path)
             return super().publish(name, head, info=info, live=live)
 

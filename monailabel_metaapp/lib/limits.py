@@ -1,13 +1,16 @@
-"""A bound on request bodies: an upload over `max_upload_mb` gets 413 before the server reads it whole.
+"""Requests the server cannot take, answered with the reason instead of a 500.
 
-A declared `Content-Length` over the bound is refused before a byte of the body is read; a body sent
-without one (chunked) is counted as it arrives and refused once it passes the bound. Nothing is
-stored either way. The check sits inside MONAI Label's error handler, so a refusal is a 413 with
-its reason, not a 500.
+* A body over `max_upload_mb` gets 413 before the server reads it whole: a declared `Content-Length`
+  over the bound is refused before a byte of the body is read; a body sent without one (chunked) is
+  counted as it arrives and refused once it passes the bound. Nothing is stored either way.
+* A full disk (or quota) met by any request gets 507 with the reason.
+
+The guard sits inside MONAI Label's error handler, so its answers reach the client as they are.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 
@@ -21,7 +24,7 @@ class _TooLarge(Exception):
 
 
 class UploadLimit:
-    """ASGI wrapper that refuses request bodies over `max_bytes` with 413.
+    """ASGI wrapper that refuses request bodies over `max_bytes` with 413, and answers 507 on a full disk.
 
     Args:
         app: the ASGI app it wraps.
@@ -62,6 +65,12 @@ class UploadLimit:
             await self.app(scope, counted, reply)
         except _TooLarge:
             pass
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or replied:
+                raise
+            logger.error("%s %s: %s", scope.get("method"), scope.get("path"), e)
+            detail = f"no space left on the server's disk ({e.strerror}); the request was not completed"
+            return await _answer(send, 507, detail)
         if over and not replied:
             await self._refuse(send, scope, f"more than {self.max_bytes} bytes sent")
 
@@ -69,10 +78,14 @@ class UploadLimit:
         mb = self.max_bytes / 2**20
         detail = f"the request body is too large ({what}); this server accepts at most {mb:g} MB (conf max_upload_mb)"
         logger.warning("%s %s refused: %s", scope.get("method"), scope.get("path"), detail)
-        body = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, detail)
+
+
+async def _answer(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install(app: FastAPI, max_mb: float) -> None:

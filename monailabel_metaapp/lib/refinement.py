@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from monailabel_metaapp.core.checkpoint import atomic_write
+from monailabel_metaapp.core.checkpoint import save_torch
 from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter, study_split
 from monailabel_metaapp.lib.activity import GATE, REFINE
 from monailabel_metaapp.lib.versioned_store import slug
@@ -302,4 +302,4 @@ class RefinementWorker:
             "best": run.best,
             "finished": finished,
         }
-        atomic_write(self._path(name), lambda p: torch.save(state, p))
+        save_torch(self._path(name), state)

@@ -205,11 +205,17 @@ class SegService:
         """Called on PUT /datastore/label: queue adaptation of each structure in it, reply at once."""
         info = self.datastore.get_label_info(image_id, "final") or {}
         checked = info.get("metaapp") or {"named": self.label_structures(image_id), "unnamed": []}
+        names, refused = [], {}
         for name in checked["named"]:
-            self.heads.ensure(name, checked["named"][name] if name not in self.heads.registry else None)
+            try:
+                self.heads.ensure(name, checked["named"][name] if name not in self.heads.registry else None)
+                names.append(name)
+            except ValueError as e:  # stored, but not learned from: say so
+                refused[name] = str(e)
         self.clicks.forget(image_id)  # the saved label now teaches the head
-        queued = self.queue.submit(sorted(checked["named"]))
-        return {"adapting": queued, "ignored_values": checked.get("unnamed", [])}
+        queued = self.queue.submit(sorted(names))
+        reply = {"adapting": queued, "ignored_values": checked.get("unnamed", [])}
+        return reply | {"refused": refused} if refused else reply
 
     def adapt_all(self) -> list[str]:
         """Queue every structure that has labels (POST /train quick adaptation, start-up sync)."""

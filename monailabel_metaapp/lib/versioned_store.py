@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from monailabel_metaapp.core.checkpoint import atomic_write, save_json
+from monailabel_metaapp.core.checkpoint import save_json, save_torch
 
 READY, QUEUED, ADAPTING, FAILED, NEW = "ready", "queued", "adapting", "failed", "no head yet"
 logger = logging.getLogger(__name__)
@@ -186,7 +186,10 @@ class VersionedStore(Generic[H]):
                 rec["error"] = error
             else:
                 rec.pop("error", None)
-            self._save_registry()
+            try:
+                self._save_registry()
+            except OSError as e:  # a state is bookkeeping: served from memory, written with the next version
+                logger.warning("%s: state of %r not written (%s)", self.folder, name, e)
 
     def snapshot(self) -> dict[str, dict]:
         """Per record, the fields named by `snapshot_keys` plus `_summary` (what /info/ shows)."""
@@ -252,7 +255,7 @@ class VersionedStore(Generic[H]):
             rec = self.record(name)
             weights = self._weights(head)
             version = self.next_version(name)
-            atomic_write(self.path(name, version), lambda p: torch.save(weights, p))
+            save_torch(self.path(name, version), weights)
             rec["versions"].append(version)
             self._remember_version(rec, version, head)
             if info:

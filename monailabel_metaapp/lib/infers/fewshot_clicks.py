@@ -4,7 +4,6 @@ foreground and background point tools for it, and OHIF's MONAI Label panel its p
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any
 
@@ -13,6 +12,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.datastore import requested_image
 from monailabel_metaapp.lib.service import SegService
 
 
@@ -45,9 +45,7 @@ class FewShotClicksInfer(InferTask):
         return True
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        path = request.get("image") or ""
-        if not isinstance(path, str) or not os.path.exists(path):
-            raise HTTPException(status_code=404, detail=f"image not found in the datastore: {path or '(unknown id)'}")
+        path = requested_image(request, self.service.datastore)
         structure = request.get("label") or request.get("structure") or None
         if structure is not None and not isinstance(structure, str):
             raise HTTPException(status_code=422, detail=f"'label' must be a structure's name; got {structure!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
+from monailabel_metaapp.lib.datastore import requested_image
 from monailabel_metaapp.lib.service import SegService
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class FewShotSegInfer(InferTask):
         structures = request.get("structures") or None
         if isinstance(structures, str):
             structures = [s.strip() for s in structures.split(",") if s.strip()]
-        path = request.get("image") or ""
-        if not isinstance(path, str) or not os.path.exists(path):
-            raise HTTPException(status_code=404, detail=f"image not found in the datastore: {path or '(unknown id)'}")
+        path = requested_image(request, self.service.datastore)
         try:
             img, params = self.service.infer(path, structures)
         except VolumeError as e:
