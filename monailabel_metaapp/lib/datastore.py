@@ -57,20 +57,16 @@ def image_header(path: str) -> sitk.Image:
     return img
 
 
-def requested_image(request: dict, datastore) -> str:
-    """The image file an infer request names, when it is one of the datastore's; 404 otherwise.
-
-    MONAI Label passes a request's `image` on as a path when a file of that name exists, so without
-    this check an inference would read any file the server can (`image=../../etc/passwd`).
+def requested_image(request: dict) -> str:
+    """The image file of an infer request (MONAI Label has resolved the id, a session or an upload to
+    it); 404 when there is none. That an `image` id names a datastore image is checked by the
+    infer route (`lib/offload.py`).
 
     Args:
-        request: the infer request (MONAI Label has put the image's file in `image`).
-        datastore: the app's datastore (a folder, or a PACS with its local cache).
+        request: the infer request.
     """
     path = request.get("image") or ""
-    root = os.path.realpath(getattr(datastore, "_datastore_path", "") or "/nonexistent")
-    real = os.path.realpath(path) if isinstance(path, str) and path else ""
-    if not real or not real.startswith(root + os.sep) or not os.path.isfile(real):
+    if not isinstance(path, str) or not os.path.isfile(path):
         raise HTTPException(status_code=404, detail=f"image not found in the datastore: {path or '(unknown id)'}")
     return path
 

@@ -45,7 +45,7 @@ class FewShotClicksInfer(InferTask):
         return True
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        path = requested_image(request, self.service.datastore)
+        path = requested_image(request)
         structure = request.get("label") or request.get("structure") or None
         if structure is not None and not isinstance(structure, str):
             raise HTTPException(status_code=422, detail=f"'label' must be a structure's name; got {structure!r}")

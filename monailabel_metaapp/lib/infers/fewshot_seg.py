@@ -47,7 +47,7 @@ class FewShotSegInfer(InferTask):
         structures = request.get("structures") or None
         if isinstance(structures, str):
             structures = [s.strip() for s in structures.split(",") if s.strip()]
-        path = requested_image(request, self.service.datastore)
+        path = requested_image(request)
         try:
             img, params = self.service.infer(path, structures)
         except VolumeError as e:
