@@ -10,6 +10,7 @@ refuses an `image` that is not a datastore id (404).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
@@ -23,9 +24,12 @@ from monailabel_metaapp.lib.auth import include_first
 
 
 def known_image(image: str) -> None:
-    """404 unless `image` is one of the datastore's ids. MONAI Label would take any existing file path
-    for an id, so `image=../../etc/passwd` would be read."""
-    if image not in set(app_instance().datastore().list_images()):
+    """404 for an `image` that is a path rather than one of the datastore's ids. MONAI Label takes any
+    existing file path for an id, so `image=../../etc/passwd` would be read. Ids never hold a path
+    separator; the datastore is asked only about what looks like a path (a PACS that is down then
+    still answers an id with its own 503)."""
+    looks_like_path = any(sep and sep in image for sep in (os.sep, os.altsep)) or os.path.exists(image)
+    if looks_like_path and image not in set(app_instance().datastore().list_images()):
         raise HTTPException(status_code=404, detail=f"image not found in the datastore: {image!r}")
 
 
