@@ -20,6 +20,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.lib.auth import ADMIN, ANNOTATOR, USER, include_first
@@ -70,8 +71,8 @@ def install(app: FastAPI, service, model: str = "fewshot_cls") -> None:
         summary="Store a class correction; the classifier adapts",
         dependencies=[ANNOTATOR],
     )
-    async def put_class(image_id: str, request: Request):
-        return store_correction(service, image_id, _body(await request.body()))
+    async def put_class(image_id: str, request: Request):  # reads the image: off the event loop
+        return await run_in_threadpool(store_correction, service, image_id, _body(await request.body()))
 
     @router.delete("/metaapp/classes/{image_id}", summary="Drop a class correction", dependencies=[ANNOTATOR])
     async def delete_class(image_id: str, key: str = "image"):
