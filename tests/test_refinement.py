@@ -113,7 +113,7 @@ def test_a_refinement_that_cannot_beat_the_head_is_never_published(cmr_store, st
     assert registry["versions"] == [1], "a version was written by a refinement that never validated"
 
 
-def test_refinement_resumes_from_its_checkpoint_after_a_restart(cmr_store, start_server):
+def test_refinement_resumes_from_its_checkpoint_after_kill_9(cmr_store, start_server):
     _only(cmr_store, 500)
     server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 100000})
     name = "lv blood pool"
@@ -122,10 +122,13 @@ def test_refinement_resumes_from_its_checkpoint_after_a_restart(cmr_store, start
     _wait(server, lambda st: ckpt.exists(), 400, "a refinement checkpoint")
     steps = torch.load(ckpt, weights_only=True)["run"]["steps"]
     assert steps > 0, "a checkpoint of a run that learned nothing"
-    server.stop()
+    version = server.structures()[name]["version"]
+    server.proc.kill()  # kill -9 in the middle of the refinement: no clean-up of any kind
+    server.proc.wait(30)
     server.start()
+    assert requests.get(f"{server.url}/info/", timeout=30).json()["metaapp"]["damaged_at_start"] == []
     st = _wait(server, lambda st: (st[name].get("refinement") or {}).get("steps", 0) > steps, 240, "resumed steps")
-    assert st[name]["refinement"]["state"] == "refining"
+    assert st[name]["refinement"]["state"] == "refining" and st[name]["version"] >= version
 
 
 # -- the core, without a server ------------------------------------------------------------------
