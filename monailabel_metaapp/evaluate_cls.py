@@ -174,7 +174,7 @@ def summary_row(shots: int, method: str, runs: list[dict]) -> dict:
 
 
 def evaluate_cls(
-    npz: str | Path,
+    data: str | Path,
     model_path: str | Path,
     shots: list[int],
     repeats: int = 5,
@@ -185,20 +185,28 @@ def evaluate_cls(
     progress: bool = True,
     query_split: str = "test",
 ) -> dict:
-    """Few-shot classification on a MedMNIST-layout file, the product against baselines.
+    """Few-shot classification, the product against baselines, on a MedMNIST-layout file or on the
+    class corrections stored in a datastore folder (the two sources of `metaapp evaluate cls`).
 
     Args:
-        npz: the MedMNIST-layout file.
+        data: a MedMNIST-layout file (a .npz, or any file), or a datastore folder with
+            `datastore_v2.json` (read only; per task, k stored corrections per class are the support
+            and the others the queries).
         model_path: the meta-trained classifier.
         shots: the k values (examples per class).
         repeats: supports drawn per k.
-        baselines: of "linear", "scratch" (None: both).
+        baselines: of "linear", "scratch" (None: both on a file, "linear" on a folder; "scratch" is
+            not run on stored corrections).
         seed: the seed of the supports.
         steps: the head's inner-loop steps.
         device: "auto", "cpu", "cuda", ...
-        progress: show a progress bar.
-        query_split: "val" classifies the validation split instead (for choices; the test split is for reporting).
+        progress: show a progress bar (a file).
+        query_split: (a file) "val" classifies the validation split instead (for choices; the test
+            split is for reporting).
     """
+    if Path(data).suffix != ".npz" and not Path(data).is_file():
+        return _evaluate_store(Path(data), model_path, shots, repeats, baselines, seed, steps, device)
+    npz = data
     dev = pick_device(device)
     model = load_cls_model(model_path, dev)
     baselines = ["scratch", "linear"] if baselines is None else baselines
@@ -244,23 +252,17 @@ def evaluate_cls(
     return {"rows": rows, "settings": settings}
 
 
-def evaluate_cls_store(
-    studies: str | Path,
+def _evaluate_store(
+    studies: Path,
     model_path: str | Path,
     shots: list[int],
-    repeats: int = 5,
-    baselines: list[str] | None = None,
-    seed: int = 0,
-    steps: int = DEFAULT_CLS_STEPS,
-    device: str = "auto",
+    repeats: int,
+    baselines: list[str] | None,
+    seed: int,
+    steps: int,
+    device: str,
 ) -> dict:
-    """Few-shot evaluation on the class corrections stored in a datastore folder (read only).
-
-    Args:
-        studies: the datastore folder (with `datastore_v2.json`).
-        model_path, shots, repeats, seed, steps, device: as for `evaluate_cls`.
-        baselines: of "linear" (None: it); "scratch" is not run on stored corrections.
-    """
+    """`evaluate_cls` on a datastore folder (the stored class corrections)."""
     import tempfile
 
     from monailabel.config import settings as ml_settings
@@ -269,7 +271,6 @@ def evaluate_cls_store(
     from monailabel_metaapp.lib.cls.service import ClsService
     from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
-    studies = Path(studies)
     if not (studies / "datastore_v2.json").exists():
         raise FileNotFoundError(f"{studies}/datastore_v2.json does not exist: not a datastore the app has served")
     baselines = ["linear"] if baselines is None else [b for b in baselines if b != "scratch"]
@@ -326,7 +327,7 @@ def plot(result: dict, png: Path) -> None:
     """ROC AUC against shots per class, one curve per method.
 
     Args:
-        result: what `evaluate_cls` or `evaluate_cls_store` returns.
+        result: what `evaluate_cls` returns.
         png: the image to write.
     """
     settings = result["settings"]
@@ -352,18 +353,15 @@ def run_from_args(a: argparse.Namespace) -> dict:
     """
     if not a.npz and not a.studies:
         raise ValueError("evaluate cls needs --npz FILE (MedMNIST layout) or --studies DIR (stored class corrections)")
-    shots = int_list(a.shots)
     if a.studies:
         from monailabel_metaapp.lib.cls.classifier import DEFAULT_CLS_WEIGHTS
 
-        baselines = name_list(a.baselines, "linear")
-        model = a.model or DEFAULT_CLS_WEIGHTS
-        result = evaluate_cls_store(a.studies, model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
+        data, baselines, model = a.studies, name_list(a.baselines, "linear"), a.model or DEFAULT_CLS_WEIGHTS
     else:
         if not a.model:
             raise ValueError("evaluate cls --npz needs --model FILE (made by `metaapp meta-train --task cls`)")
-        baselines = name_list(a.baselines, "scratch,linear")
-        result = evaluate_cls(a.npz, a.model, shots, a.repeats, baselines, a.seed, a.steps, a.device)
+        data, baselines, model = a.npz, name_list(a.baselines, "scratch,linear"), a.model
+    result = evaluate_cls(data, model, int_list(a.shots), a.repeats, baselines, a.seed, a.steps, a.device)
     write_result(result, a.out, plot)
     for r in result["rows"]:
         print(

@@ -20,6 +20,7 @@ from monailabel_metaapp.core.cls_data import (
     region_set,
 )
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
+from monailabel_metaapp.core.distill import distill_objective, load_teacher, student_config
 from monailabel_metaapp.core.episodes import load_bank, load_studies, split_validation
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
 from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
@@ -110,19 +111,26 @@ def meta_train_cls(
     device: str = "auto",
     progress: bool = True,
     fresh: bool = False,
+    teacher: str | Path | None = None,
 ) -> dict:
     """Meta-train the few-shot classifier (checkpointed, resumable), validating on held-out tasks.
+
+    With a `teacher`, the classifier is a student distilled from it (`core.distill`): each task's
+    loss is `distill_task_loss`, and no validation tasks are drawn (their loss would need the
+    teacher's adapted predictions too).
 
     Args:
         paths: the training data (see `cls_sources`).
         out: the weights file.
         cfg: the outer loop's settings (minutes, steps, tasks per step, KL weight, SSL share, ...).
-        model_cfg: the classifier's design (default: `ClsModelConfig()`).
+        model_cfg: the classifier's design (default: `ClsModelConfig()`; with a teacher, `half_width`
+            of the teacher's, and always the teacher's image crop).
         n_way: classes per episode.
         k_shot: support examples per class.
         device: "auto", "cpu", "cuda", ...
         progress: show a progress bar.
         fresh: start over instead of resuming from `out`'s checkpoint.
+        teacher: a meta-trained classifier's weights to distill from (None: plain meta-training).
 
     Returns:
         The training summary (also in the weights' sidecar).
@@ -130,10 +138,16 @@ def meta_train_cls(
     cfg = cfg or MetaTrainConfig()
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
+    tutor = None
+    if teacher is not None:
+        tutor = load_teacher(teacher, dev)
+        model_cfg = student_config(tutor, model_cfg)
     model = FewShotClsModel(model_cfg or ClsModelConfig()).to(dev).train()
+    if tutor is not None and model.cfg.size != tutor.cfg.size:
+        raise ValueError(f"student size {model.cfg.size} must equal the teacher's {tutor.cfg.size}")
     train, val, pool = cls_sources(paths, model.cfg.size, model.cfg.image_crop, cfg.seed)
     sampler = sampler_for(train, pool, cfg, n_way, k_shot)
-    val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val else None
+    val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val and tutor is None else None
     val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []
 
     def validate() -> float:
@@ -145,6 +159,8 @@ def meta_train_cls(
         return sum(losses) / len(losses)
 
     def objective(episodes):
+        if tutor is not None:
+            return distill_objective(model, tutor, episodes, cfg)
         return cls_meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
 
     def sample() -> ClsEpisode:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from monailabel_metaapp.core.checkpoint import load_cls_model, pick_device
+from monailabel_metaapp.core.checkpoint import load_cls_model
 from monailabel_metaapp.core.cls_data import ClsEpisode
-from monailabel_metaapp.core.cls_metatrain import cls_sources, sampler_for
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel, adapt
-from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
+from monailabel_metaapp.core.metatrain import MetaTrainConfig
 from monailabel_metaapp.core.objective import with_kl
 
 
@@ -66,45 +66,53 @@ def distill_task_loss(
     return (1 - alpha) * ce + alpha * kd
 
 
-def distill_cls(
-    teacher_path: str | Path,
-    paths: list[str | Path],
-    out: str | Path,
-    cfg: MetaTrainConfig | None = None,
-    student_cfg: ClsModelConfig | None = None,
-    n_way: int = 2,
-    k_shot: int = 5,
-    device: str = "auto",
-    progress: bool = True,
-    fresh: bool = False,
-) -> dict:
+def load_teacher(path: str | Path, dev: torch.device) -> FewShotClsModel:
+    """The teacher, frozen: it is adapted on every task but never trained.
+
+    Args:
+        path: the teacher's weights.
+        dev: where it runs.
+    """
+    return load_cls_model(path, dev).eval().requires_grad_(False)
+
+
+def student_config(teacher: FewShotClsModel, student_cfg: ClsModelConfig | None) -> ClsModelConfig:
+    """The student's design; it sees the images as the teacher does (the teacher's image crop).
+
+    Args:
+        teacher: the loaded teacher.
+        student_cfg: the student's design (None: `half_width` of the teacher's).
+    """
+    return replace(student_cfg or half_width(teacher.cfg), image_crop=teacher.cfg.image_crop)
+
+
+def distill_objective(
+    student: FewShotClsModel, teacher: FewShotClsModel, episodes: list[ClsEpisode], cfg: MetaTrainConfig
+) -> torch.Tensor:
+    """The meta-objective of distillation: the tasks' distillation losses + the KL term on the student.
+
+    Args:
+        student: the classifier being trained.
+        teacher: the frozen teacher.
+        episodes: one meta-batch of tasks (on the student's device).
+        cfg: the outer loop's settings (inner steps, KL weight).
+    """
+    losses = [distill_task_loss(student, teacher, ep, cfg.inner_steps) for ep in episodes]
+    return with_kl(losses, student.encoder, cfg.lambda_kl)
+
+
+def distill_cls(teacher_path: str | Path, *args: Any, **kwargs: Any) -> dict:
     """Meta-train a student classifier distilled from a meta-trained teacher; checkpointed, resumable.
+
+    Distillation is meta-training with a teacher: the outer loop, the data and the checkpoints are
+    `core.cls_metatrain.meta_train_cls`'s.
 
     Args:
         teacher_path: the teacher's weights.
-        student_cfg: the student's design (default: `half_width` of the teacher's).
-        paths, out, cfg, n_way, k_shot, device, progress, fresh: as for
-            `core.cls_metatrain.meta_train_cls` (`out` is the student's weights file).
+        args, kwargs: as for `meta_train_cls` (paths, out, cfg, model_cfg, n_way, k_shot, device,
+            progress, fresh); `out` is the student's weights file and `model_cfg` the student's design
+            (default: `half_width` of the teacher's).
     """
-    cfg = cfg or MetaTrainConfig()
-    dev = pick_device(device)
-    torch.manual_seed(cfg.seed)
-    teacher = load_cls_model(teacher_path, dev).eval().requires_grad_(False)
-    # the student sees the images as the teacher does
-    student_cfg = replace(student_cfg or half_width(teacher.cfg), image_crop=teacher.cfg.image_crop)
-    student = FewShotClsModel(student_cfg).to(dev).train()
-    if student.cfg.size != teacher.cfg.size:
-        raise ValueError(f"student size {student.cfg.size} must equal the teacher's {teacher.cfg.size}")
-    train, _, pool = cls_sources(paths, student.cfg.size, student.cfg.image_crop, cfg.seed)
-    sampler = sampler_for(train, pool, cfg, n_way, k_shot)
+    from monailabel_metaapp.core.cls_metatrain import meta_train_cls  # it imports this module
 
-    def sample() -> ClsEpisode:
-        return sampler.sample().to(dev)
-
-    def objective(episodes):
-        losses = [distill_task_loss(student, teacher, ep, cfg.inner_steps) for ep in episodes]
-        return with_kl(losses, student.encoder, cfg.lambda_kl)
-
-    return outer_loop(
-        student, sample, objective, lambda: float("nan"), cfg, Path(out), dev, progress=progress, fresh=fresh
-    )
+    return meta_train_cls(*args, teacher=teacher_path, **kwargs)
