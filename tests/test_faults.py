@@ -1,6 +1,6 @@
-"""Faults: the server killed while it learns, and files damaged while it was down. After a restart
-every acknowledged save is there, every head loads, versions never go back, and what was damaged is
-skipped or rebuilt and named in `/info/`."""
+"""Faults: the server killed while it learns (segmentation heads, the classifier), and files
+damaged while it was down. After a restart every acknowledged save is there, every head loads,
+versions never go back, and what was damaged is skipped or rebuilt and named in `/info/`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
+from test_cls_app import LV, RV, roi_of, wait_head
 
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -44,6 +45,37 @@ def test_kill_9_while_heads_adapt_loses_no_save_and_no_version(cmr_store, shared
             assert now[name]["version"] >= version, f"{name} went back from {version} to {now[name]['version']}"
         seen = {n: s["version"] for n, s in now.items()}
         assert now["lv blood pool"]["n_labels"] == len(saved) and now["lv blood pool"]["state"] == "ready"
+
+
+def test_kill_9_while_the_classifier_adapts_loses_no_correction(cmr_store, shared, start_server):
+    """Class corrections acknowledged, then SIGKILL at once or moments later (the classifier's head
+    adapts in milliseconds, so some kills land before, some during, some after it): after a restart
+    every acknowledged correction is stored, the head re-learns from all of them, and its version
+    never goes back."""
+    server = start_server(cmr_store)
+    server.wait_ready()
+    acknowledged: dict[tuple[str, str], str] = {}
+    examples = {"left": 0, "right": 0}
+    version = 0
+    for i, delay in zip((28, 29, 30), (0.0, 0.05, 0.5)):
+        ref = shared / "cmr_bssfp" / f"label_{i}.nii.gz"
+        for value, cls in ((LV, "left"), (RV, "right")):
+            body = {"class": cls, "roi": roi_of(ref, value)}
+            r = requests.put(f"{server.url}/metaapp/classes/cmr_{i}", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            acknowledged[(f"cmr_{i}", r.json()["key"])] = cls
+            examples[cls] += 1
+        time.sleep(delay)
+        server.proc.kill()
+        server.proc.wait(30)
+        server.start()
+        assert info(server)["damaged_at_start"] == []
+        stored = requests.get(f"{server.url}/metaapp/classes", timeout=30).json()["corrections"]
+        lost = [k for k, cls in acknowledged.items() if stored.get(k[0], {}).get(k[1], {}).get("class") != cls]
+        assert not lost, f"acknowledged class corrections missing after kill -9: {lost}"
+        head = wait_head(server.url, "region", examples)
+        assert head["version"] >= version, f"the classifier's head went back from {version} to {head['version']}"
+        version = head["version"]
 
 
 def test_a_damaged_head_or_datastore_file_is_skipped_or_rebuilt_and_named_in_info(sample_store, start_server):

@@ -202,3 +202,54 @@ def test_app_starts_while_the_pacs_is_down_and_recovers(orthanc, loaded, start_s
         )
     finally:
         back.stop()
+
+
+def test_kill_9_during_a_pacs_upload_keeps_the_label_and_stores_one_seg(
+    orthanc, loaded, pacs_server, samples_src, tmp_path
+):
+    """The server killed (SIGKILL) while saved labels are on their way to the PACS: after a restart
+    each label is still the app's final label and reaches the PACS exactly once, as it was sent."""
+    client = DICOMwebClient(orthanc.dicomweb)
+    ml = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+    saves: dict[str, int] = {}
+    plan = [("mni_01", "csf", 3, 0.0), ("mni_02", "csf", 3, 0.2), ("mni_01", "white matter", 2, 0.6)]
+    for image, name, value, delay in plan + [("mni_02", "white matter", 2, 1.5)]:
+        image_id = loaded[image]
+        grid = pacs_image(client, image_id, tmp_path / image)
+        sent = on_grid(sample_label(samples_src, image), grid, value)
+        path = tmp_path / f"{image}_{value}.nii.gz"
+        sitk.WriteImage(sent, str(path))
+        ml.save_label(image_id, str(path), params={"label_info": [{"name": name, "idx": 1}]})
+        saves[image] = saves.get(image, 0) + 1
+        time.sleep(delay)  # acknowledged; its upload is queued, running or done
+        pacs_server.proc.kill()
+        pacs_server.proc.wait(30)
+        pacs_server.start()
+        _wait(lambda: _pacs_info(pacs_server)["pending_uploads"] == [], 60, "pending upload done", pacs_server)
+        segs = _segs(client, image_id)
+        assert len(segs) == saves[image], f"{image}: {len(segs)} SEGs on the PACS after {saves[image]} saves"
+        want = sitk.GetArrayFromImage(sent) > 0
+        assert any(np.array_equal(sitk.GetArrayFromImage(seg_to_label(s, grid)[0]) > 0, want) for s in segs)
+        r = requests.get(f"{pacs_server.url}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=30)
+        assert r.status_code == 200, f"{image}: the acknowledged label is gone after kill -9"
+    wm = pacs_server.wait_ready()["white matter"]
+    assert wm["n_labels"] == 2 and wm["state"] == "ready", wm
+
+
+def test_a_retried_upload_stores_the_same_seg_again_not_a_second_one(orthanc, loaded, samples_src, tmp_path):
+    """An upload that reached the PACS just before a crash is retried after the restart: with the same
+    identity (image and label content) it is the same SEG, which the PACS takes without a duplicate."""
+    client = DICOMwebClient(orthanc.dicomweb)
+    image_id = loaded["mni_02"]
+    grid = pacs_image(client, image_id, tmp_path / "s")
+    label = on_grid(sample_label(samples_src, "mni_02"), grid, 3)
+    source = [read_dataset(f) for f in sorted((tmp_path / "s").glob("*.dcm"))]
+    first = label_to_seg(label, {"csf": 1}, source, identity=f"{image_id}/abc")
+    time.sleep(0.01)
+    again = label_to_seg(label, {"csf": 1}, source, identity=f"{image_id}/abc")
+    other = label_to_seg(label, {"csf": 1}, source, identity=f"{image_id}/def")
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+    client.store_instances([first])
+    client.store_instances([again])  # no error: the PACS already holds it
+    assert [str(s.SeriesInstanceUID) for s in _segs(client, image_id)] == [str(first.SeriesInstanceUID)]

@@ -6,7 +6,9 @@ Differences from MONAI Label's DICOMWebDatastore, each for a reason:
 * nothing is downloaded at start-up: SEGs are written with pydicom-seg, not dcmqi's
   `itkimage2segimage` (which MONAI Label fetches from GitHub);
 * a label is checked, then kept in the local cache *before* the upload, so a PACS that is down
-  loses nothing: the upload is retried until it is back (`/info/` lists what is pending);
+  loses nothing: the upload is retried until it is back (`/info/` lists what is pending); a SEG's
+  UIDs derive from the image and the label's content, so an upload retried after a crash stores
+  the same SEG again rather than a second one;
 * a poller asks the PACS (QIDO-RS) for SEG series every `poll_seconds`, takes the newest SEG per
   image series, resamples it onto the image grid (SEGs often hold only the labelled frames), stores
   it as the final label and tells the app, which adapts the heads;
@@ -16,6 +18,7 @@ Differences from MONAI Label's DICOMWebDatastore, each for a reason:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import tempfile
@@ -241,7 +244,8 @@ class PacsDatastore(LabelChecks, DICOMWebDatastore):
         try:
             source = [read_dataset(f) for f in self._image_files(image_id)]
             label = read_image(path)
-            seg = label_to_seg(label, info["metaapp"]["named"], source)
+            identity = f"{image_id}/{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
+            seg = label_to_seg(label, info["metaapp"]["named"], source, identity=identity)
             self._reach(self._client.store_instances, [seg])
         except PacsUnavailable as e:
             logger.warning("label of %s kept locally, upload pending: %s", image_id, e.detail)

@@ -121,7 +121,11 @@ def series_to_image(files: Sequence[str | Path]) -> sitk.Image:
 
 
 def label_to_seg(
-    label: sitk.Image, names: dict[str, int], source: Sequence[Dataset], series_description: str = "metaapp label"
+    label: sitk.Image,
+    names: dict[str, int],
+    source: Sequence[Dataset],
+    series_description: str = "metaapp label",
+    identity: str | None = None,
 ) -> Dataset:
     """A label map as a DICOM SEG that references its image series, so a label can be stored on a PACS.
 
@@ -134,6 +138,9 @@ def label_to_seg(
             grid (the app's labels always do).
         series_description: SeriesDescription of the SEG (at most 64 characters kept); default
             "metaapp label".
+        identity: what makes this SEG this SEG (e.g. the image id and the label's SHA-256). Given,
+            its UIDs derive from it, so storing it again (a retried upload, after a crash between the
+            store and its record) replaces the same instance instead of adding a second SEG.
 
     Returns:
         The SEG dataset.
@@ -184,6 +191,9 @@ def label_to_seg(
     mask = sitk.GetImageFromArray(arr)
     mask.CopyInformation(label)
     seg = writer.write(mask, list(source))
+    if identity is not None:
+        seg.SeriesInstanceUID = _uid("seg-series", identity)
+        seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = _uid("seg", identity)
     now = dt.datetime.now()
     seg.SeriesDate = seg.ContentDate = now.strftime("%Y%m%d")
     seg.SeriesTime = seg.ContentTime = now.strftime("%H%M%S.%f")
