@@ -103,13 +103,14 @@ class MetaApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as fastapi_app
 
-        from monailabel_metaapp.lib import auth, limits, offload, ohif, routes
+        from monailabel_metaapp.lib import auth, limits, offload, ohif
+        from monailabel_metaapp.lib.seg import routes as seg_routes
 
         auth.install()  # before any route can be reached
         limits.install(fastapi_app, float(self.conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)))
         self.trimmer = memory.Trimmer(lambda: GATE.ticks).start()
         offload.install(fastapi_app)  # MONAI Label's inference, save, download and Next Sample off the event loop
-        routes.install(fastapi_app, self.seg_services(), self._strategies)
+        seg_routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
         from monailabel_metaapp.lib import site_routes
 

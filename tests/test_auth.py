@@ -20,8 +20,9 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from monailabel_metaapp.devserver import free_port, stop_process
-from monailabel_metaapp.lib import auth, offload, ohif, routes, site_routes
+from monailabel_metaapp.lib import auth, offload, ohif, site_routes
 from monailabel_metaapp.lib.cls import routes as cls_routes
+from monailabel_metaapp.lib.seg import routes as seg_routes
 
 IDP = Path(__file__).resolve().parent / "identity_provider"
 ROLES = ("user", "annotator", "reviewer", "admin")
@@ -97,7 +98,7 @@ def call(url: str, method: str, path: str, bearer: str | None) -> int:
 def test_the_matrix_names_every_route_the_app_mounts():
     """A route added to the app without a row here (and so without a tested role) fails this test."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    routes.install(app, {})
+    seg_routes.install(app, {})
     site_routes.install(app, {})
     cls_routes.install(app, None, "fewshot_cls")
     ohif.install(app)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from monailabel_metaapp.core.adaptation import Head
-from monailabel_metaapp.lib.heads import HeadStore
 from monailabel_metaapp.lib.label_names import named_values, split_named
+from monailabel_metaapp.lib.seg.heads import HeadStore
 
 
 def _head(v: float, n: int) -> Head:

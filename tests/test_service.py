@@ -7,7 +7,7 @@ import shutil
 from monailabel.datastore.local import LocalDatastore
 
 from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS, sidecar
-from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.seg.service import SegService
 from monailabel_metaapp.shared_data import CMR_STRUCTURES
 
 

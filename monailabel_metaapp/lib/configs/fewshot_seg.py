@@ -17,7 +17,7 @@ from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_
 from monailabel_metaapp.lib.infers.fewshot_clicks import FewShotClicksInfer
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
-from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.seg.service import SegService
 from monailabel_metaapp.lib.site_adaptation import SiteAdaptationLoop
 from monailabel_metaapp.lib.trainers.meta_train import MetaTrain
 from monailabel_metaapp.lib.trainers.quick_adapt import QuickAdapt

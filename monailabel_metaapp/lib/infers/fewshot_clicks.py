@@ -13,7 +13,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.lib.datastore import requested_image
-from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.seg.service import SegService
 
 
 class FewShotClicksInfer(InferTask):
@@ -23,7 +23,7 @@ class FewShotClicksInfer(InferTask):
     every point placed so far). The result is the structure's corrected label (value 1).
 
     Args:
-        service: the segmentation runtime whose heads the points correct (copies; see `lib.clicks`).
+        service: the segmentation runtime whose heads the points correct (copies; see `lib.seg.clicks`).
     """
 
     def __init__(self, service: SegService):

@@ -13,7 +13,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.lib.datastore import requested_image
-from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.seg.service import SegService
 
 logger = logging.getLogger(__name__)
 

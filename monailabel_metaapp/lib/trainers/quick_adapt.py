@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from monailabel.interfaces.tasks.train import TrainTask
 
-from monailabel_metaapp.lib.service import SegService
+from monailabel_metaapp.lib.seg.service import SegService
 
 
 class QuickAdapt(TrainTask):

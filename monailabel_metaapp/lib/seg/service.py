@@ -23,11 +23,11 @@ from monailabel_metaapp.core.refine import RefineConfig, refined_adapter
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.lib.activity import GATE
 from monailabel_metaapp.lib.adapt_queue import AdaptQueue
-from monailabel_metaapp.lib.clicks import ClickCorrections
-from monailabel_metaapp.lib.heads import HeadStore
 from monailabel_metaapp.lib.label_names import final_label_structures
 from monailabel_metaapp.lib.lru import LRU, tensor_bytes
-from monailabel_metaapp.lib.refinement import RefinementWorker
+from monailabel_metaapp.lib.seg.clicks import ClickCorrections
+from monailabel_metaapp.lib.seg.heads import HeadStore
+from monailabel_metaapp.lib.seg.refinement import RefinementWorker
 
 logger = logging.getLogger(__name__)
 
