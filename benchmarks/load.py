@@ -478,6 +478,7 @@ def main() -> None:
     ap.add_argument("--background", action="store_true", help="site adaptation and refinement on")
     ap.add_argument("--think-seconds", type=float, default=0.0, help="pause after each annotator's loop")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="an app conf key, repeatable")
     ap.add_argument("--out-dir", default="benchmarks/results/load")
     a = ap.parse_args()
     shared = require_shared_datasets()
@@ -490,7 +491,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "soak" if soak else "load"
     ids = cmr_ids(shared)[:N_STUDIES]
-    conf = CONF_BACKGROUND if a.background else CONF_QUIET
+    conf = {**(CONF_BACKGROUND if a.background else CONF_QUIET), **dict(kv.split("=", 1) for kv in a.conf)}
     root = Path(tempfile.mkdtemp(prefix=f"load_{stem}_"))
     runs, rows_by_n = {}, {}
     for n in ns:

@@ -28,6 +28,7 @@ from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 1024  # largest request body (a study or a label upload)
+DEFAULT_MAX_INFERENCES = 2  # inferences run at once; more queue (each one already uses every core)
 
 
 class MetaApp(MONAILabelApp):
@@ -109,7 +110,8 @@ class MetaApp(MONAILabelApp):
         auth.install()  # before any route can be reached
         limits.install(fastapi_app, float(self.conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)))
         self.trimmer = memory.Trimmer(lambda: GATE.ticks).start()
-        offload.install(fastapi_app)  # MONAI Label's inference, save, download and Next Sample off the event loop
+        # MONAI Label's inference, save, download and Next Sample off the event loop
+        offload.install(fastapi_app, int(self.conf.get("max_concurrent_inferences", DEFAULT_MAX_INFERENCES)))
         seg_routes.install(fastapi_app, self.seg_services(), self._strategies)
         ohif.install(fastapi_app)
         from monailabel_metaapp.lib import site_routes

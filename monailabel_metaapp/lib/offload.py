@@ -6,10 +6,16 @@ answers nothing else: with 16 annotators at once a label save waited 2.5 s (p95)
 download 20 s (`docs/benchmarks/load.md`). These routes replace them with the same path, parameters,
 role and answer; MONAI Label's own function does the work, in a worker thread. Inference also
 refuses an `image` that is not a datastore id (404).
+
+At most `max_inferences` inferences run at once (conf `max_concurrent_inferences`); the others wait
+their turn without holding a thread. Each inference already uses every core through torch, so
+running more at once only makes them share the cores, and a label save or Next Sample arriving
+behind sixteen of them would wait for its share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Optional
 
@@ -33,12 +39,16 @@ def known_image(image: str) -> None:
         raise HTTPException(status_code=404, detail=f"image not found in the datastore: {image!r}")
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, max_inferences: int = 2) -> None:
     """Mount the routes ahead of MONAI Label's.
 
     Args:
         app: MONAI Label's FastAPI app.
+        max_inferences: inferences that run at once (at least 1); the others queue.
     """
+    if max_inferences < 1:
+        raise ValueError(f"max_concurrent_inferences must be at least 1, got {max_inferences}")
+    turns = asyncio.Semaphore(max_inferences)
     router = APIRouter()
     user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
     annotator_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
@@ -58,7 +68,8 @@ def install(app: FastAPI) -> None:
         if image and not session_id and file is None:  # an id, never a path on the server
             await run_in_threadpool(known_image, image)
         args = (background_tasks, model, image, session_id, params, file, label, output)
-        return await run_in_threadpool(infer.run_inference, *args)
+        async with turns:
+            return await run_in_threadpool(infer.run_inference, *args)
 
     @router.put("/datastore/label", summary="Save a label (off the event loop)")
     async def save_label(
