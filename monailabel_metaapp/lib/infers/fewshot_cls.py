@@ -9,7 +9,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_metaapp.core.errors import VolumeError
-from monailabel_metaapp.lib.cls.service import ClsService, NoHead
+from monailabel_metaapp.lib.cls.inference import NoHead
+from monailabel_metaapp.lib.cls.service import ClsService
 
 
 class FewShotClsInfer(InferTask):
