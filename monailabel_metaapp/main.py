@@ -28,7 +28,7 @@ from monailabel_metaapp.lib.datastore import ValidatingDatastore
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 1024  # largest request body (a study or a label upload)
-DEFAULT_MAX_INFERENCES = 2  # inferences run at once; more queue (each one already uses every core)
+DEFAULT_MAX_INFERENCES = 0  # inferences run at once, more queue; 0: no cap (a cap trades throughput for latency)
 
 
 class MetaApp(MONAILabelApp):
