@@ -7,8 +7,9 @@ Stages (each one is skipped when its output exists in --work, so a long run can 
    `metaapp bank` files; the 35 MS-CMRSeg bSSFP images as a datastore view without labels (for
    adapt-site) and with labels (for the evaluation only);
 2. base: `metaapp meta-train` on the two banks only (no cardiac image);
-3. site: `metaapp adapt-site --studies <cardiac images> --init base.pt` (time budget, checks every
-   --check-minutes with each candidate kept);
+3. site: `metaapp adapt-site --studies <cardiac images> --init base.pt --ssl-task T` for each
+   self-supervised task T of --ssl-tasks, from the same base (time budget, checks every --check-minutes
+   with each candidate kept; `site.pt` for superpixel, `site_T.pt` otherwise);
 4. evaluation: `evaluate_seg` (1-shot, whole volume, same supports and queries for every encoder) of
    the base encoder and of every checked candidate on LV myocardium (200), LV blood pool (500) and
    RV blood pool (600). The guard's self-supervised validation loss of each candidate is compared with
@@ -16,8 +17,9 @@ Stages (each one is skipped when its output exists in --work, so a long run can 
 
 Usage:
     python benchmarks/site_adaptation.py --work /tmp/site_bench [--base-minutes 58 --base-steps 250]
-        [--site-minutes 30 --check-minutes 10] [--repeats 8 --queries 5]
-Results: benchmarks/results/site_adaptation.json + .png (with the commands and the provenance).
+        [--site-minutes 30 --check-minutes 10] [--repeats 8 --queries 5] [--ssl-tasks superpixel supervoxel]
+Results: benchmarks/results/site_adaptation.json + .png (with the commands and the provenance); with
+several --ssl-tasks the summary has one entry per task.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ssl-tasks", nargs="+", choices=["superpixel", "supervoxel"], default=["superpixel"],
+        help="site-adapt once per self-supervised task, each from the same base",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="", help="recorded with the results (e.g. how the machine was shared)")
     a = ap.parse_args()
@@ -113,33 +119,74 @@ def main() -> None:
             f"metaapp meta-train --studies {p['totalseg']} {p['brain']} --out {base} --minutes {a.base_minutes} "
             f"--max-steps {a.base_steps} --tasks-per-step 8 --device cpu"
         )
-    site = work / "site.pt"
-    site_log = Path(str(site) + ".log.jsonl")
-    site_cmd = metaapp("adapt-site", "--studies", str(p["cmr_images"]), "--init", str(base), "--out", str(site),
-                       "--minutes", str(a.site_minutes), "--check-minutes", str(a.check_minutes),
-                       "--keep-candidates", "--device", "cpu")  # fmt: skip
-    if not site_log.exists() or '"final": true' not in site_log.read_text():
-        run(site_cmd, work / "site.log", commands)
-    else:
-        commands.append(shlex.join(["metaapp", *site_cmd[3:]]))
+    sites = {t: work / ("site.pt" if t == "superpixel" else f"site_{t}.pt") for t in a.ssl_tasks}
+    for task, site in sites.items():
+        site_log = Path(str(site) + ".log.jsonl")
+        site_cmd = metaapp("adapt-site", "--studies", str(p["cmr_images"]), "--init", str(base), "--out", str(site),
+                           "--minutes", str(a.site_minutes), "--check-minutes", str(a.check_minutes),
+                           "--keep-candidates", "--device", "cpu", "--ssl-task", task)  # fmt: skip
+        if not site_log.exists() or '"final": true' not in site_log.read_text():
+            run(site_cmd, work / f"site_{task}.log", commands)
+        else:
+            commands.append(shlex.join(["metaapp", *site_cmd[3:]]))
 
-    log = [json.loads(line) for line in site_log.read_text().splitlines()]
-    checks = [r["check"] for r in log if "check" in r]
-    val_curve = [(r["seconds"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
     base_meta = json.loads(Path(str(base) + ".json").read_text())
-
-    rows = [{"encoder": "base", "steps": 0, "minutes": 0.0, "ssl_loss": checks[0]["live"] if checks else None}]
+    rows = [{"encoder": "base", "steps": 0, "minutes": 0.0, "ssl_loss": None}]
     rows[0]["dice"] = evaluate(base, p["cmr"], a.repeats, a.queries, a.seed)
-    seen = set()
-    for c in checks:
-        if c["steps"] in seen:
-            continue
-        seen.add(c["steps"])
-        cand = Path(f"{site}.step{c['steps']:05d}.pt")
-        row = {"encoder": cand.name, "steps": c["steps"], "minutes": c["minutes"], "ssl_loss": c["candidate"]}
-        row["guard_accepts"] = c["accepted"]
-        row["dice"] = evaluate(cand, p["cmr"], a.repeats, a.queries, a.seed)
-        rows.append(row)
+    summaries, all_checks, curves, weights = {}, {}, {}, [base]
+    for task, site in sites.items():
+        log = [json.loads(line) for line in Path(str(site) + ".log.jsonl").read_text().splitlines()]
+        checks = [r["check"] for r in log if "check" in r]
+        all_checks[task] = checks
+        curves[task] = [(r["seconds"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
+        if checks and rows[0]["ssl_loss"] is None:  # the guard's tasks are the same for every --ssl-task
+            rows[0]["ssl_loss"] = checks[0]["live"]
+        task_rows, seen = [rows[0]], set()
+        for c in checks:
+            if c["steps"] in seen:
+                continue
+            seen.add(c["steps"])
+            cand = Path(f"{site}.step{c['steps']:05d}.pt")
+            row = {"encoder": cand.name, "ssl_task": task, "steps": c["steps"], "minutes": c["minutes"]}
+            row.update(ssl_loss=c["candidate"], guard_accepts=c["accepted"])
+            row["dice"] = evaluate(cand, p["cmr"], a.repeats, a.queries, a.seed)
+            task_rows.append(row)
+            weights.append(cand)
+        rows += task_rows[1:]
+        summaries[task] = summarise(task_rows, checks, base_meta)
+    summary = summaries[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else summaries
+    checks = all_checks[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else all_checks
+    val_curve = curves[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else curves
+
+    try:
+        from monailabel_metaapp.provenance import stamp
+
+        prov = stamp(weights)
+    except ImportError:
+        prov = None
+    result = {
+        "question": "1-shot cardiac Dice of an encoder meta-trained without cardiac images, before and after "
+        "site adaptation on the cardiac images alone (labels unused); would the guard take the better one?",
+        "settings": {"repeats": a.repeats, "queries": a.queries, "shots": 1, "protocol": "volume", "seed": a.seed,
+                     "structures": CMR_STRUCTURES, "site_minutes": a.site_minutes, "check_minutes": a.check_minutes,
+                     "base_minutes": a.base_minutes, "base_max_steps": a.base_steps, "ssl_tasks": a.ssl_tasks,
+                     "evaluation_images": "the 35 MS-CMRSeg bSSFP volumes (the site's own images, as in the server)"},
+        "commands": commands,
+        "note": a.note,
+        "summary": summary,
+        "rows": rows,
+        "checks": checks,
+        "site_val_loss_curve": val_curve,
+        "provenance": prov,
+    }  # fmt: skip
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(a.out) + ".json").write_text(json.dumps(result, indent=2))
+    plot(rows, Path(str(a.out) + ".png"))
+    print(json.dumps(summary, indent=2))
+
+
+def summarise(rows: list[dict], checks: list[dict], base_meta: dict) -> dict:
+    """Base (rows[0]) against the last candidate of one site adaptation (rows[-1]); fills `dice_mean`."""
     for r in rows:
         r["dice_mean"] = round(statistics.fmean(d["dice"] for d in r["dice"].values()), 4)
     before, after = rows[0], rows[-1]
@@ -168,32 +215,7 @@ def main() -> None:
 
         rho = spearmanr([r["ssl_loss"] for r in rows], [r["dice_mean"] for r in rows]).statistic
         summary["spearman_ssl_loss_vs_dice"] = round(float(rho), 3)
-
-    try:
-        from monailabel_metaapp.provenance import stamp
-
-        prov = stamp([base, *[Path(f"{site}.step{r['steps']:05d}.pt") for r in rows[1:]]])
-    except ImportError:
-        prov = None
-    result = {
-        "question": "1-shot cardiac Dice of an encoder meta-trained without cardiac images, before and after "
-        "site adaptation on the cardiac images alone (labels unused); would the guard take the better one?",
-        "settings": {"repeats": a.repeats, "queries": a.queries, "shots": 1, "protocol": "volume", "seed": a.seed,
-                     "structures": CMR_STRUCTURES, "site_minutes": a.site_minutes, "check_minutes": a.check_minutes,
-                     "base_minutes": a.base_minutes, "base_max_steps": a.base_steps,
-                     "evaluation_images": "the 35 MS-CMRSeg bSSFP volumes (the site's own images, as in the server)"},
-        "commands": commands,
-        "note": a.note,
-        "summary": summary,
-        "rows": rows,
-        "checks": checks,
-        "site_val_loss_curve": val_curve,
-        "provenance": prov,
-    }  # fmt: skip
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(a.out) + ".json").write_text(json.dumps(result, indent=2))
-    plot(rows, Path(str(a.out) + ".png"))
-    print(json.dumps(summary, indent=2))
+    return summary
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -203,10 +225,14 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    minutes = [r["minutes"] for r in rows]
-    for s in CMR_STRUCTURES:
-        ax1.plot(minutes, [r["dice"][s]["dice"] for r in rows], marker="o", label=s)
-    ax1.plot(minutes, [r["dice_mean"] for r in rows], marker="s", color="k", label="mean")
+    tasks = list(dict.fromkeys(r["ssl_task"] for r in rows[1:]))
+    for t, style in zip(tasks, ["-", "--", ":"]):  # one line per --ssl-task, each from the base
+        tr = [rows[0], *[r for r in rows[1:] if r["ssl_task"] == t]]
+        minutes = [r["minutes"] for r in tr]
+        tag = f" ({t})" if len(tasks) > 1 else ""
+        for s, color in zip(CMR_STRUCTURES, ["C0", "C1", "C2"]):
+            ax1.plot(minutes, [r["dice"][s]["dice"] for r in tr], style, color=color, marker="o", label=s + tag)
+        ax1.plot(minutes, [r["dice_mean"] for r in tr], style, marker="s", color="k", label="mean" + tag)
     ax1.set_xlabel("minutes of site adaptation (0 = base encoder)")
     ax1.set_ylabel("1-shot whole-volume Dice")
     ax1.set_ylim(0, 1)
@@ -214,7 +240,8 @@ def plot(rows: list[dict], png: Path) -> None:
     ax1.legend(fontsize=8)
     ax2.scatter([r["ssl_loss"] for r in rows], [r["dice_mean"] for r in rows])
     for r in rows:
-        ax2.annotate(f"{r['minutes']:.0f} min", (r["ssl_loss"], r["dice_mean"]), fontsize=8)
+        name = f"{r['minutes']:.0f} min" + (f" {r['ssl_task']}" if r.get("ssl_task") and len(tasks) > 1 else "")
+        ax2.annotate(name, (r["ssl_loss"], r["dice_mean"]), fontsize=8)
     ax2.set_xlabel("guard's self-supervised validation loss (lower = better)")
     ax2.set_ylabel("mean Dice")
     ax2.grid(alpha=0.3)

@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ssl-fraction", type=float, default=0.5, help="share of self-supervised tasks when labelled tasks exist"
     )
+    s.add_argument(
+        "--ssl-task",
+        choices=["superpixel", "supervoxel"],
+        default="superpixel",
+        help="seg: self-supervised task; superpixel: one slice, two augmentations; supervoxel: a 3D region, "
+        "support and query on different slices",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-seconds", type=float, default=60.0)
     s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")

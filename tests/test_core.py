@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.core.episodes import EpisodeSampler, load_studies
+from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, meta_train
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
@@ -116,6 +116,32 @@ def test_task_sampling_on_a_real_datastore(cmr_readonly):
         assert ep.y_support.sum() > 0, "support slice must show the structure"
     ssl = EpisodeSampler(studies, context=1, ssl_fraction=1.0, seed=2).sample()
     assert ssl.structure == "superpixel" and 0 < ssl.y_support.mean() < 0.5
+
+
+def test_supervoxel_task_queries_another_slice_of_the_same_region():
+    """A supervoxel episode must show the encoder a different cut of the region than its support
+    (else it teaches only augmentation invariance, as the superpixel task does), both non-empty."""
+    g = torch.Generator().manual_seed(0)
+    zz, yy, xx = torch.meshgrid(torch.arange(10), torch.arange(64), torch.arange(64), indexing="ij")
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    img = torch.where(r2 < 28**2, 90.0, 0.0)  # the body
+    img[r2 < (6 + zz) ** 2] = 200.0  # a bright structure that grows from slice to slice
+    img = (img + 8 * torch.randn(img.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    sampler = EpisodeSampler([Study("site/a", img, None)], context=1, seed=0, ssl_kind="supervoxel")
+    assert sampler.ssl_fraction == 1.0
+    slices: list[list[int]] = []
+    orig = sampler._xy
+    sampler._xy = lambda s, idx, m: slices.append(list(idx)) or orig(s, idx, m)
+    for _ in range(10):
+        slices.clear()
+        ep = sampler.sample()
+        (support, query) = slices
+        assert ep.structure == "supervoxel" and not set(support) & set(query)
+        assert all(0 < abs(q - support[0]) <= 3 for q in query)
+        assert ep.x_query.shape[1:] == (3, 64, 64) and ep.y_support.sum() > 0
+        assert (ep.y_query.flatten(1).sum(1) > 0).all(), "every query slice must show the region"
+    with pytest.raises(ValueError, match="ssl_kind"):
+        EpisodeSampler([Study("site/a", img, None)], ssl_kind="voxel")
 
 
 def test_meta_train_smoke_lowers_loss_and_resumes(cmr_readonly, tmp_path):

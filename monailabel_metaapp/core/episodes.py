@@ -6,7 +6,10 @@ Two kinds of task are drawn:
   matching relative position in another study (plus, sometimes, a slice outside the structure so
   the model learns to predict nothing there);
 * self-supervised (SSL-ALPNet, Ouyang et al. 2020): a Felzenszwalb superpixel of an unlabelled
-  slice is the pseudo-structure; support and query are two random augmentations of that slice.
+  slice is the pseudo-structure; support and query are two random augmentations of that slice;
+* or, with `ssl_kind="supervoxel"` (after ADNet, Hansen et al. 2022): a 3D supervoxel of a study's
+  slice stack is the pseudo-structure, support and query are DIFFERENT slices it crosses, so the
+  encoder also learns how a structure changes from slice to slice, as between a real task's studies.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.segmentation import felzenszwalb
+from skimage.segmentation import felzenszwalb, slic
 from tqdm import tqdm
 
 from monailabel_metaapp.core.errors import VolumeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+SSL_KINDS = ("superpixel", "supervoxel")  # the self-supervised tasks `EpisodeSampler` can draw
 
 
 def image_stem(path: str | Path) -> str:
@@ -46,6 +50,7 @@ class Study:
     image: torch.Tensor  # (S, size, size) uint8, intensity * 255
     label: torch.Tensor | None  # (S, size, size) int16 label values, or None when unlabelled
     superpixels: torch.Tensor | None = None  # (S, size, size) int16
+    supervoxels: torch.Tensor | None = None  # (S, size, size) int16, 0 outside the body
 
     def values(self) -> list[int]:
         return [] if self.label is None else [int(v) for v in torch.unique(self.label) if v > 0]
@@ -100,6 +105,35 @@ def add_superpixels(studies: list[Study], progress: bool = True) -> None:
         if s.superpixels is None:
             sp = [felzenszwalb(sl.numpy() / 255.0, scale=100, sigma=0.8, min_size=60) for sl in s.image]
             s.superpixels = torch.from_numpy(np.stack(sp).astype(np.int16))
+
+
+def add_supervoxels(
+    studies: list[Study], side: int = 20, z_pixels: float = 8.0, compactness: float = 0.05, progress: bool = True
+) -> None:
+    """3D SLIC supervoxels of each study's slice stack (inside the body): the pseudo-labels of
+    supervoxel tasks.
+
+    Sizes: a supervoxel is aimed at `side` pixels across in-plane (about 1.5% of a 160 x 160 slice,
+    inside the 0.5-15% usable range of a superpixel task). Slices are cut along a volume's thickest
+    axis, so one slice step counts as `z_pixels` in-plane pixels: 8 is twice the physical 4 of cardiac
+    MRI (8 mm slices, 2 mm pixels on the 160 grid), which keeps a supervoxel to a few slices (median 5
+    on the cardiac images) whose cuts still look alike. `compactness` 0.05 (intensities in [0, 1]) lets
+    the outlines follow edges: on cardiac MRI more of a supervoxel falls in one structure than at 0.1.
+
+    Args:
+        studies: the studies; those with supervoxels already are skipped.
+        side: the in-plane size, in pixels, a supervoxel is aimed at.
+        z_pixels: in-plane pixels one slice step counts as.
+        compactness: SLIC's balance of intensity against distance.
+        progress: show a progress bar.
+    """
+    for s in tqdm(studies, desc="supervoxels", disable=not progress, unit="study"):
+        if s.supervoxels is None:
+            body = (s.image > 12).numpy()
+            n_seg = max(1, round(body.sum() / (side * side * side / z_pixels)))
+            sv = slic(s.image.numpy() / 255.0, n_seg, compactness, spacing=(z_pixels, 1, 1), mask=body,
+                      channel_axis=None, start_label=1)  # fmt: skip
+            s.supervoxels = torch.from_numpy(sv.astype(np.int16))
 
 
 def save_bank(studies: list[Study], path: str | Path) -> None:
@@ -177,8 +211,13 @@ class EpisodeSampler:
         negative_prob: float = 0.3,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        ssl_kind: str = "superpixel",
     ):
-        self.context, self.n_support, self.n_query = context, n_support, n_query
+        """`ssl_kind`: the self-supervised task `sample` draws, "superpixel" (`ssl_task`) or
+        "supervoxel" (`supervoxel_task`)."""
+        if ssl_kind not in SSL_KINDS:
+            raise ValueError(f"ssl_kind must be one of {', '.join(SSL_KINDS)}, got {ssl_kind!r}")
+        self.context, self.n_support, self.n_query, self.ssl_kind = context, n_support, n_query, ssl_kind
         self.negative_prob, self.device = negative_prob, torch.device(device)
         self.rng = random.Random(seed)
         self.studies = studies
@@ -192,10 +231,12 @@ class EpisodeSampler:
         self.ssl_fraction = ssl_fraction if self.by_value else 1.0
         if self.ssl_fraction > 0:
             add_superpixels([s for s in studies], progress=False)
+            if ssl_kind == "supervoxel":
+                add_supervoxels(studies, progress=False)
 
     def sample(self) -> Episode:
         if self.rng.random() < self.ssl_fraction:
-            return self.ssl_task()
+            return self.supervoxel_task() if self.ssl_kind == "supervoxel" else self.ssl_task()
         return self.labelled_task()
 
     def _xy(self, study: Study, idx: list[int], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +289,38 @@ class EpisodeSampler:
             xs, ys = x.repeat(self.n_support, 1, 1, 1), y.repeat(self.n_support, 1, 1)
         xq, yq = augment(x.repeat(self.n_query, 1, 1, 1), y.repeat(self.n_query, 1, 1), self.rng)
         return Episode(xs, ys, xq, yq, structure="superpixel")
+
+    def supervoxel_task(self, max_gap: int = 3) -> Episode:
+        """A supervoxel of usable in-plane size (0.5-15% of a slice) on at least two slices: support on
+        one, queries on others at most `max_gap` slices away, each under its own augmentation. The
+        query is thus another cut of the same 3D region, not a copy of the support."""
+        for _ in range(50):
+            s = self.rng.choice(self.studies)
+            sv = s.supervoxels
+            n_pix = sv[0].numel()
+            k_max = int(sv.max()) + 1
+            area = torch.stack([torch.bincount(sl.flatten().long(), minlength=k_max) for sl in sv], 1)  # (K, S)
+            usable = (area > 0.005 * n_pix) & (area < 0.15 * n_pix)
+            usable[0] = False  # outside the body
+            ids = [int(k) for k in torch.nonzero(usable.sum(1) >= 2).flatten()]
+            if not ids:
+                continue
+            k = self.rng.choice(ids)
+            on = [int(i) for i in torch.nonzero(usable[k]).flatten()]
+            i = self.rng.choice(on)
+            near = [j for j in on if j != i and abs(j - i) <= max_gap]
+            if near:
+                break
+        else:
+            raise VolumeError("no usable supervoxel found: are the images empty or single slices?")
+        mask = sv == k
+        xs, ys = self._xy(s, [i] * self.n_support, mask)
+        xq, yq = self._xy(s, [self.rng.choice(near) for _ in range(self.n_query)], mask)
+        xs2, ys2 = augment(xs, ys, self.rng)
+        if ys2.sum() > 0:  # keep the region in view of the support
+            xs, ys = xs2, ys2
+        xq, yq = augment(xq, yq, self.rng)
+        return Episode(xs, ys, xq, yq, structure="supervoxel")
 
 
 def _slices_with(mask: torch.Tensor) -> list[int]:

@@ -62,6 +62,9 @@ class SiteConfig:
     inner_steps: int = 3
     tasks_per_step: int = 4
     ssl_fraction: float = 0.5  # share of superpixel tasks when labelled structures exist (all tasks otherwise)
+    # the self-supervised training task: "superpixel" (support and query: one slice, two augmentations) or
+    # "supervoxel" (a 3D region's support and query on different slices); the guard's tasks stay superpixel
+    ssl_task: str = "superpixel"
     holdout_fraction: float = 0.125  # images held out of training for the guard
     val_tasks: int = 16  # fixed superpixel tasks on the held-out images: the validation loss
     max_support: int = 4  # labelled studies a head adapts on in the guard's Dice check
@@ -385,7 +388,9 @@ class SiteAdaptation(SiteTrainer):
         train, held = split_holdout(studies, self.cfg.holdout_fraction, self.cfg.seed)
         ctx = self.model.cfg.context
         seed = self.cfg.seed + 1000 * self.rank + self.steps  # a resumed run draws other episodes
-        sampler = EpisodeSampler(train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed)
+        sampler = EpisodeSampler(
+            train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed, ssl_kind=self.cfg.ssl_task
+        )
         add_superpixels(held, progress=False)
         val_sampler = EpisodeSampler(held, ctx, set(), 1.0, device=self.device, seed=12345)
         self.val_episodes = [val_sampler.ssl_task() for _ in range(self.cfg.val_tasks)]
