@@ -1,5 +1,5 @@
-"""`metaapp` command line: serve, pacs, samples, meta-train, adapt-site, bank, evaluate. Imports are per command so
-`meta-train` runs on a bare GPU machine without MONAI Label installed."""
+"""`metaapp` command line: serve, pacs, samples, bank, meta-train, adapt-site, distill, evaluate, simulate-al.
+Imports are per command so `meta-train` runs on a bare GPU machine without MONAI Label installed."""
 
 from __future__ import annotations
 
