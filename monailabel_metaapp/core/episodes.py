@@ -230,9 +230,8 @@ class EpisodeSampler:
                     self.by_value.setdefault((s.name.split("/")[0], v), []).append(s)
         self.ssl_fraction = ssl_fraction if self.by_value else 1.0
         if self.ssl_fraction > 0:
-            add_superpixels([s for s in studies], progress=False)
-            if ssl_kind == "supervoxel":
-                add_supervoxels(studies, progress=False)
+            # only the pseudo-labels of the task drawn: both take seconds per study
+            (add_supervoxels if ssl_kind == "supervoxel" else add_superpixels)(studies, progress=False)
 
     def sample(self) -> Episode:
         if self.rng.random() < self.ssl_fraction:
