@@ -4,8 +4,10 @@ in the same run, whole-volume 3D Dice on the original voxel grid.
 Methods: `meta` (the product: prototype init + Meta-SGD head adaptation), `proto` (prototype init,
 no gradient step), `finetune` (the whole meta-trained network fine-tuned with Adam for as long as
 `meta` adapted), `scratch` (a MONAI UNet from random init trained on the same support for
-`--scratch-seconds`). `--protocol oracle` is SSL-ALPNet's 1-shot protocol: query slices limited to the
-structure's extent, split in 3 chunks, each predicted from the middle support slice of its chunk."""
+`--scratch-seconds`).
+
+`--protocol oracle` is SSL-ALPNet's 1-shot protocol: query slices limited to the structure's extent,
+split in 3 chunks, each predicted from the middle support slice of its chunk."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from monailabel_metaapp.core.episodes import augment, image_files, label_names, 
 from monailabel_metaapp.core.inner_loop import seg_loss
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.evaluate_common import int_list, plot_curves, write_result
+from monailabel_metaapp.provenance import SHIPPED_SEG
 from monailabel_metaapp.samples import REFERENCES_DIR
 
 
@@ -341,8 +344,8 @@ def run_from_args(a) -> None:
         a.seed,
         a.device,
     )
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    plot_rows(res["rows"], Path(a.out).with_suffix(".png"), f"few-shot segmentation ({a.protocol})")
+    title = f"few-shot segmentation ({a.protocol})"
+    write_result(res, a.out, lambda r, png: plot_rows(r["rows"], png, title), weights=[a.model or SHIPPED_SEG])
     for r in sorted(res["rows"], key=lambda r: (r["structure"], r["shots"], r["method"])):
         dice_txt = f"{r['dice_mean']:.3f} ± {r['dice_std']:.3f}"
         print(f"{r['structure']:>20} k={r['shots']} {r['method']:>9}: Dice {dice_txt} (n={r['n']})")

@@ -362,7 +362,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
             raise ValueError("evaluate cls --npz needs --model FILE (made by `metaapp meta-train --task cls`)")
         data, baselines, model = a.npz, name_list(a.baselines, "scratch,linear"), a.model
     result = evaluate_cls(data, model, int_list(a.shots), a.repeats, baselines, a.seed, a.steps, a.device)
-    write_result(result, a.out, plot)
+    write_result(result, a.out, plot, weights=[model])
     for r in result["rows"]:
         print(
             f"k={r['shots']:>2} {r['method']:>8}: AUC {r['auc_mean']:.3f} ± {r['auc_std']:.3f}, acc {r['acc_mean']:.3f}"

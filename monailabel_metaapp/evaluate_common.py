@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from monailabel_metaapp.provenance import stamp
+
 
 def int_list(text: str | int) -> list[int]:
     """ "1,3,5" -> [1, 3, 5] (e.g. `--shots`).
@@ -107,14 +109,20 @@ def plot_curves(
     plt.close(fig)
 
 
-def write_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None]) -> Path:
+def write_result(
+    result: dict, out: str | Path, plot: Callable[[dict, Path], None], weights: list[str | Path] | None = None
+) -> Path:
     """Write a result as JSON at `out` (folders made) and its plot beside it (same name, .png).
 
     Args:
         result: {"settings", "rows", ...}.
         out: the JSON file.
         plot: draws `result` into the PNG path it is given.
+        weights: the weights files the result used: stamps it (`provenance`: commit, SHA-256s, host,
+            command) unless it carries a stamp already.
     """
+    if weights is not None and "provenance" not in result:
+        result["provenance"] = stamp(weights)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -118,6 +118,9 @@ class MetaApp(MONAILabelApp):
 
         loops = {name: cfg.site for name, cfg in {**self.configs, **self.cls_configs}.items()}
         site_routes.install(fastapi_app, loops)
+        from monailabel_metaapp.lib import background_routes
+
+        background_routes.install(fastapi_app)
         from monailabel_metaapp.lib.cls import routes as cls_routes
 
         for name, cfg in self.cls_configs.items():
@@ -173,6 +176,9 @@ class MetaApp(MONAILabelApp):
         services = {n: c.service for n, c in {**self.configs, **self.cls_configs}.items()}
         found = list(getattr(self._datastore, "problems", []))
         found += [f"{n}: {p}" for n, s in services.items() for p in s.heads.problems]
+        from monailabel_metaapp.lib import background_routes
+
+        meta["metaapp"]["background"] = background_routes.status()
         meta["metaapp"]["damaged_at_start"] = found  # damaged files skipped or rebuilt at start-up
         caches = {f"{n}.{k}": v for n, s in services.items() for k, v in s.memory().items()}
         meta["metaapp"]["memory"] = memory.report(caches, getattr(self, "trimmer", None))

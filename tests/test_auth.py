@@ -34,6 +34,7 @@ APP_ROUTES = [
     ("GET", "/metaapp/structures", "/metaapp/structures", "user"),
     ("GET", "/metaapp/activelearning/{strategy}", "/metaapp/activelearning/uncertainty", "user"),
     ("GET", "/metaapp/site", "/metaapp/site", "user"),
+    ("GET", "/metaapp/background", "/metaapp/background", "user"),
     ("GET", "/metaapp/classes", "/metaapp/classes", "user"),
     ("GET", "/ohif/{path:path}", "/ohif/index.html", "user"),
     ("PUT", "/metaapp/classes/{image_id}", "/metaapp/classes/no_such_study", "annotator"),
@@ -41,6 +42,9 @@ APP_ROUTES = [
     ("POST", "/scoring/{method}", "/scoring/metaapp_al", "annotator"),
     ("POST", "/metaapp/structures/{name}/rollback", "/metaapp/structures/no_such_structure/rollback", "admin"),
     ("POST", "/metaapp/site/rollback", "/metaapp/site/rollback?model=no_such_model", "admin"),
+    # pause, then resume: background learning is left running as it was
+    ("POST", "/metaapp/background/pause", "/metaapp/background/pause", "admin"),
+    ("POST", "/metaapp/background/resume", "/metaapp/background/resume", "admin"),
     ("POST", "/train/{model}", "/train/fewshot_seg", "admin"),
     ("POST", "/train/fewshot_cls", "/train/fewshot_cls", "admin"),
     # MONAI Label's own routes that the app serves off the event loop, with MONAI Label's roles

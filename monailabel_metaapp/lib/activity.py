@@ -5,10 +5,18 @@ Requests an annotator waits for (inference, a label save, quick adaptation, Next
 `GATE.wait_turn(level)` before every step, so a request pre-empts them within one step. Levels order
 the learners: structure refinement (`REFINE`) yields to foreground work, site adaptation of the
 encoder (`SITE`) yields to both. One gate per process: every service of the app shares the cores.
+
+A step already running when a request arrives would still share the cores with it for up to a
+second, so background threads also run at the lowest CPU priority (`lower_thread_priority`): the
+kernel then gives the request the cores at once, and the step finishes in the gaps. An
+administrator can pause every background learner (`pause`), e.g. for a busy clinic.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +24,30 @@ from contextlib import contextmanager
 
 FOREGROUND, REFINE, SITE = 0, 1, 2
 GRACE_SECONDS = 0.3  # quiet time after the last foreground request before background work resumes
+BACKGROUND_NICE = 19  # the lowest CPU priority: a nice-0 request gets about 98% of a contended core
+
+logger = logging.getLogger(__name__)
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
+    """Give the calling thread, and the compute threads it starts from now on (torch's OpenMP team
+    inherits it), CPU priority `nice`. Linux sets niceness per thread; elsewhere the call would lower
+    the whole server, so it does nothing there and the gate alone orders the work.
+
+    Args:
+        nice: the niceness, 0 (normal) to 19 (lowest).
+
+    Returns:
+        Whether the priority was lowered.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:  # e.g. a sandbox that forbids it: the gate still orders the work
+        logger.warning("could not lower the priority of %s: %s", threading.current_thread().name, e)
+        return False
+    return True
 
 
 class ActivityGate:
@@ -31,6 +63,7 @@ class ActivityGate:
         self._active: dict[int, int] = {}
         self._last: dict[int, float] = {}
         self._cv = threading.Condition()
+        self._paused = False
         self.ticks = 0  # grows with every request finished and every background step begun
 
     @contextmanager
@@ -47,8 +80,29 @@ class ActivityGate:
                 self.ticks += 1
                 self._cv.notify_all()
 
+    def pause(self) -> None:
+        """Hold every background level (> FOREGROUND) at its next `wait_turn` until `resume`."""
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def running(self, level: int) -> int:
+        """How many pieces of work of `level` are running now."""
+        with self._cv:
+            return self._active.get(level, 0)
+
     def _blocking(self, level: int) -> float:
         """Seconds to wait before work of `level` may run (0: its turn now)."""
+        if self._paused and level > FOREGROUND:
+            return self.grace
         now = time.monotonic()
         wait = 0.0
         for lv in range(level):

@@ -42,17 +42,14 @@ from monailabel_metaapp.core.episodes import Study, add_superpixels
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig, SiteTrainer
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
-from monailabel_metaapp.lib.activity import GATE, SITE
+from monailabel_metaapp.lib.activity import GATE, SITE, lower_thread_priority
+from monailabel_metaapp.lib.conf_flags import flag
 
 logger = logging.getLogger(__name__)
 
 OFF, IDLE, TRAINING, CHECKING, PAUSED = "off", "idle", "training", "checking", "paused"
 KEEP_CHECKS = 50  # checks kept in site.json
 STEP_LOCK = threading.Lock()  # the loops take turns: one training step at a time
-
-
-def _on(conf: dict, key: str) -> bool:
-    return str(conf.get(key, "true")).strip().lower() not in ("false", "0", "no", "off")
 
 
 def conf_enabled(conf: dict, part: str = "seg") -> bool:
@@ -62,7 +59,7 @@ def conf_enabled(conf: dict, part: str = "seg") -> bool:
         conf: the app's conf (`site_adapt`, and `site_adapt_seg` or `site_adapt_cls`).
         part: "seg" or "cls".
     """
-    return _on(conf, "site_adapt") and _on(conf, f"site_adapt_{part}")
+    return flag(conf, "site_adapt", True) and flag(conf, f"site_adapt_{part}", True)
 
 
 class SiteAdaptationLoop:
@@ -177,6 +174,7 @@ class SiteAdaptationLoop:
         return ok
 
     def _run(self) -> None:
+        lower_thread_priority()
         try:
             self._loop()
         except InterruptedError:

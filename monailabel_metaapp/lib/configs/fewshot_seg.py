@@ -14,6 +14,7 @@ from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig
 from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_SECONDS, Diversity, Hybrid, Uncertainty
+from monailabel_metaapp.lib.conf_flags import flag
 from monailabel_metaapp.lib.infers.fewshot_clicks import FewShotClicksInfer
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def refine_config(conf: dict[str, str]) -> RefineConfig | None:
     """Background refinement settings from the app's conf (None when `refine` is false)."""
-    if str(conf.get("refine", "false")).lower() not in ("true", "1", "yes", "on"):
+    if not flag(conf, "refine", False):
         return None  # off unless asked for: at one label its guard can still let a worse version through
     return RefineConfig(budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)))
 

@@ -2,7 +2,8 @@
 
 One worker thread refines one structure at a time (structures take turns of `TURN_SECONDS`), in
 short steps that wait for their turn at the activity gate, so inference, saves, quick adaptation
-and Next Sample pre-empt it within one step.
+and Next Sample pre-empt it within one step; the thread runs at the lowest CPU priority, so a step
+already under way gives the cores to them at once.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
@@ -22,7 +23,7 @@ import torch
 
 from monailabel_metaapp.core.checkpoint import save_torch
 from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter, study_split
-from monailabel_metaapp.lib.activity import GATE, REFINE
+from monailabel_metaapp.lib.activity import GATE, REFINE, lower_thread_priority
 from monailabel_metaapp.lib.versioned_store import slug
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class RefinementWorker:
 
     # -- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        lower_thread_priority()
         while not self._stop.is_set():
             with self._cv:
                 self._cv.wait_for(lambda: bool(self._pending) or self._stop.is_set())
