@@ -289,7 +289,7 @@ def plot(r: dict, png: Path) -> None:
         ax.set_ylim(0, max(top) * 1.2)
         ax.set_title(titles[k], fontsize=10)
         ax.set_ylabel("seconds (bar: median)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Foreground requests while a structure refines (median of {r['settings']['repeats']}, 2-core CPU)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
