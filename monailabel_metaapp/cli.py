@@ -307,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seg: seconds after the save, e.g. 2,10,30,60,150,300: Dice of what the app serves at each "
         "(quick head, then guarded refinement) against finetune and scratch given the same seconds",
     )
+    s.add_argument(
+        "--joint",
+        action="store_true",
+        help="seg: structures adapted on the same studies and predicted together, as the app predicts a "
+        "study whose labels hold several structures, beside each predicted alone",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)

@@ -313,6 +313,24 @@ def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:
 def run_from_args(a) -> None:
     if not a.studies:
         raise ValueError("evaluate seg needs --studies DIR (a datastore folder with final labels)")
+    if a.joint:
+        from monailabel_metaapp.evaluate_joint import evaluate_seg_joint
+
+        res = evaluate_seg_joint(
+            a.studies,
+            int_list(a.shots),
+            json.loads(a.labels) if a.labels else None,
+            a.model,
+            a.repeats,
+            a.queries,
+            a.seed,
+            a.device,
+        )
+        title = "structures predicted alone and together"
+        write_result(res, a.out, lambda r, png: plot_rows(r["rows"], png, title), weights=[a.model or SHIPPED_SEG])
+        for r in sorted(res["rows"], key=lambda r: (r["structure"], r["shots"], r["method"])):
+            print(f"{r['structure']:>20} k={r['shots']} {r['method']:>6}: Dice {r['dice_mean']:.3f} (n={r['n']})")
+        return
     if a.timeline:
         from monailabel_metaapp.evaluate_timeline import evaluate_timeline, plot_timeline
 

@@ -20,7 +20,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from monailabel_metaapp.devserver import free_port, stop_process
-from monailabel_metaapp.lib import auth, offload, ohif, site_routes
+from monailabel_metaapp.lib import auth, background_routes, offload, ohif, site_routes
 from monailabel_metaapp.lib.cls import routes as cls_routes
 from monailabel_metaapp.lib.seg import routes as seg_routes
 
@@ -104,6 +104,7 @@ def test_the_matrix_names_every_route_the_app_mounts():
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     seg_routes.install(app, {})
     site_routes.install(app, {})
+    background_routes.install(app)
     cls_routes.install(app, None, "fewshot_cls")
     ohif.install(app)
     offload.install(app)

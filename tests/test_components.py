@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from monailabel_metaapp.core.adaptation import (
@@ -47,3 +48,11 @@ def test_scattered_support_labels_keep_every_piece_of_the_prediction():
     probs[1] = np.roll(probs[1], 20, axis=1)  # the second structure elsewhere
     out = probabilities_to_labels(probs, [5, 6], one_piece=[True, False])
     assert (out[:, 5, 5] == 0).all() and (out[:, 25, 5] == 6).all() and (out[:, 60, 50] == 6).all()
+
+
+def test_label_values_beyond_8_bits_are_refused_not_wrapped():
+    """A source label value such as 500 would wrap to 244 in the 8-bit label map: refuse it."""
+    probs = np.full((2, 2, 4, 4), 0.9, np.float32)
+    assert probabilities_to_labels(probs, [1, 255]).max() in (1, 255)
+    with pytest.raises(ValueError, match="1-255"):
+        probabilities_to_labels(probs, [200, 500])

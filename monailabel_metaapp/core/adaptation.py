@@ -214,6 +214,8 @@ def probabilities_to_labels(
         threshold: the probability that makes a voxel foreground.
         one_piece: whether to keep only the largest component, per structure or for all.
     """
+    if any(not 0 < v < 256 for v in values):
+        raise ValueError(f"label values must be 1-255 (the label map is 8-bit): {values}")
     keep = probs >= threshold
     one_piece = [one_piece] * keep.shape[0] if isinstance(one_piece, bool) else one_piece
     for k in range(keep.shape[0]):

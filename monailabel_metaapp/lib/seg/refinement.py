@@ -28,16 +28,8 @@ from monailabel_metaapp.lib.versioned_store import slug
 
 logger = logging.getLogger(__name__)
 
-QUEUED, RUNNING, PLATEAU, BUDGET, HELD, FAILED, UNCHECKABLE, OFF = (
-    "queued",
-    "refining",
-    "plateau",
-    "budget spent",
-    "held after rollback",
-    "failed",
-    "waiting for a second label",
-    "off",
-)
+QUEUED, RUNNING, PLATEAU, BUDGET = "queued", "refining", "plateau", "budget spent"
+HELD, FAILED, UNCHECKABLE, OFF = "held after rollback", "failed", "waiting for a second label", "off"
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
 PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
 ANCHORS = 3  # other studies a candidate must agree with the quick head on
