@@ -86,6 +86,17 @@ def structure_labels(studies: str | Path, data: list[EvalStudy]) -> dict[str, in
     return {names.get(v, str(v)): v for v in values}
 
 
+def setup(
+    studies: str | Path, labels: dict[str, int] | None, model: str | None, device: str, steps: int = DEFAULT_ADAPT_STEPS
+) -> tuple[torch.device, SegAdapter, list[EvalStudy], dict[str, int]]:
+    """What every segmentation evaluation starts from: the device, an adapter of `model` (default: the
+    shipped weights), the studies with their references, and the structures (default: all found)."""
+    dev = pick_device(device)
+    adapter = SegAdapter(load_model(model, dev), dev, steps=steps)
+    data = load_eval_studies(studies, adapter.size)
+    return dev, adapter, data, labels or structure_labels(studies, data)
+
+
 def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) -> np.ndarray:
     return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
@@ -216,10 +227,7 @@ def evaluate_seg(
     device: str = "auto",
     steps: int = DEFAULT_ADAPT_STEPS,
 ) -> dict:
-    dev = pick_device(device)
-    adapter = SegAdapter(load_model(model, dev), dev, steps=steps)
-    data = load_eval_studies(studies, adapter.size)
-    labels = labels or structure_labels(studies, data)
+    dev, adapter, data, labels = setup(studies, labels, model, device, steps)
     baselines = [b for b in (baselines or []) if b]
     methods = ["meta", *baselines] if protocol == "volume" else ["meta", *[b for b in baselines if b == "proto"]]
     results: dict[tuple, list[tuple[float, float]]] = {}
@@ -313,57 +321,34 @@ def plot_rows(rows: list[dict], out_png: str | Path, title: str = "") -> None:
 def run_from_args(a) -> None:
     if not a.studies:
         raise ValueError("evaluate seg needs --studies DIR (a datastore folder with final labels)")
-    if a.joint:
-        from monailabel_metaapp.evaluate_joint import evaluate_seg_joint
-
-        res = evaluate_seg_joint(
-            a.studies,
-            int_list(a.shots),
-            json.loads(a.labels) if a.labels else None,
-            a.model,
-            a.repeats,
-            a.queries,
-            a.seed,
-            a.device,
-        )
-        title = "structures predicted alone and together"
-        write_result(res, a.out, lambda r, png: plot_rows(r["rows"], png, title), weights=[a.model or SHIPPED_SEG])
-        for r in sorted(res["rows"], key=lambda r: (r["structure"], r["shots"], r["method"])):
-            print(f"{r['structure']:>20} k={r['shots']} {r['method']:>6}: Dice {r['dice_mean']:.3f} (n={r['n']})")
-        return
+    shots, weights = int_list(a.shots), [a.model or SHIPPED_SEG]
+    common = {
+        "labels": json.loads(a.labels) if a.labels else None,
+        "model": a.model,
+        "repeats": a.repeats,
+        "queries": a.queries,
+        "seed": a.seed,
+        "device": a.device,
+    }
     if a.timeline:
         from monailabel_metaapp.evaluate_timeline import evaluate_timeline, plot_timeline
 
-        res = evaluate_timeline(
-            a.studies,
-            int_list(a.shots),
-            [float(m) for m in str(a.timeline).split(",")],
-            json.loads(a.labels) if a.labels else None,
-            a.model,
-            a.repeats,
-            a.queries,
-            a.seed,
-            a.device,
-        )
+        res = evaluate_timeline(a.studies, shots, [float(m) for m in str(a.timeline).split(",")], **common)
         write_result(res, a.out, lambda r, png: plot_timeline(r["rows"], png, "served Dice after a save"))
         for r in res["rows"]:
             print(f"{r['structure']:>20} k={r['shots']} {r['seconds']:>6.0f}s {r['method']:>9}: {r['dice_mean']:.3f}")
         return
-    res = evaluate_seg(
-        a.studies,
-        [int(s) for s in str(a.shots).split(",")],
-        json.loads(a.labels) if a.labels else None,
-        a.model,
-        a.repeats,
-        a.queries,
-        [b for b in (a.baselines if a.baselines is not None else "scratch,finetune,proto").split(",") if b],
-        a.scratch_seconds,
-        a.protocol,
-        a.seed,
-        a.device,
-    )
-    title = f"few-shot segmentation ({a.protocol})"
-    write_result(res, a.out, lambda r, png: plot_rows(r["rows"], png, title), weights=[a.model or SHIPPED_SEG])
+    if a.joint:
+        from monailabel_metaapp.evaluate_joint import evaluate_seg_joint
+
+        res, title = evaluate_seg_joint(a.studies, shots, **common), "structures predicted alone and together"
+    else:
+        baselines = [b for b in (a.baselines if a.baselines is not None else "scratch,finetune,proto").split(",") if b]
+        res = evaluate_seg(
+            a.studies, shots, baselines=baselines, scratch_seconds=a.scratch_seconds, protocol=a.protocol, **common
+        )
+        title = f"few-shot segmentation ({a.protocol})"
+    write_result(res, a.out, lambda r, png: plot_rows(r["rows"], png, title), weights=weights)
     for r in sorted(res["rows"], key=lambda r: (r["structure"], r["shots"], r["method"])):
         dice_txt = f"{r['dice_mean']:.3f} ± {r['dice_std']:.3f}"
         print(f"{r['structure']:>20} k={r['shots']} {r['method']:>9}: Dice {dice_txt} (n={r['n']})")

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, SegAdapter, dice, probabilities_to_labels
-from monailabel_metaapp.core.checkpoint import load_model, pick_device
+from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, dice, probabilities_to_labels
 from monailabel_metaapp.core.volume import stack_to_original
-from monailabel_metaapp.evaluate import dice_row, load_eval_studies, structure_labels
+from monailabel_metaapp.evaluate import dice_row, setup
 
 
 def evaluate_seg_joint(
@@ -44,10 +43,7 @@ def evaluate_seg_joint(
         device: `auto`, `cpu` or `cuda`.
         steps: inner-loop steps of each head.
     """
-    dev = pick_device(device)
-    adapter = SegAdapter(load_model(model, dev), dev, steps=steps)
-    data = load_eval_studies(studies, adapter.size)
-    labels = labels or structure_labels(studies, data)
+    dev, adapter, data, labels = setup(studies, labels, model, device, steps)
     names, values = list(labels), list(labels.values())
     pool = [s for s in data if all((s.ref == v).any() for v in values)]
     results: dict[tuple, list[float]] = {}

@@ -22,9 +22,8 @@ import torch
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
-from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, load_eval_studies, structure_labels
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, setup
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
@@ -154,10 +153,7 @@ def evaluate_timeline(
 ) -> dict:
     """Dice of every method at every mark, per structure and k (see the module's docstring)."""
     cfg = cfg or RefineConfig()
-    dev = pick_device(device)
-    adapter = SegAdapter(load_model(model, dev), dev)
-    data = load_eval_studies(studies, adapter.size)
-    labels = labels or structure_labels(studies, data)
+    dev, adapter, data, labels = setup(studies, labels, model, device)
     results: dict[tuple, list[float]] = {}
     guard_log = []
     bar = tqdm(total=len(labels) * len(shots) * repeats, desc="timeline", unit="episode")
