@@ -305,18 +305,20 @@ class SiteAdaptationLoop:
             path = self.version_path(version)
             save_model(candidate, path, {"site_adaptation": {**site.summary(), "check": check, "version": version}})
             self.service.install_encoder(str(path))
-            with self._lock:
+            check["version"] = version
+            live = candidate
+        with self._lock:  # a new version and the check that made it live are seen together
+            if check["accepted"]:
                 rec["versions"].append(version)
                 rec["live"] = version
                 rec["live_minutes"] = round(site.minutes, 3)
                 rec.setdefault("version_minutes", {})[str(version)] = round(site.minutes, 3)
-            check["version"] = version
-            live = candidate
+            rec["checks"] = [*rec.get("checks", []), check][-KEEP_CHECKS:]
+        if check["accepted"]:
             logger.info("site adaptation (%s): encoder v%d is live (%s)", self.part, version, _scores(check))
         else:
             logger.info("site adaptation (%s): the live encoder stays (%s)", self.part, _scores(check))
         site.checkpoint()
-        rec["checks"] = [*rec.get("checks", []), check][-KEEP_CHECKS:]
         rec["minutes"] = round(site.minutes, 3)
         rec["last_check_minutes"] = round(site.minutes, 3)
         self._save_record()
@@ -346,15 +348,19 @@ class SiteAdaptationLoop:
         return target
 
     def status(self) -> dict:
-        rec = self.record
-        checks = rec.get("checks") or []
+        with self._lock:
+            rec = self.record
+            checks = rec.get("checks") or []
+            version, versions = int(rec.get("live", 0)), list(rec.get("versions", [0]))
+            minutes = float(rec.get("live_minutes", 0.0))
+            last_check = checks[-1] if checks else None
         out = {
             "state": self.state,
-            "version": int(rec.get("live", 0)),
-            "versions": list(rec.get("versions", [0])),
-            "minutes": float(rec.get("live_minutes", 0.0)),
+            "version": version,
+            "versions": versions,
+            "minutes": minutes,
             "trained_minutes": round(self.site.minutes, 2) if self.site is not None else float(rec.get("minutes", 0.0)),
-            "last_check": checks[-1] if checks else None,
+            "last_check": last_check,
             "steps": self.site.steps if self.site is not None else None,
             "resumed_at_step": self._resumed_at,
             "cap_minutes": self.cap_minutes,
