@@ -45,6 +45,7 @@ def evaluate_seg_joint(
     """
     dev, adapter, data, labels = setup(studies, labels, model, device, steps)
     names, values = list(labels), list(labels.values())
+    out = list(range(1, len(values) + 1))  # output values, as the app numbers its structures
     pool = [s for s in data if all((s.ref == v).any() for v in values)]
     results: dict[tuple, list[float]] = {}
     bar = tqdm(total=len(shots) * repeats, desc="evaluate (joint)", unit="episode")
@@ -59,7 +60,6 @@ def evaluate_seg_joint(
             one_piece = [h.one_piece for h in heads]
             for q in query:
                 probs = stack_to_original(adapter.predict(q.stack, heads), q.geom)
-                out = list(range(1, len(values) + 1))  # output values, as the app numbers its structures
                 together = probabilities_to_labels(probs, out, one_piece=one_piece)
                 for j, (name, v) in enumerate(zip(names, values)):
                     alone = probabilities_to_labels(probs[j : j + 1], [1], one_piece=one_piece[j]) == 1
