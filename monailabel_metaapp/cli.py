@@ -66,21 +66,40 @@ def _meta_train(a: argparse.Namespace) -> None:
         cls_max_way=a.max_way,
         cls_augment=a.cls_augment,
         cls_abnormal_fraction=a.abnormal_fraction,
+        task_shares=parse_shares(a.task_shares),
     )
     if a.task == "cls":
         from monailabel_metaapp.core.cls_metatrain import meta_train_cls
         from monailabel_metaapp.core.cls_model import ClsModelConfig
 
-        if a.init or a.exclude:
-            raise ValueError("--init and --exclude are for --task seg")
+        if a.init or a.exclude or a.profile or a.sampler != "classic" or a.batch_episodes is not None:
+            raise ValueError("--init, --exclude, --profile, --sampler and --batch-episodes are for --task seg")
         mcfg = ClsModelConfig() if a.image_crop is None else ClsModelConfig(image_crop=a.image_crop)
         summary = meta_train_cls(a.studies, a.out, cfg, mcfg, a.n_way, a.k_shot, device=a.device, fresh=a.fresh)
     else:
         if a.image_crop is not None:
             raise ValueError("--image-crop is for --task cls")
         mcfg = SegModelConfig(size=a.size, context=a.context)
-        summary = meta_train(a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh)
+        summary = meta_train(
+            a.studies, a.out, cfg, mcfg, init=a.init, device=a.device, fresh=a.fresh, profile_steps=a.profile
+        )
+        if a.profile:
+            return  # the profile line is printed, the JSON written to --out
     print(json.dumps(summary, indent=2, default=str))
+
+
+def parse_shares(items: list[str] | None) -> dict:
+    """`KEY=VALUE` items of `--task-shares` -> `episode_bank.TaskShares` fields, checked by name."""
+    from monailabel_metaapp.core.episode_bank import TaskShares
+
+    known = {f.name for f in dataclasses.fields(TaskShares)}
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--task-shares takes KEY=VALUE with KEY one of {', '.join(sorted(known))}; got {item!r}")
+        out[key] = tuple(int(v) for v in value.split(",")) if key == "superpixel_scales" else float(value)
+    return out
 
 
 def _adapt_site(a: argparse.Namespace) -> None:
@@ -209,7 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fixed-lr", action="store_true", help="ablation: fixed inner-loop rates (no Meta-SGD)")
     s.add_argument("--inner-steps", type=int, default=3)
     s.add_argument("--tasks-per-step", type=int, default=4)
-    s.add_argument("--ssl-fraction", type=float, default=0.5, help="share of self-supervised (superpixel) tasks")
+    s.add_argument(
+        "--ssl-fraction", type=float, default=0.5, help="classic sampler: share of self-supervised (superpixel) tasks"
+    )
+    s.add_argument(
+        "--sampler",
+        choices=["classic", "bank"],
+        default="classic",
+        help="seg: classic (one episode at a time) or bank (slices on the training device, a step's episodes cut "
+        "and augmented together, label merges, superpixels at several scales, modality shifts)",
+    )
+    s.add_argument(
+        "--task-shares",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="bank sampler: labelled=, merge=, superpixel= shares; superpixel_scales=60,100,200; "
+        "intensity_prob=; elastic= (defaults in docs/meta_training.md)",
+    )
+    s.add_argument(
+        "--batch-episodes",
+        action=argparse.BooleanOptionalAction,
+        help="seg: one encoder pass for all episodes of a step (default: on CUDA only; slower on a CPU)",
+    )
+    s.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seg: time N steps, print `profile: sampling X%%, ...`, write it as JSON to --out (no weights)",
+    )
     s.add_argument("--exclude", type=int, nargs="*", default=[], help="label values held out of meta-training")
     s.add_argument("--size", type=int, default=160)
     s.add_argument("--context", type=int, default=1)

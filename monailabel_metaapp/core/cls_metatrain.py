@@ -22,7 +22,7 @@ from monailabel_metaapp.core.cls_data import (
 from monailabel_metaapp.core.cls_model import ClsModelConfig, FewShotClsModel
 from monailabel_metaapp.core.distill import distill_objective, load_teacher, student_config
 from monailabel_metaapp.core.episodes import load_bank, load_studies, split_validation
-from monailabel_metaapp.core.metatrain import MetaTrainConfig, outer_loop
+from monailabel_metaapp.core.metatrain import MetaTrainConfig, one_by_one, outer_loop
 from monailabel_metaapp.core.objective import cls_meta_objective, cls_task_loss
 
 UNLABELLED_PREFIX = "unlabelled:"
@@ -150,13 +150,13 @@ def meta_train_cls(
     val_sampler = ClsEpisodeSampler(val, None, n_way, k_shot, 10, seed=12345) if val and tutor is None else None
     val_eps = [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler else []
 
-    def validate() -> float:
+    def validate() -> dict[str, float]:
         if not val_eps:
-            return float("nan")
+            return {}
         losses = [
             float(cls_task_loss(model, ep.to(dev), cfg.inner_steps, True, sample=False).detach()) for ep in val_eps
         ]
-        return sum(losses) / len(losses)
+        return {"val_loss": sum(losses) / len(losses)}
 
     def objective(episodes):
         if tutor is not None:
@@ -166,4 +166,6 @@ def meta_train_cls(
     def sample() -> ClsEpisode:
         return sampler.sample().to(dev)
 
-    return outer_loop(model, sample, objective, validate, cfg, Path(out), dev, progress=progress, fresh=fresh)
+    return outer_loop(
+        model, one_by_one(sample), objective, validate, cfg, Path(out), dev, progress=progress, fresh=fresh
+    )

@@ -8,7 +8,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model, sidecar
+from monailabel_metaapp.core.episode_bank import KINDS, BankSampler, SliceBank, TaskShares
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies, split_validation
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
+from monailabel_metaapp.core.profile import StepTimer
 
 
 @dataclass
@@ -32,7 +35,10 @@ class MetaTrainConfig:
     first_order: bool = False
     tasks_per_step: int = 4
     lr: float = 1e-3
-    ssl_fraction: float = 0.5
+    ssl_fraction: float = 0.5  # classic sampler: share of self-supervised (superpixel) tasks
+    sampler: str = "classic"  # "classic" (`episodes.EpisodeSampler`) or "bank" (`episode_bank.BankSampler`)
+    task_shares: dict = field(default_factory=dict)  # bank sampler: `episode_bank.TaskShares` fields
+    batch_episodes: bool | None = None  # one encoder pass per step (`objective.meta_objective`); None: on CUDA
     exclude: list[int] = field(default_factory=list)  # label values held out of meta-training
     seed: int = 0
     checkpoint_seconds: float = 60.0
@@ -78,8 +84,10 @@ def meta_train(
     device: str = "auto",
     progress: bool = True,
     fresh: bool = False,
+    profile_steps: int = 0,
 ) -> dict:
-    """Meta-train on datastore folders (or preloaded studies / a saved bank); returns a summary."""
+    """Meta-train on datastore folders (or preloaded studies / a saved bank); returns a summary.
+    `profile_steps` > 0 times that many steps instead (`profile`), writing the split to `out`."""
     cfg = cfg or MetaTrainConfig()
     rank, world = init_distributed()
     dev = rank_device(device, world)
@@ -102,34 +110,89 @@ def meta_train(
             bank += load_studies(folders, model.cfg.size, progress=progress and rank == 0)
 
     train_studies, val_studies = split_validation(bank, cfg.seed)
-    labelled = [s for s in bank if s.label is not None]
-    exclude = set(cfg.exclude)
-    sampler = EpisodeSampler(
-        train_studies, model.cfg.context, exclude, cfg.ssl_fraction, device=dev, seed=cfg.seed + 1000 * rank
-    )
-    val_sampler = (
-        EpisodeSampler(val_studies + labelled[:1], model.cfg.context, exclude, 0.0, device=dev, seed=12345)
-        if val_studies
-        else None
-    )
-    val_eps = (
-        [val_sampler.labelled_task() for _ in range(cfg.val_tasks)] if val_sampler and val_sampler.by_value else []
-    )
+    draw, val_sets = episode_sources(train_studies, val_studies, bank, model.cfg.context, cfg, dev, rank, progress)
 
-    def validate() -> float:
-        if not val_eps:
-            return float("nan")
+    def validate() -> dict[str, float]:
+        """Mean query loss of fixed validation tasks, per kind of task: `val_loss` is the labelled tasks'."""
         from monailabel_metaapp.core.objective import task_loss
 
-        losses = [
-            float(task_loss(model, ep, cfg.inner_steps, first_order=True, sample=False).detach()) for ep in val_eps
-        ]
-        return sum(losses) / len(losses)
+        out = {}
+        for name, eps in val_sets.items():
+            losses = [float(task_loss(model, ep, cfg.inner_steps, True, sample=False).detach()) for ep in eps]
+            out[name] = sum(losses) / len(losses)
+        return out
 
     def objective(episodes):
-        return meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order)
+        return meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order, cfg.batch_episodes)
 
-    return outer_loop(model, sampler.sample, objective, validate, cfg, out, dev, rank, world, progress, fresh)
+    if cfg.batch_episodes is None:  # recorded with the weights as it was resolved
+        cfg = replace(cfg, batch_episodes=dev.type == "cuda")
+    if profile_steps > 0:
+        return profile(model, draw, objective, cfg, profile_steps, out, dev, world)
+    return outer_loop(model, draw, objective, validate, cfg, out, dev, rank, world, progress, fresh)
+
+
+def episode_sources(
+    train: list[Study],
+    val: list[Study],
+    bank: list[Study],
+    context: int,
+    cfg: MetaTrainConfig,
+    dev: torch.device,
+    rank: int = 0,
+    progress: bool = True,
+) -> tuple[Callable[[int], list], dict[str, list]]:
+    """(draw(n) -> n training episodes, fixed validation episodes by name) from the configured sampler.
+    Validation tasks come from the held-out studies (plus one training study, so that a structure
+    seen in only one validation study still has a pair): `val_loss` holds labelled tasks; the bank
+    sampler adds one set per other kind it draws (`val_loss_merge`, `val_loss_superpixel`)."""
+    exclude = set(cfg.exclude)
+    labelled = [s for s in bank if s.label is not None]
+    if cfg.sampler == "classic":
+        sampler = EpisodeSampler(train, context, exclude, cfg.ssl_fraction, device=dev, seed=cfg.seed + 1000 * rank)
+        vs = EpisodeSampler(val + labelled[:1], context, exclude, 0.0, device=dev, seed=12345) if val else None
+        val_sets = {"val_loss": [vs.labelled_task() for _ in range(cfg.val_tasks)]} if vs and vs.by_value else {}
+        return one_by_one(sampler.sample), val_sets
+    if cfg.sampler != "bank":
+        raise ValueError(f"sampler must be 'classic' or 'bank', got {cfg.sampler!r}")
+    shares = TaskShares(**cfg.task_shares)
+    sampler = BankSampler(SliceBank(train, context, shares, exclude, dev, progress and rank == 0), shares,
+                          seed=cfg.seed + 1000 * rank)  # fmt: skip
+    val_sets = {}
+    if val:
+        vb = BankSampler(
+            SliceBank(val + labelled[:1], context, shares, exclude, dev, progress=False), shares, seed=12345
+        )
+        for kind in (k for k in KINDS if vb.bank.weights.get(k, 0) > 0):
+            name = "val_loss" if kind == "labelled" else f"val_loss_{kind}"
+            val_sets[name] = vb.sample_batch(cfg.val_tasks, kind)
+    return sampler.sample_batch, val_sets
+
+
+def profile(
+    model: torch.nn.Module,
+    draw: Callable[[int], list],
+    objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
+    cfg: MetaTrainConfig,
+    steps: int,
+    out: Path,
+    dev: torch.device,
+    world: int = 1,
+) -> dict:
+    """`steps` outer steps (after one untimed warm-up step) billed by phase; prints the one-line split
+    and writes it as JSON to `out`. No weights are written."""
+    opt, params = make_optimizer(model, cfg)
+    outer_step(model, opt, params, draw, objective, cfg.tasks_per_step, world)
+    timer = StepTimer(dev)
+    for _ in tqdm(range(steps), desc="profile", unit="step", disable=int(os.environ.get("RANK", 0)) != 0):
+        outer_step(model, opt, params, draw, objective, cfg.tasks_per_step, world, timer)
+    result = timer.to_dict() | {"device": str(dev), "world": world, "sampler": cfg.sampler,
+                                "batch_episodes": cfg.batch_episodes, "tasks_per_step": cfg.tasks_per_step,
+                                "line": timer.line()}  # fmt: skip
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(timer.line())
+        atomic_write(out, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    return result
 
 
 def make_optimizer(model: torch.nn.Module, cfg: MetaTrainConfig) -> tuple[torch.optim.Adam, list]:
@@ -140,30 +203,46 @@ def make_optimizer(model: torch.nn.Module, cfg: MetaTrainConfig) -> tuple[torch.
     return torch.optim.Adam(params, lr=cfg.lr), params
 
 
+def one_by_one(sample: Callable[[], Any]) -> Callable[[int], list]:
+    """A `draw(n)` from a sampler that makes one episode per call."""
+    return lambda n: [sample() for _ in range(n)]
+
+
 def outer_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     params: list,
-    sample: Callable[[], Any],
+    draw: Callable[[int], list],
     objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
     tasks_per_step: int,
     world: int = 1,
+    timer: StepTimer | None = None,
 ) -> dict[str, float]:
-    """One outer step: a batch of episodes, the meta-objective, gradients averaged across ranks under
-    torchrun, clipped, one Adam step, the inner-loop rates and posterior widths kept in range."""
-    episodes = [sample() for _ in range(tasks_per_step)]
-    loss, parts = objective(episodes)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if world > 1:
-        _average_gradients(model, world)
-    torch.nn.utils.clip_grad_norm_(params, 5.0)
-    opt.step()
-    with torch.no_grad():
-        for v in model.log_lr.values():
-            v.clamp_(-8, 1)
-        for v in model.encoder.log_sigma.values():
-            v.clamp_(max=math.log(model.cfg.prior_sigma))
+    """One outer step: a batch of episodes (`draw(tasks_per_step)`), the meta-objective, gradients
+    averaged across ranks under torchrun, clipped, one Adam step, the inner-loop rates and posterior
+    widths kept in range. `timer` bills each phase's seconds (`profile.StepTimer`)."""
+    phase = timer.phase if timer else lambda _name: nullcontext()
+    with phase("sampling"):
+        episodes = draw(tasks_per_step)
+    with phase("forward"):
+        loss, parts = objective(episodes)
+    with phase("backward"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("all-reduce"):
+        if world > 1:
+            _average_gradients(model, world)
+    with phase("optimiser"):
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        with torch.no_grad():
+            for v in model.log_lr.values():
+                v.clamp_(-8, 1)
+            for v in model.encoder.log_sigma.values():
+                v.clamp_(max=math.log(model.cfg.prior_sigma))
+    if timer:
+        timer.steps += 1
+        timer.episodes += len(episodes) * world
     return parts
 
 
@@ -195,9 +274,9 @@ def check_resumable_config(out: Path, config: dict) -> None:
 
 def outer_loop(
     model: torch.nn.Module,
-    sample: Callable[[], Any],
+    draw: Callable[[int], list],
     objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
-    validate: Callable[[], float],
+    validate: Callable[[], dict[str, float]],
     cfg: MetaTrainConfig,
     out: Path,
     dev: torch.device,
@@ -239,7 +318,7 @@ def outer_loop(
     while True:
         if any_rank(elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps), dev, world):
             break
-        parts = outer_step(model, opt, params, sample, objective, cfg.tasks_per_step, world)
+        parts = outer_step(model, opt, params, draw, objective, cfg.tasks_per_step, world)
         step += 1
         now = time.time()
         elapsed += now - t_prev
@@ -251,9 +330,9 @@ def outer_loop(
             "seconds": round(elapsed, 1),
             "task_loss": round(parts["task"], 4),
             "kl": round(parts["kl"], 4),
-        }
-        if step % cfg.val_every == 0 and not math.isnan(val := validate()):
-            rec["val_loss"] = round(val, 4)
+        } | {k: round(v, 4) for k, v in parts.items() if k.startswith("task_")}
+        if step % cfg.val_every == 0:
+            rec |= {k: round(v, 4) for k, v in validate().items()}
         bar.set_postfix(loss=f"{ema:.3f}", **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
         if log:
             log.write(json.dumps(rec) + "\n")
@@ -261,12 +340,12 @@ def outer_loop(
             checkpoint()
             last_ckpt = now
     bar.close()
-    final_val = validate()
+    final_val = validate()  # empty without validation studies: no validation loss, not NaN in the log
     checkpoint()
     if log:
         final = {"step": step, "seconds": round(elapsed, 1), "final": True}
-        if not math.isnan(final_val):  # no validation studies: no validation loss, not NaN in the log
-            final["val_loss"] = round(final_val, 4)
+        final |= {k: round(v, 4) for k, v in final_val.items()}
         log.write(json.dumps(final) + "\n")
         log.close()
-    return {"steps": step, "minutes": elapsed / 60, "train_loss_ema": ema, "val_loss": final_val, "out": str(out)}
+    val_loss = final_val.get("val_loss", float("nan"))
+    return {"steps": step, "minutes": elapsed / 60, "train_loss_ema": ema, "val_loss": val_loss, "out": str(out)}

@@ -46,6 +46,7 @@ from monailabel_metaapp.core.metatrain import (
     any_rank,
     init_distributed,
     make_optimizer,
+    one_by_one,
     outer_step,
     rank_device,
 )
@@ -277,7 +278,13 @@ class SiteTrainer:
         t0 = time.perf_counter()
         self.model.train()
         parts = outer_step(
-            self.model, self.opt, self.params, self.sample, self.objective, self.cfg.tasks_per_step, self.world
+            self.model,
+            self.opt,
+            self.params,
+            one_by_one(self.sample),
+            self.objective,
+            self.cfg.tasks_per_step,
+            self.world,
         )
         self.steps += 1
         self.elapsed += time.perf_counter() - t0
