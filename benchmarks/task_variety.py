@@ -56,23 +56,28 @@ ARMS = {
 }
 
 
+def run_name(arm: str, seed: int) -> str:
+    return arm if seed == 0 else f"{arm}_seed{seed}"
+
+
 def train_arms(
-    arms: list[str], p: dict[str, Path], work: Path, steps: int, minutes: float, commands: list[str]
+    runs: list[tuple[str, int]], p: dict[str, Path], work: Path, steps: int, minutes: float, commands: list[str]
 ) -> dict[str, Path]:
-    """Meta-train the arms at once (one thread each); an arm whose log is final is not rerun."""
+    """Meta-train the (arm, seed) runs at once (one thread each); a run whose log is final is not rerun."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     procs, out = [], {}
-    for arm in arms:
-        out[arm] = work / f"{arm}.pt"
-        cmd = metaapp("meta-train", "--studies", str(p["totalseg"]), str(p["brain"]), "--out", str(out[arm]),
+    for arm, seed in runs:
+        name = run_name(arm, seed)
+        out[name] = work / f"{name}.pt"
+        cmd = metaapp("meta-train", "--studies", str(p["totalseg"]), str(p["brain"]), "--out", str(out[name]),
                       "--minutes", str(minutes), "--max-steps", str(steps), "--tasks-per-step", "8",
-                      "--device", "cpu", *ARMS[arm])  # fmt: skip
+                      "--device", "cpu", "--seed", str(seed), *ARMS[arm])  # fmt: skip
         commands.append("OMP_NUM_THREADS=1 " + shlex.join(["metaapp", *cmd[3:]]))
-        log = Path(str(out[arm]) + ".log.jsonl")
+        log = Path(str(out[name]) + ".log.jsonl")
         if log.exists() and '"final": true' in log.read_text():
             continue
         print("$", commands[-1], flush=True)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=open(work / f"{arm}.out", "a"), stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=open(work / f"{name}.out", "a"), stderr=subprocess.STDOUT))
     for proc in procs:
         if proc.wait() != 0:
             raise SystemExit(f"meta-training failed: see {work}/*.out")
@@ -119,7 +124,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=60.0, help="time cap of each meta-training")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--queries", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the evaluation's draws of supports and queries")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="one meta-training per arm and seed")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="arms meta-trained at once, one thread each (an arm with a final log is reused)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
@@ -127,9 +133,12 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
     p = prepare(a.work, commands)
-    models = train_arms(a.arms, p, a.work, a.steps, a.minutes, commands)
-    dice = {arm: evaluate(models[arm], p["cmr"], a.repeats, a.queries, a.seed) for arm in a.arms}
-    mean = {arm: round(sum(v["dice"] for v in dice[arm].values()) / len(dice[arm]), 4) for arm in a.arms}
+    runs = [(arm, seed) for arm in a.arms for seed in a.train_seeds]
+    models = train_arms(runs, p, a.work, a.steps, a.minutes, commands)
+    dice = {name: evaluate(model, p["cmr"], a.repeats, a.queries, a.seed) for name, model in models.items()}
+    mean = {name: round(sum(v["dice"] for v in d.values()) / len(d), 4) for name, d in dice.items()}
+    by_arm = {arm: [mean[run_name(arm, s)] for s in a.train_seeds] for arm in a.arms}
+    over_seeds = {arm: round(sum(v) / len(v), 4) for arm, v in by_arm.items()}
     result = {
         "question": "1-shot cardiac Dice of encoders meta-trained without cardiac images: classic episodes "
         "against the bank sampler's more varied ones (label merges, multi-scale superpixels, modality shifts)",
@@ -139,17 +148,21 @@ def main() -> None:
             "repeats": a.repeats,
             "queries": a.queries,
             "seed": a.seed,
+            "train_seeds": a.train_seeds,
             "protocol": "volume",
             "torch_threads": 1,
         },  # fmt: skip
         "commands": commands,
-        "training": {arm: read_log(models[arm]) for arm in a.arms},
+        "training": {name: read_log(model) for name, model in models.items()},
         "dice": dice,
         "mean": mean,
-        "minus_classic": {arm: round(mean[arm] - mean["classic"], 4) for arm in a.arms} if "classic" in mean else {},
+        "mean_over_seeds": over_seeds,
+        "minus_classic": {arm: round(v - over_seeds["classic"], 4) for arm, v in over_seeds.items()}
+        if "classic" in over_seeds
+        else {},
     }
-    write_result(result, a.out.with_suffix(".json"), plot, weights=[models[arm] for arm in a.arms])
-    print(json.dumps({"mean": mean, "training": result["training"]}, indent=2))
+    write_result(result, a.out.with_suffix(".json"), plot, weights=list(models.values()))
+    print(json.dumps({"mean": mean, "mean_over_seeds": over_seeds, "training": result["training"]}, indent=2))
 
 
 if __name__ == "__main__":
