@@ -76,6 +76,7 @@ def test_meta_train_with_the_bank_sampler_logs_each_kind(cmr_readonly, tmp_path)
     assert {"val_loss_merge", "val_loss_superpixel"} <= set(val), "validation is not split by kind"
     side = json.loads((tmp_path / "m.pt.json").read_text())
     assert side["meta_train"]["sampler"] == "bank"
+    assert side["meta_train"]["task_shares"]["merge"] == 0.15, "the weights must record every share, defaults too"
 
 
 def test_profile_under_torchrun_bills_the_all_reduce(cmr_readonly, tmp_path):

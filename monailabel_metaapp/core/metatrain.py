@@ -110,6 +110,8 @@ def meta_train(
             bank += load_studies(folders, model.cfg.size, progress=progress and rank == 0)
 
     train_studies, val_studies = split_validation(bank, cfg.seed)
+    if cfg.sampler == "bank":  # the weights record every share, defaults included
+        cfg = replace(cfg, task_shares=TaskShares(**cfg.task_shares).to_dict())
     draw, val_sets = episode_sources(train_studies, val_studies, bank, model.cfg.context, cfg, dev, rank, progress)
 
     def validate() -> dict[str, float]:
