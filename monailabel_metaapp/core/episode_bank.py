@@ -200,10 +200,6 @@ class BankSampler:
         self.gen = torch.Generator(device=bank.device).manual_seed(seed)
         self.kinds_drawn: dict[str, int] = {k: 0 for k in KINDS}
 
-    def sample(self) -> Episode:
-        """One episode (the `EpisodeSampler.sample` interface)."""
-        return self.sample_batch(1)[0]
-
     def sample_batch(self, n: int, kind: str | None = None) -> list[Episode]:
         """n episodes cut and augmented together; `kind` forces one kind of task (validation by kind)."""
         kinds = [kind] * n if kind else self.rng.choices(list(self.bank.weights), list(self.bank.weights.values()), k=n)
