@@ -26,15 +26,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
-from monailabel_metaapp.core.episodes import Episode, Study
+from monailabel_metaapp.core.episodes import BODY, PSEUDO_SIZE, Episode, Study, superpixel_map
 from monailabel_metaapp.core.errors import VolumeError
 
 KINDS = ("labelled", "merge", "superpixel")
-BODY = 12  # uint8 intensity above which a pixel counts as inside the body
-SP_RANGE = (0.005, 0.15)  # usable pseudo-structure sizes, as a share of the slice
 
 
 @dataclass
@@ -152,13 +149,13 @@ class SliceBank:
                 bar = tqdm(studies, desc=f"superpixels (scale {scale})", disable=not progress, unit="study")
                 for s, start in zip(bar, starts):
                     for j, sl in enumerate(s.image.numpy()):
-                        sp = felzenszwalb(sl / 255.0, scale=scale, sigma=0.8, min_size=60).astype(np.int16)
+                        sp = superpixel_map(sl, scale)
                         maps.append(sp)
                         body = sl > BODY
                         if body.mean() < 0.05:
                             continue
                         counts = np.bincount(sp[body].ravel(), minlength=int(sp.max()) + 1)
-                        ok = np.nonzero((counts > SP_RANGE[0] * n_pix) & (counts < SP_RANGE[1] * n_pix))[0]
+                        ok = np.nonzero((counts > PSEUDO_SIZE[0] * n_pix) & (counts < PSEUDO_SIZE[1] * n_pix))[0]
                         pairs += [(int(start) + j, int(k)) for k in ok]
                 self.superpixels.append(torch.from_numpy(np.stack(maps)).to(self.device))
                 self.sp_pairs.append(torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))

@@ -30,6 +30,18 @@ from monailabel_metaapp.core.errors import VolumeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 SSL_KINDS = ("superpixel", "supervoxel")  # the self-supervised tasks `EpisodeSampler` can draw
+BODY = 12  # uint8 intensity above which a pixel counts as inside the body
+PSEUDO_SIZE = (0.005, 0.15)  # usable pseudo-structure sizes, as a share of the slice
+
+
+def superpixel_map(image: np.ndarray, scale: int = 100) -> np.ndarray:
+    """Felzenszwalb superpixels of one uint8 slice (int16 ids): a self-supervised task's pseudo-labels.
+
+    Args:
+        image: the slice, uint8 intensities.
+        scale: Felzenszwalb's scale; larger gives larger superpixels.
+    """
+    return felzenszwalb(image / 255.0, scale=scale, sigma=0.8, min_size=60).astype(np.int16)
 
 
 def image_stem(path: str | Path) -> str:
@@ -103,8 +115,7 @@ def add_superpixels(studies: list[Study], progress: bool = True) -> None:
     """Felzenszwalb superpixels per slice: the pseudo-labels of self-supervised tasks."""
     for s in tqdm(studies, desc="superpixels", disable=not progress, unit="study"):
         if s.superpixels is None:
-            sp = [felzenszwalb(sl.numpy() / 255.0, scale=100, sigma=0.8, min_size=60) for sl in s.image]
-            s.superpixels = torch.from_numpy(np.stack(sp).astype(np.int16))
+            s.superpixels = torch.from_numpy(np.stack([superpixel_map(sl) for sl in s.image.numpy()]))
 
 
 def add_supervoxels(
@@ -129,7 +140,7 @@ def add_supervoxels(
     """
     for s in tqdm(studies, desc="supervoxels", disable=not progress, unit="study"):
         if s.supervoxels is None:
-            body = (s.image > 12).numpy()
+            body = (s.image > BODY).numpy()
             n_seg = max(1, round(body.sum() / (side * side * side / z_pixels)))
             sv = slic(s.image.numpy() / 255.0, n_seg, compactness, spacing=(z_pixels, 1, 1), mask=body,
                       channel_axis=None, start_label=1)  # fmt: skip
@@ -269,13 +280,14 @@ class EpisodeSampler:
         for _ in range(50):
             s = self.rng.choice(self.studies)
             i = self.rng.randrange(s.image.shape[0])
-            body = s.image[i] > 12
+            body = s.image[i] > BODY
             if body.float().mean() < 0.05:
                 continue
             sp = s.superpixels[i]
             ids, counts = torch.unique(sp[body], return_counts=True)
             n_pix = sp.numel()
-            ok = [int(k) for k, c in zip(ids, counts) if 0.005 * n_pix < c < 0.15 * n_pix]
+            lo, hi = PSEUDO_SIZE[0] * n_pix, PSEUDO_SIZE[1] * n_pix
+            ok = [int(k) for k, c in zip(ids, counts) if lo < c < hi]
             if ok:
                 mask = (sp == self.rng.choice(ok))[None]
                 break
@@ -299,7 +311,7 @@ class EpisodeSampler:
             n_pix = sv[0].numel()
             k_max = int(sv.max()) + 1
             area = torch.stack([torch.bincount(sl.flatten().long(), minlength=k_max) for sl in sv], 1)  # (K, S)
-            usable = (area > 0.005 * n_pix) & (area < 0.15 * n_pix)
+            usable = (area > PSEUDO_SIZE[0] * n_pix) & (area < PSEUDO_SIZE[1] * n_pix)
             usable[0] = False  # outside the body
             ids = [int(k) for k in torch.nonzero(usable.sum(1) >= 2).flatten()]
             if not ids:

@@ -124,11 +124,12 @@ def meta_train(
             out[name] = sum(losses) / len(losses)
         return out
 
+    if cfg.batch_episodes is None:  # recorded with the weights as it was resolved
+        cfg = replace(cfg, batch_episodes=dev.type == "cuda")
+
     def objective(episodes):
         return meta_objective(model, episodes, cfg.lambda_kl, cfg.inner_steps, cfg.first_order, cfg.batch_episodes)
 
-    if cfg.batch_episodes is None:  # recorded with the weights as it was resolved
-        cfg = replace(cfg, batch_episodes=dev.type == "cuda")
     if profile_steps > 0:
         return profile(model, draw, objective, cfg, profile_steps, out, dev, world)
     return outer_loop(model, draw, objective, validate, cfg, out, dev, rank, world, progress, fresh)
