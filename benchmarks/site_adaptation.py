@@ -100,6 +100,11 @@ def main() -> None:
         "--ssl-tasks", nargs="+", choices=["superpixel", "supervoxel"], default=["superpixel"],
         help="site-adapt once per self-supervised task, each from the same base",
     )  # fmt: skip
+    ap.add_argument("--base-sampler", choices=["classic", "bank"], default="classic", help="meta-train --sampler")
+    ap.add_argument(
+        "--site-samplers", nargs="+", choices=["classic", "bank"], default=["classic"],
+        help="adapt-site --sampler: one site adaptation per sampler (the bank sampler's tasks are superpixels)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="", help="recorded with the results (e.g. how the machine was shared)")
     a = ap.parse_args()
@@ -110,21 +115,24 @@ def main() -> None:
 
     base = work / "base.pt"
     base_log = Path(str(base) + ".log.jsonl")
+    base_cmd = metaapp("meta-train", "--studies", str(p["totalseg"]), str(p["brain"]), "--out", str(base),
+                       "--minutes", str(a.base_minutes), "--max-steps", str(a.base_steps), "--tasks-per-step", "8",
+                       "--device", "cpu", "--sampler", a.base_sampler)  # fmt: skip
     if not base_log.exists() or '"final": true' not in base_log.read_text():
-        run(metaapp("meta-train", "--studies", str(p["totalseg"]), str(p["brain"]), "--out", str(base),
-                    "--minutes", str(a.base_minutes), "--max-steps", str(a.base_steps), "--tasks-per-step", "8",
-                    "--device", "cpu"), work / "base.log", commands)  # fmt: skip
+        run(base_cmd, work / "base.log", commands)
     else:
-        commands.append(
-            f"metaapp meta-train --studies {p['totalseg']} {p['brain']} --out {base} --minutes {a.base_minutes} "
-            f"--max-steps {a.base_steps} --tasks-per-step 8 --device cpu"
-        )
-    sites = {t: work / ("site.pt" if t == "superpixel" else f"site_{t}.pt") for t in a.ssl_tasks}
+        commands.append(shlex.join(["metaapp", *base_cmd[3:]]))
+    # one arm per self-supervised task with the classic sampler, and one with the bank sampler
+    arms = {t: ("classic", t) for t in a.ssl_tasks if "classic" in a.site_samplers}
+    arms |= {"bank": ("bank", "superpixel")} if "bank" in a.site_samplers else {}
+    sites = {arm: work / ("site.pt" if arm == "superpixel" else f"site_{arm}.pt") for arm in arms}
     for task, site in sites.items():
         site_log = Path(str(site) + ".log.jsonl")
+        sampler, ssl_task = arms[task]
         site_cmd = metaapp("adapt-site", "--studies", str(p["cmr_images"]), "--init", str(base), "--out", str(site),
                            "--minutes", str(a.site_minutes), "--check-minutes", str(a.check_minutes),
-                           "--keep-candidates", "--device", "cpu", "--ssl-task", task)  # fmt: skip
+                           "--keep-candidates", "--device", "cpu", "--ssl-task", ssl_task,
+                           "--sampler", sampler)  # fmt: skip
         if not site_log.exists() or '"final": true' not in site_log.read_text():
             run(site_cmd, work / f"site_{task}.log", commands)
         else:
@@ -154,9 +162,10 @@ def main() -> None:
             weights.append(cand)
         rows += task_rows[1:]
         summaries[task] = summarise(task_rows, checks, base_meta)
-    summary = summaries[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else summaries
-    checks = all_checks[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else all_checks
-    val_curve = curves[a.ssl_tasks[0]] if len(a.ssl_tasks) == 1 else curves
+    one = next(iter(sites)) if len(sites) == 1 else None
+    summary = summaries[one] if one else summaries
+    checks = all_checks[one] if one else all_checks
+    val_curve = curves[one] if one else curves
 
     try:
         from monailabel_metaapp.provenance import stamp
@@ -170,6 +179,7 @@ def main() -> None:
         "settings": {"repeats": a.repeats, "queries": a.queries, "shots": 1, "protocol": "volume", "seed": a.seed,
                      "structures": CMR_STRUCTURES, "site_minutes": a.site_minutes, "check_minutes": a.check_minutes,
                      "base_minutes": a.base_minutes, "base_max_steps": a.base_steps, "ssl_tasks": a.ssl_tasks,
+                     "base_sampler": a.base_sampler, "site_arms": {k: list(v) for k, v in arms.items()},
                      "evaluation_images": "the 35 MS-CMRSeg bSSFP volumes (the site's own images, as in the server)"},
         "commands": commands,
         "note": a.note,

@@ -102,6 +102,24 @@ def parse_shares(items: list[str] | None) -> dict:
     return out
 
 
+def add_sampler_args(s: argparse.ArgumentParser) -> None:
+    """`--sampler` and `--task-shares`, the same for meta-train and adapt-site."""
+    s.add_argument(
+        "--sampler",
+        choices=["classic", "bank"],
+        default="classic",
+        help="seg: classic (one episode at a time) or bank (slices on the training device, a step's episodes cut "
+        "and augmented together, label merges, superpixels at several scales, modality shifts)",
+    )
+    s.add_argument(
+        "--task-shares",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="bank sampler: labelled=, merge=, superpixel= shares; superpixel_scales=60,100,200; "
+        "intensity_prob=; elastic= (defaults in docs/meta_training.md)",
+    )
+
+
 def _adapt_site(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.site_adaptation import SiteAdaptation, adapt_site
 
@@ -110,7 +128,9 @@ def _adapt_site(a: argparse.Namespace) -> None:
         from monailabel_metaapp.core.cls_site_adaptation import ClsSiteAdaptation
 
         trainer = ClsSiteAdaptation
-    cfg = config_from_args(trainer.config_class, a)
+        if a.sampler != "classic" or a.task_shares:
+            raise ValueError("--sampler and --task-shares are for --task seg")
+    cfg = config_from_args(trainer.config_class, a, task_shares=parse_shares(a.task_shares))
     summary = adapt_site(
         a.studies,
         a.out,
@@ -231,20 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ssl-fraction", type=float, default=0.5, help="classic sampler: share of self-supervised (superpixel) tasks"
     )
-    s.add_argument(
-        "--sampler",
-        choices=["classic", "bank"],
-        default="classic",
-        help="seg: classic (one episode at a time) or bank (slices on the training device, a step's episodes cut "
-        "and augmented together, label merges, superpixels at several scales, modality shifts)",
-    )
-    s.add_argument(
-        "--task-shares",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="bank sampler: labelled=, merge=, superpixel= shares; superpixel_scales=60,100,200; "
-        "intensity_prob=; elastic= (defaults in docs/meta_training.md)",
-    )
+    add_sampler_args(s)
     s.add_argument(
         "--batch-episodes",
         action=argparse.BooleanOptionalAction,
@@ -307,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seg: self-supervised task; superpixel: one slice, two augmentations; supervoxel: a 3D region, "
         "support and query on different slices",
     )
+    add_sampler_args(s)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-seconds", type=float, default=60.0)
     s.add_argument("--fresh", action="store_true", help="ignore an existing OUT.state.pt instead of resuming")

@@ -28,7 +28,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, save_model, sidecar
+from monailabel_metaapp.core.episode_bank import BankSampler, SliceBank, TaskShares
 from monailabel_metaapp.core.episodes import Episode, EpisodeSampler, Study, add_superpixels, load_bank, load_studies
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.metatrain import (
@@ -46,7 +47,6 @@ from monailabel_metaapp.core.metatrain import (
     any_rank,
     init_distributed,
     make_optimizer,
-    one_by_one,
     outer_step,
     rank_device,
 )
@@ -66,6 +66,10 @@ class SiteConfig:
     # the self-supervised training task: "superpixel" (support and query: one slice, two augmentations) or
     # "supervoxel" (a 3D region's support and query on different slices); the guard's tasks stay superpixel
     ssl_task: str = "superpixel"
+    # "classic" (`episodes.EpisodeSampler`) or "bank" (`episode_bank.BankSampler`: multi-scale superpixels,
+    # label merges and modality shifts, its kinds weighted by `task_shares`); the guard's tasks stay classic
+    sampler: str = "classic"
+    task_shares: dict = field(default_factory=dict)  # bank sampler: `episode_bank.TaskShares` fields
     holdout_fraction: float = 0.125  # images held out of training for the guard
     val_tasks: int = 16  # fixed superpixel tasks on the held-out images: the validation loss
     max_support: int = 4  # labelled studies a head adapts on in the guard's Dice check
@@ -192,6 +196,14 @@ class SiteTrainer:
         """One training episode."""
         return self.sampler.sample()
 
+    def draw(self, n: int) -> list:
+        """An outer step's n training episodes.
+
+        Args:
+            n: how many.
+        """
+        return [self.sample() for _ in range(n)]
+
     def objective(self, episodes: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The meta-objective of a batch of episodes (task losses and the KL to the prior).
 
@@ -281,7 +293,7 @@ class SiteTrainer:
             self.model,
             self.opt,
             self.params,
-            one_by_one(self.sample),
+            self.draw,
             self.objective,
             self.cfg.tasks_per_step,
             self.world,
@@ -395,13 +407,31 @@ class SiteAdaptation(SiteTrainer):
         train, held = split_holdout(studies, self.cfg.holdout_fraction, self.cfg.seed)
         ctx = self.model.cfg.context
         seed = self.cfg.seed + 1000 * self.rank + self.steps  # a resumed run draws other episodes
-        sampler = EpisodeSampler(
-            train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed, ssl_kind=self.cfg.ssl_task
-        )
+        if self.cfg.sampler == "bank":
+            if self.cfg.ssl_task != "superpixel":
+                raise ValueError("the bank sampler's self-supervised tasks are superpixels: use ssl_task 'superpixel'")
+            shares = TaskShares(**self.cfg.task_shares)
+            sampler = BankSampler(SliceBank(train, ctx, shares, set(), self.device, progress=False), shares, seed=seed)
+        elif self.cfg.sampler == "classic":
+            sampler = EpisodeSampler(
+                train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed, ssl_kind=self.cfg.ssl_task
+            )
+        else:
+            raise ValueError(f"sampler must be 'classic' or 'bank', got {self.cfg.sampler!r}")
         add_superpixels(held, progress=False)
         val_sampler = EpisodeSampler(held, ctx, set(), 1.0, device=self.device, seed=12345)
         self.val_episodes = [val_sampler.ssl_task() for _ in range(self.cfg.val_tasks)]
         self.train_studies, self.held, self.all_studies, self.sampler = train, held, list(studies), sampler
+
+    def draw(self, n: int) -> list[Episode]:
+        """An outer step's n training episodes (the bank sampler cuts them together).
+
+        Args:
+            n: how many.
+        """
+        if isinstance(self.sampler, BankSampler):
+            return self.sampler.sample_batch(n)
+        return super().draw(n)
 
     def objective(self, episodes: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The segmentation meta-objective (`objective.meta_objective`).
