@@ -6,20 +6,24 @@ Stages (each one is skipped when its output exists in --work, so a long run can 
 1. data: TotalSegmentator's examples and the brain sample studies (6, all labelled, built afresh) as
    `metaapp bank` files; the 35 MS-CMRSeg bSSFP images as a datastore view without labels (for
    adapt-site) and with labels (for the evaluation only);
-2. base: `metaapp meta-train` on the two banks only (no cardiac image);
-3. site: `metaapp adapt-site --studies <cardiac images> --init base.pt --ssl-task T` for each
-   self-supervised task T of --ssl-tasks, from the same base (time budget, checks every --check-minutes
-   with each candidate kept; `site.pt` for superpixel, `site_T.pt` otherwise);
+2. base: `metaapp meta-train` on the two banks only (no cardiac image)
+   (`--base-sampler`: the classic or the bank sampler);
+3. site: `metaapp adapt-site --studies <cardiac images> --init base.pt`, one arm per self-supervised
+   task T of --ssl-tasks with the classic sampler and one with the bank sampler (--site-samplers), each
+   from the same base (time budget, checks every --check-minutes with each candidate kept; `site.pt`
+   for superpixel, `site_T.pt` otherwise); with --server-samplers, the same through a real
+   `metaapp serve`'s idle loop on the cardiac images (`server_S.pt`: its last candidate);
 4. evaluation: `evaluate_seg` (1-shot, whole volume, same supports and queries for every encoder) of
    the base encoder and of every checked candidate on LV myocardium (200), LV blood pool (500) and
-   RV blood pool (600). The guard's self-supervised validation loss of each candidate is compared with
-   its Dice.
+   RV blood pool (600), each kept next to its weights (`.eval.json`). The guard's self-supervised
+   validation loss of each candidate is compared with its Dice.
 
 Usage:
     python benchmarks/site_adaptation.py --work /tmp/site_bench [--base-minutes 58 --base-steps 250]
-        [--site-minutes 30 --check-minutes 10] [--repeats 8 --queries 5] [--ssl-tasks superpixel supervoxel]
+        [--base-sampler bank] [--site-minutes 30 --check-minutes 10] [--repeats 8 --queries 5]
+        [--ssl-tasks superpixel supervoxel] [--site-samplers classic bank] [--server-samplers bank]
 Results: benchmarks/results/site_adaptation.json + .png (with the commands and the provenance); with
-several --ssl-tasks the summary has one entry per task.
+several arms the summary has one entry per arm.
 """
 
 from __future__ import annotations
@@ -79,11 +83,80 @@ def prepare(work: Path, commands: list[str]) -> dict[str, Path]:
     return p
 
 
+def server_run(p: dict[str, Path], base: Path, work: Path, sampler: str, minutes: float, check_minutes: float):
+    """The idle loop of a real `metaapp serve` on the cardiac images (no labels): it trains for `minutes`
+    (conf `site_adapt_minutes`), the guard checks every `check_minutes`. Returns (the loop's last
+    candidate, read from its training state whatever the guard decided; the loop's record). Skipped when
+    the candidate exists.
+
+    Args:
+        p: the prepared data (`prepare`).
+        base: the encoder the server starts with (conf `model`).
+        work: scratch folder.
+        sampler: conf `site_sampler`.
+        minutes: conf `site_adapt_minutes`.
+        check_minutes: conf `site_check_minutes`.
+    """
+    import time
+
+    import requests
+    import torch
+
+    from monailabel_metaapp.core.checkpoint import save_model
+    from monailabel_metaapp.core.site_adaptation import SiteAdaptation
+    from monailabel_metaapp.devserver import Server
+
+    out = work / f"server_{sampler}.pt"
+    store = work / f"server_store_{sampler}"
+    site = store / ".metaapp" / "site"
+    if out.exists():
+        return out, json.loads((site / "site.json").read_text())
+    store.mkdir(parents=True, exist_ok=True)
+    for f in p["cmr_images"].iterdir():
+        if not (store / f.name).exists():
+            (store / f.name).symlink_to(f.resolve())
+    conf = {"model": str(base), "device": "cpu", "site_adapt": "true", "site_adapt_cls": "false",
+            "site_adapt_minutes": str(minutes), "site_check_minutes": str(check_minutes),
+            "site_sampler": sampler, "refine": "false"}  # fmt: skip
+    server = Server(store, work / f"server_{sampler}.log", conf).start()
+    t0 = time.time()
+    try:
+        while True:
+            info = requests.get(f"{server.url}/info/", timeout=30).json()["metaapp"]["fewshot_seg"]["site_adaptation"]
+            if info.get("error"):
+                raise RuntimeError(f"the idle loop failed: {info['error']}")
+            rec = json.loads((site / "site.json").read_text()) if (site / "site.json").exists() else {}
+            if rec.get("last_check_minutes", 0) >= minutes and info["state"] in ("idle", "off"):
+                break
+            if time.time() - t0 > minutes * 60 * 3 + 900:
+                raise TimeoutError(f"the idle loop did not finish: {info}")
+            time.sleep(5)
+    finally:
+        server.stop()
+    record = json.loads((site / "site.json").read_text())
+    record["wall_minutes"] = round((time.time() - t0) / 60, 1)
+    state = torch.load(site / "state.pt", map_location="cpu", weights_only=True)
+    model = SiteAdaptation.load(base)
+    model.load_state_dict(state["model"])
+    save_model(model, out, {"site_adaptation": {"server": True, "sampler": sampler, "steps": state["steps"]}})
+    return out, record
+
+
 def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int) -> dict:
+    """structure -> 1-shot Dice of `model`; kept next to the weights (`.eval.json`, keyed by the settings
+    and the weights' digest) so that a resumed run does not evaluate an encoder twice."""
+    import hashlib
+
     from monailabel_metaapp.evaluate import evaluate_seg
 
+    key = f"{hashlib.sha256(model.read_bytes()).hexdigest()}:{repeats}:{queries}:{seed}"
+    cache = Path(str(model) + ".eval.json")
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["dice"]
     res = evaluate_seg(cmr, [1], CMR_STRUCTURES, str(model), repeats, queries, [], protocol="volume", seed=seed)
-    return {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"]} for r in res["rows"]}
+    dice = {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"]} for r in res["rows"]}
+    cache.write_text(json.dumps({"key": key, "dice": dice}))
+    return dice
 
 
 def main() -> None:
@@ -104,6 +177,10 @@ def main() -> None:
     ap.add_argument(
         "--site-samplers", nargs="+", choices=["classic", "bank"], default=["classic"],
         help="adapt-site --sampler: one site adaptation per sampler (the bank sampler's tasks are superpixels)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--server-samplers", nargs="*", choices=["classic", "bank"], default=[],
+        help="also site-adapt through a real `metaapp serve`'s idle loop, once per conf site_sampler",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="", help="recorded with the results (e.g. how the machine was shared)")
@@ -138,6 +215,14 @@ def main() -> None:
         else:
             commands.append(shlex.join(["metaapp", *site_cmd[3:]]))
 
+    servers = {}
+    for sampler in a.server_samplers:
+        servers[sampler] = server_run(p, base, work, sampler, a.site_minutes, a.check_minutes)
+        commands.append(
+            f"metaapp serve --studies {work}/server_store_{sampler} --conf model {base} --conf site_adapt_cls false "
+            f"--conf site_adapt_minutes {a.site_minutes} --conf site_check_minutes {a.check_minutes} "
+            f"--conf site_sampler {sampler} --conf refine false  # the cardiac images, linked"
+        )
     base_meta = json.loads(Path(str(base) + ".json").read_text())
     rows = [{"encoder": "base", "steps": 0, "minutes": 0.0, "ssl_loss": None}]
     rows[0]["dice"] = evaluate(base, p["cmr"], a.repeats, a.queries, a.seed)
@@ -162,6 +247,19 @@ def main() -> None:
             weights.append(cand)
         rows += task_rows[1:]
         summaries[task] = summarise(task_rows, checks, base_meta)
+    for sampler, (cand, record) in servers.items():
+        arm, checks = f"server_{sampler}", record.get("checks", [])
+        all_checks[arm] = checks
+        row = {"encoder": cand.name, "ssl_task": arm, "steps": None, "minutes": record.get("minutes")}
+        row.update(
+            ssl_loss=checks[-1]["candidate"] if checks else None, guard_accepts=bool(checks and checks[-1]["accepted"])
+        )
+        row["dice"] = evaluate(cand, p["cmr"], a.repeats, a.queries, a.seed)
+        row["server_versions"], row["server_live"] = record.get("versions"), record.get("live")
+        rows.append(row)
+        weights.append(cand)
+        summaries[arm] = summarise([rows[0], row], checks, base_meta)
+    sites |= {f"server_{s}": c for s, (c, _) in servers.items()}
     one = next(iter(sites)) if len(sites) == 1 else None
     summary = summaries[one] if one else summaries
     checks = all_checks[one] if one else all_checks
@@ -229,32 +327,45 @@ def summarise(rows: list[dict], checks: list[dict], base_meta: dict) -> dict:
 
 
 def plot(rows: list[dict], png: Path) -> None:
+    """Mean Dice against minutes per arm; each structure's Dice, base against each arm's last encoder;
+    the guard's self-supervised loss against the mean Dice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    tasks = list(dict.fromkeys(r["ssl_task"] for r in rows[1:]))
-    for t, style in zip(tasks, ["-", "--", ":"]):  # one line per --ssl-task, each from the base
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    arms = list(dict.fromkeys(r["ssl_task"] for r in rows[1:]))
+    last = {}
+    for i, t in enumerate(arms):  # one line per arm, each from the base
         tr = [rows[0], *[r for r in rows[1:] if r["ssl_task"] == t]]
-        minutes = [r["minutes"] for r in tr]
-        tag = f" ({t})" if len(tasks) > 1 else ""
-        for s, color in zip(CMR_STRUCTURES, ["C0", "C1", "C2"]):
-            ax1.plot(minutes, [r["dice"][s]["dice"] for r in tr], style, color=color, marker="o", label=s + tag)
-        ax1.plot(minutes, [r["dice_mean"] for r in tr], style, marker="s", color="k", label="mean" + tag)
+        ax1.plot([r["minutes"] for r in tr], [r["dice_mean"] for r in tr], marker="o", color=f"C{i}", label=t)
+        last[t] = tr[-1]
     ax1.set_xlabel("minutes of site adaptation (0 = base encoder)")
-    ax1.set_ylabel("1-shot whole-volume Dice")
+    ax1.set_ylabel("mean 1-shot whole-volume Dice")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    ax2.scatter([r["ssl_loss"] for r in rows], [r["dice_mean"] for r in rows])
-    for r in rows:
-        name = f"{r['minutes']:.0f} min" + (f" {r['ssl_task']}" if r.get("ssl_task") and len(tasks) > 1 else "")
-        ax2.annotate(name, (r["ssl_loss"], r["dice_mean"]), fontsize=8)
-    ax2.set_xlabel("guard's self-supervised validation loss (lower = better)")
-    ax2.set_ylabel("mean Dice")
-    ax2.grid(alpha=0.3)
+    x = np.arange(len(CMR_STRUCTURES))
+    width = 0.8 / (len(arms) + 1)
+    for i, (name, r) in enumerate([("base", rows[0]), *last.items()]):
+        label = name if i == 0 else f"{name}, {r['minutes']:.0f} min"
+        color = f"C{i - 1}" if i else "grey"
+        ax2.bar(x + i * width, [r["dice"][s]["dice"] for s in CMR_STRUCTURES], width, color=color, label=label)
+    ax2.axhline(0.60, ls=":", color="k", lw=1)
+    ax2.set_xticks(x + width * len(arms) / 2, list(CMR_STRUCTURES), fontsize=8)
+    ax2.set_ylabel("1-shot Dice")
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=7)
+    scored = [r for r in rows if r["ssl_loss"] is not None]
+    ax3.scatter([r["ssl_loss"] for r in scored], [r["dice_mean"] for r in scored])
+    for r in scored:
+        name = f"{r['minutes']:.0f} min" + (f" {r['ssl_task']}" if r.get("ssl_task") and len(arms) > 1 else "")
+        ax3.annotate(name, (r["ssl_loss"], r["dice_mean"]), fontsize=7)
+    ax3.set_xlabel("guard's self-supervised validation loss (lower = better)")
+    ax3.set_ylabel("mean Dice")
+    ax3.grid(alpha=0.3)
     fig.suptitle("site adaptation on cardiac MRI, encoder meta-trained without cardiac images")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -98,7 +98,10 @@ def parse_shares(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
             raise ValueError(f"--task-shares takes KEY=VALUE with KEY one of {', '.join(sorted(known))}; got {item!r}")
-        out[key] = tuple(int(v) for v in value.split(",")) if key == "superpixel_scales" else float(value)
+        if key == "superpixel_scales":
+            out[key] = tuple(int(v) for v in value.split(","))
+        else:
+            out[key] = int(value) if key == "superpixel_slices" else float(value)
     return out
 
 
@@ -116,7 +119,7 @@ def add_sampler_args(s: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="bank sampler: labelled=, merge=, superpixel= shares; superpixel_scales=60,100,200; "
-        "intensity_prob=; elastic= (defaults in docs/meta_training.md)",
+        "superpixel_slices= (per study, 0: all); intensity_prob=; elastic= (defaults in docs/meta_training.md)",
     )
 
 

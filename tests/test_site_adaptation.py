@@ -88,6 +88,29 @@ def test_guard_scores_both_encoders_and_applies_the_margin(brain_studies, tmp_pa
     assert ssl.check(live, live)["accepted"]  # within a margin of -1, equal passes
 
 
+def test_bank_sampler_steps_draw_its_kinds_and_reuse_superpixels(brain_studies, tmp_path):
+    cfg = SiteConfig(**CFG, sampler="bank", task_shares={"superpixel_slices": 6})
+    site = SiteAdaptation(brain_studies, None, tmp_path / "b.pt", cfg, "cpu")
+    episodes = site.draw(24)
+    kinds = {e.structure for e in episodes}
+    assert kinds <= {"labelled", "merge", "superpixel"} and {"labelled", "superpixel"} <= kinds
+    for e in episodes:  # every support holds its structure, and the query has the support's channels
+        assert e.y_support.sum() > 0 and e.x_query.shape[1:] == e.x_support.shape[1:]
+    held = {s.name for s in site.held}
+    for s in brain_studies:  # at most 6 slices per training image got superpixels; held-out images none
+        maps = s.superpixels_at.get((60, 6))
+        assert (maps is None) == (s.name in held)
+        if maps is not None:
+            assert len(maps) == s.image.shape[0] and 1 <= sum(bool(m.any()) for m in maps) <= 6
+    cached = {s.name: s.superpixels_at[(60, 6)] for s in brain_studies if s.name not in held}
+    site.set_data(brain_studies)  # a datastore that grew: the maps computed once are reused
+    assert all(s.superpixels_at[(60, 6)] is cached[s.name] for s in brain_studies if s.name in cached)
+    assert site.step()["step"] == 1
+
+    with pytest.raises(ValueError, match="use ssl_task 'superpixel'"):
+        SiteAdaptation(brain_studies, None, tmp_path / "v.pt", SiteConfig(**CFG, sampler="bank", ssl_task="supervoxel"))
+
+
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
     """`metaapp adapt-site ARGS` in this process: (exit status, stdout, stderr)."""
     try:
@@ -109,6 +132,12 @@ def test_adapt_site_cli_refuses_bad_input(capsys, tmp_path):
     assert rc == 2 and "no such weights file" in err
     rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o)
     assert rc == 2 and "no images found" in err
+    rc, _, err = _cli(
+        capsys, "--task", "cls", "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--sampler", "bank"
+    )
+    assert rc == 2 and "--sampler and --task-shares are for --task seg" in err
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--task-shares", "merge")
+    assert rc == 2 and "--task-shares takes KEY=VALUE" in err
 
 
 def test_adapt_site_cli_writes_the_guarded_encoder(capsys, samples_src, tmp_path):

@@ -43,6 +43,8 @@ class TaskShares:
         merge: share of tasks on two touching structures merged into one.
         superpixel: share of superpixel tasks.
         superpixel_scales: Felzenszwalb `scale` values, one pseudo-label map per value.
+        superpixel_slices: at most this many evenly spaced slices per study get superpixels (0: all);
+            bounds the one-off cost per study where banks are rebuilt as a datastore grows.
         intensity_prob: probability that a task's slices get a modality shift.
         elastic: amplitude of the elastic displacement, as a share of the image side.
     """
@@ -51,6 +53,7 @@ class TaskShares:
     merge: float = 0.15
     superpixel: float = 0.5
     superpixel_scales: tuple[int, ...] = (60, 100, 200)
+    superpixel_slices: int = 0
     intensity_prob: float = 0.5
     elastic: float = 0.02
 
@@ -148,11 +151,21 @@ class SliceBank:
                 maps, pairs = [], []
                 bar = tqdm(studies, desc=f"superpixels (scale {scale})", disable=not progress, unit="study")
                 for s, start in zip(bar, starts):
-                    for j, sl in enumerate(s.image.numpy()):
-                        sp = superpixel_map(sl, scale)
+                    key = (scale, shares.superpixel_slices)
+                    n = s.image.shape[0]
+                    cut = shares.superpixel_slices
+                    chosen = set(np.linspace(0, n - 1, cut).round().astype(int)) if 0 < cut < n else set(range(n))
+                    if key not in s.superpixels_at:
+                        s.superpixels_at[key] = np.stack(
+                            [
+                                superpixel_map(sl, scale) if j in chosen else np.zeros(sl.shape, np.int16)
+                                for j, sl in enumerate(s.image.numpy())
+                            ]  # fmt: skip
+                        )
+                    for j, (sl, sp) in enumerate(zip(s.image.numpy(), s.superpixels_at[key])):
                         maps.append(sp)
                         body = sl > BODY
-                        if body.mean() < 0.05:
+                        if j not in chosen or body.mean() < 0.05:
                             continue
                         counts = np.bincount(sp[body].ravel(), minlength=int(sp.max()) + 1)
                         ok = np.nonzero((counts > PSEUDO_SIZE[0] * n_pix) & (counts < PSEUDO_SIZE[1] * n_pix))[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,10 @@ class Study:
     label: torch.Tensor | None  # (S, size, size) int16 label values, or None when unlabelled
     superpixels: torch.Tensor | None = None  # (S, size, size) int16
     supervoxels: torch.Tensor | None = None  # (S, size, size) int16, 0 outside the body
+    # (scale, slices) -> (S, size, size) int16 superpixels at that Felzenszwalb scale on at most that many
+    # slices (`episode_bank.TaskShares`), kept so that a bank rebuilt on a grown datastore computes only the
+    # new studies'
+    superpixels_at: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def values(self) -> list[int]:
         return [] if self.label is None else [int(v) for v in torch.unique(self.label) if v > 0]

@@ -23,7 +23,8 @@ take turns: one training step at a time.
 Conf keys: `site_adapt` (default true; false turns both off), `site_adapt_seg` and `site_adapt_cls`
 (default true; false turns one off), `site_adapt_minutes` (cap of training minutes of each, 0: no
 cap), `site_check_minutes` (training minutes between guard checks, default 10), `site_margin` (the
-candidate must beat the live encoder by more than this, default 0).
+candidate must beat the live encoder by more than this, default 0), `site_sampler` (the segmentation
+encoder's tasks: `bank`, the default, or `classic`; see `core.site_adaptation.SiteConfig.sampler`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 OFF, IDLE, TRAINING, CHECKING, PAUSED = "off", "idle", "training", "checking", "paused"
 KEEP_CHECKS = 50  # checks kept in site.json
+SERVER_SUPERPIXEL_SLICES = 24  # bank sampler in the server: slices per image given superpixels (all three scales)
 STEP_LOCK = threading.Lock()  # the loops take turns: one training step at a time
 
 
@@ -88,7 +90,7 @@ class SiteAdaptationLoop:
         self.enabled = conf_enabled(conf, self.part)
         self.cap_minutes = float(conf.get("site_adapt_minutes", 0) or 0)
         self.check_minutes = float(conf.get("site_check_minutes", 10))
-        self.cfg = self.config(float(conf.get("site_margin", 0)))
+        self.cfg = self.config(conf)
         self.state = IDLE if self.enabled else OFF
         self.error: str | None = None
         self.stop_event = threading.Event()
@@ -98,13 +100,18 @@ class SiteAdaptationLoop:
         self.record = self._load_record()
 
     # -- hooks ------------------------------------------------------------------------------
-    def config(self, margin: float) -> SiteConfig:
+    def config(self, conf: dict) -> SiteConfig:
         """The trainer's settings in the server: one task per step (pre-empted within a second).
 
         Args:
-            margin: conf `site_margin`.
+            conf: the app's conf (`site_margin`, `site_sampler`).
         """
-        return SiteConfig(tasks_per_step=1, margin=margin)
+        sampler = str(conf.get("site_sampler", "bank"))
+        if sampler not in ("bank", "classic"):
+            raise ValueError(f"conf site_sampler must be 'bank' or 'classic', got {sampler!r}")
+        shares = {"superpixel_slices": SERVER_SUPERPIXEL_SLICES} if sampler == "bank" else {}  # bounded cost
+        margin = float(conf.get("site_margin", 0))
+        return SiteConfig(tasks_per_step=1, margin=margin, sampler=sampler, task_shares=shares)
 
     def load_live(self, path: str):
         """The model of a weights file, on the service's device.
@@ -386,13 +393,13 @@ class ClsSiteAdaptationLoop(SiteAdaptationLoop):
     trainer = ClsSiteAdaptation
     min_items = 4
 
-    def config(self, margin: float) -> ClsSiteConfig:
+    def config(self, conf: dict) -> ClsSiteConfig:
         """The classifier's settings (a step of 8 tasks takes a fraction of a second on a CPU).
 
         Args:
-            margin: conf `site_margin` (of the leave-one-out AUC).
+            conf: the app's conf (`site_margin`, of the leave-one-out AUC).
         """
-        return ClsSiteConfig(margin=margin)
+        return ClsSiteConfig(margin=float(conf.get("site_margin", 0)))
 
     def load_data(self, cache: dict) -> ClsSiteData:
         """Every datastore image as the classifier sees it (a whole image) and every class correction,
