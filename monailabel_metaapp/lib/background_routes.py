@@ -1,7 +1,7 @@
 """REST routes that pause and resume every background learner at once (structure refinement and
 site adaptation), e.g. for a busy clinic or to compare request times with and without them:
-* `GET /metaapp/background`: whether background learning is paused, and whether a refinement step is
-  still finishing;
+* `GET /metaapp/background`: whether background learning is paused, and whether a refinement or a site
+  adaptation step is still finishing;
 * `POST /metaapp/background/pause`: hold every background learner at its next step (admin);
 * `POST /metaapp/background/resume`: let them go on (admin).
 A pause lasts until it is resumed or the server restarts; learners keep their checkpoints meanwhile.
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from monailabel_metaapp.lib.activity import GATE, REFINE
+from monailabel_metaapp.lib.activity import GATE, REFINE, SITE
 from monailabel_metaapp.lib.auth import ADMIN, USER, include_first
 
 
 def status() -> dict:
-    """Whether background learning is paused, and whether a refinement step is running now (a pause
-    takes hold when it ends)."""
-    return {"paused": GATE.paused, "refinement_step_running": GATE.running(REFINE) > 0}
+    """Whether background learning is paused, and whether a refinement or site adaptation step is running
+    now (a pause takes hold when it ends)."""
+    return {
+        "paused": GATE.paused,
+        "refinement_step_running": GATE.running(REFINE) > 0,
+        "site_step_running": GATE.running(SITE) > 0,
+    }
 
 
 def install(app: FastAPI) -> None:

@@ -284,7 +284,8 @@ class SiteAdaptationLoop:
             with STEP_LOCK:
                 if not self._turn(TRAINING):
                     return
-                site.step()
+                with GATE.busy(SITE):  # `GET /metaapp/background` shows a step under way
+                    site.step()
             if time.monotonic() - last_ckpt > self.cfg.checkpoint_seconds:
                 site.checkpoint()
                 rec["minutes"] = round(site.minutes, 3)
