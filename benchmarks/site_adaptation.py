@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from monailabel_metaapp.core.checkpoint import atomic_write  # noqa: E402
 from monailabel_metaapp.shared_data import (  # noqa: E402
     CMR_STRUCTURES,
     cmr_view,
@@ -155,7 +156,7 @@ def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int) -> d
         return json.loads(cache.read_text())["dice"]
     res = evaluate_seg(cmr, [1], CMR_STRUCTURES, str(model), repeats, queries, [], protocol="volume", seed=seed)
     dice = {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"]} for r in res["rows"]}
-    cache.write_text(json.dumps({"key": key, "dice": dice}))
+    atomic_write(cache, lambda f: f.write_text(json.dumps({"key": key, "dice": dice})))
     return dice
 
 
@@ -198,6 +199,9 @@ def main() -> None:
     if not base_log.exists() or '"final": true' not in base_log.read_text():
         run(base_cmd, work / "base.log", commands)
     else:
+        made_by = json.loads(Path(str(base) + ".json").read_text())["meta_train"].get("sampler", "classic")
+        if made_by != a.base_sampler:
+            raise SystemExit(f"{base} was meta-trained with the {made_by} sampler, not {a.base_sampler}")
         commands.append(shlex.join(["metaapp", *base_cmd[3:]]))
     # one arm per self-supervised task with the classic sampler, and one with the bank sampler
     arms = {t: ("classic", t) for t in a.ssl_tasks if "classic" in a.site_samplers}
@@ -219,7 +223,8 @@ def main() -> None:
     for sampler in a.server_samplers:
         servers[sampler] = server_run(p, base, work, sampler, a.site_minutes, a.check_minutes)
         commands.append(
-            f"metaapp serve --studies {work}/server_store_{sampler} --conf model {base} --conf site_adapt_cls false "
+            f"metaapp serve --studies {work}/server_store_{sampler} --conf model {base} --conf device cpu "
+            f"--conf site_adapt_cls false "
             f"--conf site_adapt_minutes {a.site_minutes} --conf site_check_minutes {a.check_minutes} "
             f"--conf site_sampler {sampler} --conf refine false  # the cardiac images, linked"
         )
@@ -258,7 +263,7 @@ def main() -> None:
         row["server_versions"], row["server_live"] = record.get("versions"), record.get("live")
         rows.append(row)
         weights.append(cand)
-        summaries[arm] = summarise([rows[0], row], checks, base_meta)
+        summaries[arm] = summarise([rows[0], row], checks, base_meta, against_base=False)
     sites |= {f"server_{s}": c for s, (c, _) in servers.items()}
     one = next(iter(sites)) if len(sites) == 1 else None
     summary = summaries[one] if one else summaries
@@ -293,8 +298,10 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
 
-def summarise(rows: list[dict], checks: list[dict], base_meta: dict) -> dict:
-    """Base (rows[0]) against the last candidate of one site adaptation (rows[-1]); fills `dice_mean`."""
+def summarise(rows: list[dict], checks: list[dict], base_meta: dict, against_base: bool = True) -> dict:
+    """Base (rows[0]) against the last candidate of one site adaptation (rows[-1]); fills `dice_mean`.
+    The guard's decisions are judged only where it compared each candidate with the base (`against_base`:
+    adapt-site); the server's guard compares with the live encoder, which a swap has replaced."""
     for r in rows:
         r["dice_mean"] = round(statistics.fmean(d["dice"] for d in r["dice"].values()), 4)
     before, after = rows[0], rows[-1]
@@ -315,9 +322,11 @@ def summarise(rows: list[dict], checks: list[dict], base_meta: dict) -> dict:
         "lv_blood_pool_after": after["dice"]["lv blood pool"]["dice"],
         "target_lv_blood_pool_0.60": after["dice"]["lv blood pool"]["dice"] >= 0.60,
         "final_check": checks[-1] if checks else None,
-        "guard_took_the_better_encoder": checks[-1]["accepted"] == better if checks else None,
-        "guard_right_at_each_check": guard_right,
+        "guard_took_the_better_encoder": checks[-1]["accepted"] == better if checks and against_base else None,
+        "guard_right_at_each_check": guard_right if against_base else None,
     }
+    if not against_base:  # the server: every check against the encoder live at the time
+        summary["checks_accepted"] = [c["accepted"] for c in checks]
     if len(rows) >= 3:  # does the self-supervised loss rank the encoders as the Dice does?
         from scipy.stats import spearmanr
 
@@ -358,7 +367,8 @@ def plot(rows: list[dict], png: Path) -> None:
     ax2.set_ylabel("1-shot Dice")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
-    scored = [r for r in rows if r["ssl_loss"] is not None]
+    # the server holds out other images (names differ) and compares with its live encoder: not on this scale
+    scored = [r for r in rows if r["ssl_loss"] is not None and not str(r.get("ssl_task", "")).startswith("server")]
     ax3.scatter([r["ssl_loss"] for r in scored], [r["dice_mean"] for r in scored])
     for r in scored:
         name = f"{r['minutes']:.0f} min" + (f" {r['ssl_task']}" if r.get("ssl_task") and len(arms) > 1 else "")

@@ -59,6 +59,7 @@ def _meta_train(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.metatrain import MetaTrainConfig, meta_train
     from monailabel_metaapp.core.networks import SegModelConfig
 
+    check_shares(a)
     cfg = config_from_args(
         MetaTrainConfig,
         a,
@@ -123,6 +124,12 @@ def add_sampler_args(s: argparse.ArgumentParser) -> None:
     )
 
 
+def check_shares(a: argparse.Namespace) -> None:
+    """`--task-shares` weights the bank sampler's tasks: refused with the classic sampler."""
+    if a.task_shares and a.sampler != "bank":
+        raise ValueError("--task-shares sets the bank sampler's tasks: add --sampler bank")
+
+
 def _adapt_site(a: argparse.Namespace) -> None:
     from monailabel_metaapp.core.site_adaptation import SiteAdaptation, adapt_site
 
@@ -133,6 +140,9 @@ def _adapt_site(a: argparse.Namespace) -> None:
         trainer = ClsSiteAdaptation
         if a.sampler != "classic" or a.task_shares:
             raise ValueError("--sampler and --task-shares are for --task seg")
+    if a.sampler == "bank" and a.ssl_task != "superpixel":
+        raise ValueError("--sampler bank draws superpixel tasks: leave --ssl-task at superpixel")
+    check_shares(a)
     cfg = config_from_args(trainer.config_class, a, task_shares=parse_shares(a.task_shares))
     summary = adapt_site(
         a.studies,

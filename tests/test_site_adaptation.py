@@ -97,11 +97,12 @@ def test_bank_sampler_steps_draw_its_kinds_and_reuse_superpixels(brain_studies, 
     for e in episodes:  # every support holds its structure, and the query has the support's channels
         assert e.y_support.sum() > 0 and e.x_query.shape[1:] == e.x_support.shape[1:]
     held = {s.name for s in site.held}
-    for s in brain_studies:  # at most 6 slices per training image got superpixels; held-out images none
-        maps = s.superpixels_at.get((60, 6))
-        assert (maps is None) == (s.name in held)
-        if maps is not None:
-            assert len(maps) == s.image.shape[0] and 1 <= sum(bool(m.any()) for m in maps) <= 6
+    for s in brain_studies:  # 6 slices of each training image got superpixels, kept on it; held-out ones none
+        kept = s.superpixels_at.get((60, 6))
+        assert (kept is None) == (s.name in held)
+        if kept is not None:
+            idx, maps = kept
+            assert len(set(idx.tolist())) == 6 and maps.shape == (6, *s.image.shape[1:]) and maps.any()
     cached = {s.name: s.superpixels_at[(60, 6)] for s in brain_studies if s.name not in held}
     site.set_data(brain_studies)  # a datastore that grew: the maps computed once are reused
     assert all(s.superpixels_at[(60, 6)] is cached[s.name] for s in brain_studies if s.name in cached)
@@ -136,8 +137,13 @@ def test_adapt_site_cli_refuses_bad_input(capsys, tmp_path):
         capsys, "--task", "cls", "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--sampler", "bank"
     )
     assert rc == 2 and "--sampler and --task-shares are for --task seg" in err
-    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--task-shares", "merge")
+    bank = ["--studies", str(tmp_path), "--minutes", "1", "--out", o, "--sampler", "bank"]
+    rc, _, err = _cli(capsys, *bank, "--task-shares", "merge")
     assert rc == 2 and "--task-shares takes KEY=VALUE" in err
+    rc, _, err = _cli(capsys, *bank, "--ssl-task", "supervoxel")
+    assert rc == 2 and "leave --ssl-task at superpixel" in err
+    rc, _, err = _cli(capsys, "--studies", str(tmp_path), "--minutes", "1", "--out", o, "--task-shares", "merge=0")
+    assert rc == 2 and "add --sampler bank" in err
 
 
 def test_adapt_site_cli_writes_the_guarded_encoder(capsys, samples_src, tmp_path):
@@ -222,8 +228,9 @@ def test_idle_loop_swaps_in_a_better_encoder_resumes_after_restart_and_rolls_bac
     trained = _site(client)["trained_minutes"]
     server.stop()
 
-    # restart: the live encoder stays v1, training resumes from the checkpoint; a margin of 10 refuses
-    conf.update(site_adapt_minutes="0.1", site_margin="10")
+    # restart: the live encoder stays v1, training resumes from the checkpoint (now with the bank sampler's
+    # tasks); a margin of 10 refuses
+    conf.update(site_adapt_minutes="0.1", site_margin="10", site_sampler="bank")
     server = start_server(sample_store, conf)
     server.wait_ready()
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))

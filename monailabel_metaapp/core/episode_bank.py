@@ -57,6 +57,10 @@ class TaskShares:
     intensity_prob: float = 0.5
     elastic: float = 0.02
 
+    def __post_init__(self):
+        if self.superpixel_slices < 0:
+            raise ValueError(f"superpixel_slices must be >= 0 (0: every slice), got {self.superpixel_slices}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["superpixel_scales"] = list(self.superpixel_scales)
@@ -79,6 +83,33 @@ def _touch(label: np.ndarray, a: int, b: int) -> bool:
                 or (ma[:, :, 1:] & mb[:, :, :-1]).any() or (ma[:, :, :-1] & mb[:, :, 1:]).any())  # fmt: skip
 
 
+def chosen_slices(n: int, cut: int) -> np.ndarray:
+    """The slices of an n-slice study that get superpixels: `cut` evenly spaced ones away from the ends
+    (every slice when cut is 0 or >= n)."""
+    if 0 < cut < n:
+        return ((np.arange(cut) + 0.5) * n / cut).astype(int)
+    return np.arange(n)
+
+
+def study_superpixels(s: Study, scale: int, cut: int, keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(slice indices, their (len, H, W) int16 superpixel maps) of one study at one Felzenszwalb scale, on
+    `chosen_slices(n, cut)`; with `keep` they stay on the study (`Study.superpixels_at`) for the next call.
+
+    Args:
+        s: the study.
+        scale: Felzenszwalb's scale.
+        cut: at most this many slices (0: all).
+        keep: keep the result on the study.
+    """
+    if (scale, cut) in s.superpixels_at:
+        return s.superpixels_at[(scale, cut)]
+    idx = chosen_slices(s.image.shape[0], cut)
+    out = idx, np.stack([superpixel_map(s.image[j].numpy(), scale) for j in idx.tolist()])
+    if keep:
+        s.superpixels_at[(scale, cut)] = out
+    return out
+
+
 class SliceBank:
     """All studies' slices as device tensors, with the index tables episodes are drawn from.
 
@@ -89,6 +120,8 @@ class SliceBank:
         exclude: label values never drawn (held-out structures).
         device: where the tensors live.
         progress: show a progress bar while pseudo-labels are computed.
+        keep_superpixels: keep each study's superpixels on it (`study_superpixels`), for a bank that is
+            rebuilt as a datastore grows.
     """
 
     def __init__(
@@ -99,6 +132,7 @@ class SliceBank:
         exclude: set[int] | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        keep_superpixels: bool = False,
     ):
         if not studies:
             raise VolumeError("no studies to draw episodes from")
@@ -151,29 +185,22 @@ class SliceBank:
                 maps, pairs = [], []
                 bar = tqdm(studies, desc=f"superpixels (scale {scale})", disable=not progress, unit="study")
                 for s, start in zip(bar, starts):
-                    key = (scale, shares.superpixel_slices)
-                    n = s.image.shape[0]
-                    cut = shares.superpixel_slices
-                    chosen = set(np.linspace(0, n - 1, cut).round().astype(int)) if 0 < cut < n else set(range(n))
-                    if key not in s.superpixels_at:
-                        s.superpixels_at[key] = np.stack(
-                            [
-                                superpixel_map(sl, scale) if j in chosen else np.zeros(sl.shape, np.int16)
-                                for j, sl in enumerate(s.image.numpy())
-                            ]  # fmt: skip
-                        )
-                    for j, (sl, sp) in enumerate(zip(s.image.numpy(), s.superpixels_at[key])):
-                        maps.append(sp)
-                        body = sl > BODY
-                        if j not in chosen or body.mean() < 0.05:
+                    idx, sp_maps = study_superpixels(s, scale, shares.superpixel_slices, keep_superpixels)
+                    full = np.zeros(tuple(s.image.shape), np.int16)
+                    full[idx] = sp_maps
+                    maps.append(full)
+                    for j, sp in zip(idx.tolist(), sp_maps):
+                        body = s.image[j].numpy() > BODY
+                        if body.mean() < 0.05:
                             continue
                         counts = np.bincount(sp[body].ravel(), minlength=int(sp.max()) + 1)
                         ok = np.nonzero((counts > PSEUDO_SIZE[0] * n_pix) & (counts < PSEUDO_SIZE[1] * n_pix))[0]
                         pairs += [(int(start) + j, int(k)) for k in ok]
-                self.superpixels.append(torch.from_numpy(np.stack(maps)).to(self.device))
+                self.superpixels.append(torch.from_numpy(np.concatenate(maps)).to(self.device))
                 self.sp_pairs.append(torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
             if not any(len(p) for p in self.sp_pairs):
                 raise VolumeError("no usable superpixel found: are the images empty?")
+        self.sp_scales = [i for i, p in enumerate(self.sp_pairs) if len(p)]  # scales with a usable superpixel
         self.weights = shares.weights(bool(self.structures), bool(self.merges))
 
     def slices(self, idx: torch.Tensor) -> torch.Tensor:
@@ -218,7 +245,7 @@ class BankSampler:
         for k in kinds:
             self.kinds_drawn[k] += 1
             if k == "superpixel":
-                scale = self.rng.randrange(len(self.bank.sp_pairs))
+                scale = self.rng.choice(self.bank.sp_scales)
                 pairs = self.bank.sp_pairs[scale]
                 i, sp = pairs[self.rng.randrange(len(pairs))].tolist()
                 rows += [i] * (ns + nq)

@@ -63,10 +63,9 @@ class Study:
     label: torch.Tensor | None  # (S, size, size) int16 label values, or None when unlabelled
     superpixels: torch.Tensor | None = None  # (S, size, size) int16
     supervoxels: torch.Tensor | None = None  # (S, size, size) int16, 0 outside the body
-    # (scale, slices) -> (S, size, size) int16 superpixels at that Felzenszwalb scale on at most that many
-    # slices (`episode_bank.TaskShares`), kept so that a bank rebuilt on a grown datastore computes only the
-    # new studies'
-    superpixels_at: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    # (scale, slices) -> (slice indices, their int16 superpixel maps) at that Felzenszwalb scale on at most
+    # that many slices (`episode_bank.study_superpixels`), kept where a bank is rebuilt as a datastore grows
+    superpixels_at: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def values(self) -> list[int]:
         return [] if self.label is None else [int(v) for v in torch.unique(self.label) if v > 0]

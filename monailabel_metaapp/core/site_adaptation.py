@@ -411,7 +411,8 @@ class SiteAdaptation(SiteTrainer):
             if self.cfg.ssl_task != "superpixel":
                 raise ValueError("the bank sampler's self-supervised tasks are superpixels: use ssl_task 'superpixel'")
             shares = TaskShares(**self.cfg.task_shares)
-            sampler = BankSampler(SliceBank(train, ctx, shares, set(), self.device, progress=False), shares, seed=seed)
+            bank = SliceBank(train, ctx, shares, set(), self.device, progress=False, keep_superpixels=True)
+            sampler = BankSampler(bank, shares, seed=seed)
         elif self.cfg.sampler == "classic":
             sampler = EpisodeSampler(
                 train, ctx, set(), self.cfg.ssl_fraction, device=self.device, seed=seed, ssl_kind=self.cfg.ssl_task
@@ -443,7 +444,10 @@ class SiteAdaptation(SiteTrainer):
 
     def data_summary(self) -> dict:
         """Training and held-out images."""
-        return {"train_images": len(self.train_studies), "held_out_images": [s.name for s in self.held]}
+        out = {"train_images": len(self.train_studies), "held_out_images": [s.name for s in self.held]}
+        if self.cfg.sampler == "bank":  # every share, defaults included
+            out["task_shares"] = TaskShares(**self.cfg.task_shares).to_dict()
+        return out
 
     def episode_loss(self, model: FewShotSegModel, episode: Episode) -> float:
         """The query loss of one held-out superpixel task.

@@ -24,11 +24,12 @@ Conf keys: `site_adapt` (default true; false turns both off), `site_adapt_seg` a
 (default true; false turns one off), `site_adapt_minutes` (cap of training minutes of each, 0: no
 cap), `site_check_minutes` (training minutes between guard checks, default 10), `site_margin` (the
 candidate must beat the live encoder by more than this, default 0), `site_sampler` (the segmentation
-encoder's tasks: `bank`, the default, or `classic`; see `core.site_adaptation.SiteConfig.sampler`).
+encoder's tasks: `classic`, the default, or `bank`; see `core.site_adaptation.SiteConfig.sampler`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -39,6 +40,7 @@ import torch
 
 from monailabel_metaapp.core.checkpoint import save_json, save_model
 from monailabel_metaapp.core.cls_site_adaptation import ClsExample, ClsSiteAdaptation, ClsSiteConfig, ClsSiteData
+from monailabel_metaapp.core.episode_bank import TaskShares, study_superpixels
 from monailabel_metaapp.core.episodes import Study, add_superpixels
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.site_adaptation import SiteAdaptation, SiteConfig, SiteTrainer
@@ -106,7 +108,7 @@ class SiteAdaptationLoop:
         Args:
             conf: the app's conf (`site_margin`, `site_sampler`).
         """
-        sampler = str(conf.get("site_sampler", "bank"))
+        sampler = str(conf.get("site_sampler", "classic"))
         if sampler not in ("bank", "classic"):
             raise ValueError(f"conf site_sampler must be 'bank' or 'classic', got {sampler!r}")
         shares = {"superpixel_slices": SERVER_SUPERPIXEL_SLICES} if sampler == "bank" else {}  # bounded cost
@@ -197,7 +199,8 @@ class SiteAdaptationLoop:
     # -- studies ----------------------------------------------------------------------------
     def load_data(self, cache: dict) -> list[Study]:
         """Every datastore image (final labels where they exist, structures numbered by name), read one by
-        one between foreground requests; `cache` keeps those already read (by file and mtime)."""
+        one between foreground requests; `cache` keeps those already read (by file and mtime), and an
+        image's slices and superpixels survive a new label of it."""
         ds, service = self.service.datastore, self.service
         size = service.adapter.size
         labelled = set(ds.get_labeled_images())
@@ -209,38 +212,60 @@ class SiteAdaptationLoop:
                 logger.warning("site adaptation skips the label of %s: %s", image_id, e)
         names = sorted({n for s in structures.values() for n in s})
         index = {n: i + 1 for i, n in enumerate(names)}
+        images, labelled_studies = cache.setdefault("images", {}), cache.setdefault("studies", {})
         studies, used = [], set()
         for image_id in sorted(ds.list_images()):
             if not self._turn(TRAINING):
                 raise InterruptedError
             path = ds.get_image_uri(image_id)
             lpath = ds.get_label_uri(image_id, "final") if image_id in structures else None
-            key = (
-                image_id,
-                os.path.getmtime(path),
+            ikey = (image_id, os.path.getmtime(path))
+            key = (  # the numbering of structures is global: a new name elsewhere renumbers this label
+                *ikey,
                 os.path.getmtime(lpath) if lpath else None,
-                tuple(sorted(structures.get(image_id, {}).items())),
+                tuple(sorted((n, v, index[n]) for n, v in structures.get(image_id, {}).items())),
             )
-            if key not in cache:
-                try:
-                    stack, geom = to_slices(read_image(path), size)
-                except Exception as e:  # an unreadable image is skipped, not fatal
-                    logger.warning("site adaptation skips %s: %s", image_id, e)
-                    continue
+            if key not in labelled_studies:
+                if ikey not in images:
+                    try:
+                        stack, geom = to_slices(read_image(path), size)
+                    except Exception as e:  # an unreadable image is skipped, not fatal
+                        logger.warning("site adaptation skips %s: %s", image_id, e)
+                        continue
+                    image = Study(name=f"site/{image_id}", image=(stack * 255).round().to(torch.uint8), label=None)
+                    self.prepare(image)
+                    images[ikey] = (image, geom)
+                image, geom = images[ikey]
                 label = None
                 if lpath:
                     raw = label_slices(read_image(lpath), geom, size)
                     label = torch.zeros_like(raw, dtype=torch.int16)
                     for n, v in structures[image_id].items():
                         label[raw == v] = index[n]
-                study = Study(name=f"site/{image_id}", image=(stack * 255).round().to(torch.uint8), label=label)
-                add_superpixels([study], progress=False)
-                cache[key] = study
-            studies.append(cache[key])
+                labelled_studies[key] = dataclasses.replace(image, label=label) if label is not None else image
+            studies.append(labelled_studies[key])
             used.add(key)
-        for k in [k for k in cache if k not in used]:  # images removed or changed since
-            del cache[k]
+        for k in [k for k in labelled_studies if k not in used]:  # images removed or changed since
+            del labelled_studies[k]
+        for k in [k for k in images if k not in {u[:2] for u in used}]:
+            del images[k]
         return studies
+
+    def prepare(self, image: Study) -> None:
+        """An image's self-supervised pseudo-labels, computed once when it is first read (between turns):
+        the bank sampler's superpixels at each scale, or the classic sampler's.
+
+        Args:
+            image: the image, unlabelled.
+        """
+        if self.cfg.sampler != "bank":
+            add_superpixels([image], progress=False)
+            return
+        shares = TaskShares(**self.cfg.task_shares)
+        for scale in shares.superpixel_scales:
+            if not self._turn(TRAINING):
+                raise InterruptedError
+            study_superpixels(image, scale, shares.superpixel_slices, keep=True)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
