@@ -47,6 +47,7 @@ from monailabel_metaapp.core.metatrain import (
     any_rank,
     init_distributed,
     make_optimizer,
+    one_by_one,
     outer_step,
     rank_device,
 )
@@ -202,7 +203,7 @@ class SiteTrainer:
         Args:
             n: how many.
         """
-        return [self.sample() for _ in range(n)]
+        return one_by_one(self.sample)(n)
 
     def objective(self, episodes: list) -> tuple[torch.Tensor, dict[str, float]]:
         """The meta-objective of a batch of episodes (task losses and the KL to the prior).
