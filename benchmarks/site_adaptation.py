@@ -255,15 +255,31 @@ def main() -> None:
     for sampler, (cand, record) in servers.items():
         arm, checks = f"server_{sampler}", record.get("checks", [])
         all_checks[arm] = checks
-        row = {"encoder": cand.name, "ssl_task": arm, "steps": None, "minutes": record.get("minutes")}
-        row.update(
-            ssl_loss=checks[-1]["candidate"] if checks else None, guard_accepts=bool(checks and checks[-1]["accepted"])
-        )
-        row["dice"] = evaluate(cand, p["cmr"], a.repeats, a.queries, a.seed)
-        row["server_versions"], row["server_live"] = record.get("versions"), record.get("live")
-        rows.append(row)
-        weights.append(cand)
-        summaries[arm] = summarise([rows[0], row], checks, base_meta, against_base=False)
+        arm_rows, by_version = [rows[0]], {0: rows[0]}
+        for c in checks:  # every encoder the guard took live, and the last candidate if it was turned down
+            last = c is checks[-1]
+            if not c["accepted"] and not last:
+                continue  # a candidate turned down mid-run is not kept
+            path = (
+                work / f"server_store_{sampler}/.metaapp/site/encoders/v{c['version']:04d}.pt"
+                if c["accepted"]
+                else cand
+            )
+            row = {"encoder": f"{arm}:v{c['version']}" if c["accepted"] else cand.name, "ssl_task": arm}
+            row.update(steps=c["steps"], minutes=c["minutes"], ssl_loss=c["candidate"], guard_accepts=c["accepted"])
+            row.update(live_version=c["live_version"], dice=evaluate(path, p["cmr"], a.repeats, a.queries, a.seed))
+            row["dice_mean"] = round(statistics.fmean(d["dice"] for d in row["dice"].values()), 4)
+            if c["accepted"]:
+                by_version[c["version"]] = row
+            arm_rows.append(row)
+            weights.append(path)
+        rows += arm_rows[1:]
+        summaries[arm] = summarise(arm_rows, checks, base_meta, against_base=False)
+        summaries[arm]["server_versions"], summaries[arm]["server_live"] = record.get("versions"), record.get("live")
+        # each decision judged by the Dice of the two encoders it compared (the live one at the time)
+        summaries[arm]["guard_right_at_each_check"] = [
+            r["guard_accepts"] == (r["dice_mean"] > by_version[r["live_version"]]["dice_mean"]) for r in arm_rows[1:]
+        ]
     sites |= {f"server_{s}": c for s, (c, _) in servers.items()}
     one = next(iter(sites)) if len(sites) == 1 else None
     summary = summaries[one] if one else summaries
@@ -300,8 +316,9 @@ def main() -> None:
 
 def summarise(rows: list[dict], checks: list[dict], base_meta: dict, against_base: bool = True) -> dict:
     """Base (rows[0]) against the last candidate of one site adaptation (rows[-1]); fills `dice_mean`.
-    The guard's decisions are judged only where it compared each candidate with the base (`against_base`:
-    adapt-site); the server's guard compares with the live encoder, which a swap has replaced."""
+    The guard's decisions are judged here only where it compared each candidate with the base (`against_base`:
+    adapt-site); the server's guard compares with the live encoder, which a swap has replaced (judged by
+    the caller)."""
     for r in rows:
         r["dice_mean"] = round(statistics.fmean(d["dice"] for d in r["dice"].values()), 4)
     before, after = rows[0], rows[-1]

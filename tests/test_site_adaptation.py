@@ -69,6 +69,30 @@ def test_steps_resume_from_checkpoint_and_prior_stays_on_the_start(brain_studies
         SiteAdaptation(brain_studies, str(DEFAULT_SEG_WEIGHTS), state, SiteConfig(**CFG), "cpu")
 
 
+def test_task_by_task_makes_the_batch_update_in_pieces(brain_studies, tmp_path):
+    """The server builds an update of 4 tasks one task per call (it yields between them): the result is the
+    update the offline run makes in one call, and nothing moves until the batch's last task is in."""
+    cfg = dict(CFG, tasks_per_step=4)
+    whole = SiteAdaptation(brain_studies, None, tmp_path / "w.pt", SiteConfig(**cfg), "cpu")
+    pieces = SiteAdaptation(brain_studies, None, tmp_path / "p.pt", SiteConfig(**cfg, task_by_task=True), "cpu")
+    episodes = whole.draw(4)
+    whole.draw = lambda n: episodes[:n]
+    queue = list(episodes)
+    pieces.draw = lambda n: [queue.pop(0) for _ in range(n)]
+    torch.manual_seed(0)
+    whole.step()
+    start = {k: v.clone() for k, v in pieces.model.state_dict().items()}
+    torch.manual_seed(0)
+    for i in range(4):
+        rec = pieces.step()
+        if i < 3:
+            assert rec["step"] == 0 and pieces.pending == i + 1
+            assert all(torch.equal(v, start[k]) for k, v in pieces.model.state_dict().items())
+    assert rec["step"] == 1 and pieces.pending == 0 and not queue
+    moved = _encoder_delta(whole.model, load_model(None))
+    assert moved > 0 and _encoder_delta(pieces.model, whole.model) < 1e-4 * moved
+
+
 def test_guard_scores_both_encoders_and_applies_the_margin(brain_studies, tmp_path):
     site = SiteAdaptation(brain_studies, None, tmp_path / "s.pt", SiteConfig(**CFG), "cpu")
     live = load_model(None)

@@ -224,14 +224,41 @@ def outer_step(
     """One outer step: a batch of episodes (`draw(tasks_per_step)`), the meta-objective, gradients
     averaged across ranks under torchrun, clipped, one Adam step, the inner-loop rates and posterior
     widths kept in range. `timer` bills each phase's seconds (`profile.StepTimer`)."""
+    opt.zero_grad(set_to_none=True)
+    parts = add_gradients(draw, objective, tasks_per_step, world=world, timer=timer)
+    apply_gradients(model, opt, params, world, timer)
+    return parts
+
+
+def add_gradients(
+    draw: Callable[[int], list],
+    objective: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
+    tasks: int,
+    scale: float = 1.0,
+    world: int = 1,
+    timer: StepTimer | None = None,
+) -> dict[str, float]:
+    """Adds the gradients of `scale` x the meta-objective of `tasks` new episodes to those already held:
+    an outer step's batch may be built in pieces (the server's site adaptation takes one task at a time,
+    so that a request waits for one task, not a batch)."""
     phase = timer.phase if timer else lambda _name: nullcontext()
     with phase("sampling"):
-        episodes = draw(tasks_per_step)
+        episodes = draw(tasks)
     with phase("forward"):
         loss, parts = objective(episodes)
     with phase("backward"):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
+    if timer:
+        timer.episodes += len(episodes) * world
+    return parts
+
+
+def apply_gradients(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, params: list, world: int = 1, timer: StepTimer | None = None
+) -> None:
+    """The update of the gradients held: averaged across ranks under torchrun, clipped, one Adam step, the
+    inner-loop rates and posterior widths kept in range."""
+    phase = timer.phase if timer else lambda _name: nullcontext()
     with phase("all-reduce"):
         if world > 1:
             _average_gradients(model, world)
@@ -245,8 +272,6 @@ def outer_step(
                 v.clamp_(max=math.log(model.cfg.prior_sigma))
     if timer:
         timer.steps += 1
-        timer.episodes += len(episodes) * world
-    return parts
 
 
 def any_rank(flag: bool, dev: torch.device, world: int = 1) -> bool:

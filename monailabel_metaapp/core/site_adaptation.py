@@ -44,7 +44,9 @@ from monailabel_metaapp.core.episodes import Episode, EpisodeSampler, Study, add
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.metatrain import (
     MetaTrainConfig,
+    add_gradients,
     any_rank,
+    apply_gradients,
     init_distributed,
     make_optimizer,
     one_by_one,
@@ -63,6 +65,9 @@ class SiteConfig:
     lr: float = 1e-3
     inner_steps: int = 3
     tasks_per_step: int = 4
+    # one task per `step` call, the update made when the batch's last task is in (the same update, in
+    # pieces of about a second on a CPU: the server's idle loop yields between them)
+    task_by_task: bool = False
     ssl_fraction: float = 0.5  # share of superpixel tasks when labelled structures exist (all tasks otherwise)
     # the self-supervised training task: "superpixel" (support and query: one slice, two augmentations) or
     # "supervoxel" (a 3D region's support and query on different slices); the guard's tasks stay superpixel
@@ -158,6 +163,7 @@ class SiteTrainer:
         self.model.train()
         self.opt, self.params = make_optimizer(self.model, self.cfg.meta())
         self.steps, self.elapsed = 0, 0.0
+        self.pending = 0  # tasks of the next update whose gradients are in (`task_by_task`)
         self.resumed = False
         if self.state_path.exists() and not fresh:
             self._resume()
@@ -287,19 +293,24 @@ class SiteTrainer:
 
     # -- training ---------------------------------------------------------------------------
     def step(self) -> dict:
-        """One outer step of meta-training (a few seconds on a CPU); returns its log record."""
+        """One outer step of meta-training (a few seconds on a CPU), or with `task_by_task` one task of it
+        (`steps` counts the updates); returns its log record."""
         t0 = time.perf_counter()
         self.model.train()
-        parts = outer_step(
-            self.model,
-            self.opt,
-            self.params,
-            self.draw,
-            self.objective,
-            self.cfg.tasks_per_step,
-            self.world,
-        )
-        self.steps += 1
+        if not self.cfg.task_by_task:
+            parts = outer_step(
+                self.model, self.opt, self.params, self.draw, self.objective, self.cfg.tasks_per_step, self.world
+            )
+            self.steps += 1
+        else:
+            if not self.pending:
+                self.opt.zero_grad(set_to_none=True)
+            parts = add_gradients(self.draw, self.objective, 1, scale=1 / self.cfg.tasks_per_step)
+            self.pending += 1
+            if self.pending == self.cfg.tasks_per_step:
+                apply_gradients(self.model, self.opt, self.params, self.world)
+                self.pending = 0
+                self.steps += 1
         self.elapsed += time.perf_counter() - t0
         return {
             "step": self.steps,
