@@ -156,7 +156,7 @@ def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int) -> d
         return json.loads(cache.read_text())["dice"]
     res = evaluate_seg(cmr, [1], CMR_STRUCTURES, str(model), repeats, queries, [], protocol="volume", seed=seed)
     dice = {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"]} for r in res["rows"]}
-    atomic_write(cache, lambda f: f.write_text(json.dumps({"key": key, "dice": dice})))
+    atomic_write(cache, lambda f: Path(f).write_text(json.dumps({"key": key, "dice": dice})))
     return dice
 
 
