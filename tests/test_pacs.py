@@ -253,3 +253,22 @@ def test_a_retried_upload_stores_the_same_seg_again_not_a_second_one(orthanc, lo
     client.store_instances([first])
     client.store_instances([again])  # no error: the PACS already holds it
     assert [str(s.SeriesInstanceUID) for s in _segs(client, image_id)] == [str(first.SeriesInstanceUID)]
+
+
+def test_a_damaged_pacs_cache_file_is_restored_from_its_copy(tmp_path):
+    """The PACS cache's datastore file is written atomically with a copy beside it, as a studies folder's:
+    a file left damaged (a crash, a full disk) is moved aside and the copy read, not a start-up failure."""
+    from monailabel_metaapp.pacs.datastore import PacsDatastore
+
+    client = DICOMwebClient(url="http://127.0.0.1:9/dicom-web")  # never reached: no poller is started
+    store = PacsDatastore(client, {"Modality": "MR"}, cache_path=str(tmp_path))
+    store.set_description("site PACS cache")
+    store._observer.stop()
+    path = store._datastore_config_path
+    assert json.loads(open(path + ".bak").read())["description"] == "site PACS cache"
+    open(path, "w").close()  # what an in-place write killed half-way leaves
+
+    again = PacsDatastore(client, {"Modality": "MR"}, cache_path=str(tmp_path))
+    again._observer.stop()
+    assert again.description() == "site PACS cache"
+    assert any("restored from datastore_v2.json.bak" in p for p in again.problems), again.problems

@@ -150,25 +150,19 @@ class LabelChecks:
         return {"named": named, "unnamed": unnamed}
 
 
-class ValidatingDatastore(LabelChecks, LocalDatastore):
-    """A folder datastore that checks every final label before storing it (see `LabelChecks`).
+class SafeDatastoreFile:
+    """Atomic writes of MONAI Label's datastore file (mixed into a LocalDatastore, the PACS cache's too).
 
-    Args:
-        args: passed to `LocalDatastore`.
-        default_names: name -> value used when a save request names no value (the folder's `labels.json`);
-            default None (none).
-        kwargs: passed to `LocalDatastore`.
+    MONAI Label rewrites datastore_v2.json in place, so a crash mid-write leaves half a file, and a damaged
+    file stops the server at start-up. Here every write is atomic and a copy of the last good file is kept
+    beside it; a damaged file is moved aside and the copy (or the folder itself) used. `problems` says
+    what start-up found and did (for /info/).
     """
 
-    def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
-        self.problems: list[str] = []  # what start-up found damaged and did about it (for /info/)
-        self.saving = threading.local()  # the tag of the save this thread is handling
+    def __init__(self, *args, **kwargs):
+        self.problems: list[str] = []
         super().__init__(*args, **kwargs)
-        self.default_names = default_names or {}
 
-    # MONAI Label rewrites datastore_v2.json in place, so a crash mid-write leaves half a file, and a
-    # damaged file stops the server at start-up. Here every write is atomic and a copy of the last good
-    # file is kept beside it; a damaged file is moved aside and the copy (or the folder itself) used.
     def _update_datastore_file(self, lock=True):
         def write() -> None:
             self._ignore_event_config = True
@@ -204,6 +198,22 @@ class ValidatingDatastore(LabelChecks, LocalDatastore):
                     path.unlink()
             self.problems.append(f"{path.name} could not be read; moved to {aside.name}; {what}")
             logger.error("%s", self.problems[-1])
+
+
+class ValidatingDatastore(LabelChecks, SafeDatastoreFile, LocalDatastore):
+    """A folder datastore that checks every final label before storing it (see `LabelChecks`).
+
+    Args:
+        args: passed to `LocalDatastore`.
+        default_names: name -> value used when a save request names no value (the folder's `labels.json`);
+            default None (none).
+        kwargs: passed to `LocalDatastore`.
+    """
+
+    def __init__(self, *args, default_names: dict[str, int] | None = None, **kwargs):
+        self.saving = threading.local()  # the tag of the save this thread is handling
+        super().__init__(*args, **kwargs)
+        self.default_names = default_names or {}
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Store a label: a final one only once it passes `check_label` (the result is kept in its info

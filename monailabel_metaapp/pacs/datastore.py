@@ -39,7 +39,7 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from pydicom.dataset import Dataset
 
 from monailabel_metaapp.core.volume import read_image
-from monailabel_metaapp.lib.datastore import LabelChecks
+from monailabel_metaapp.lib.datastore import LabelChecks, SafeDatastoreFile
 from monailabel_metaapp.pacs.dicom_io import label_to_seg, read_dataset, seg_referenced_series, seg_to_label
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PacsUnavailable(HTTPException):
         super().__init__(status_code=503, detail=f"the PACS at {url} is unreachable ({type(err).__name__}: {err})")
 
 
-class PacsDatastore(LabelChecks, DICOMWebDatastore):
+class PacsDatastore(LabelChecks, SafeDatastoreFile, DICOMWebDatastore):
     """A MONAI Label datastore over a PACS, with a local cache that keeps labels until they are uploaded.
 
     Args:
