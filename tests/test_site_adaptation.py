@@ -214,7 +214,8 @@ def _wait(client: MONAILabelClient, until, timeout: float = 240) -> dict:
 
 
 def test_idle_loop_swaps_in_a_better_encoder_resumes_after_restart_and_rolls_back(sample_store, start_server, tmp_path):
-    conf = {**FAST, "site_adapt": "true", "site_adapt_minutes": "0.05", "site_margin": "-10"}  # accept
+    # a margin of -10 accepts; the classic sampler here, the default (bank) after the restart
+    conf = {**FAST, "site_adapt": "true", "site_adapt_minutes": "0.05", "site_margin": "-10", "site_sampler": "classic"}
     server = start_server(sample_store, conf)
     server.wait_ready()
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
@@ -252,9 +253,10 @@ def test_idle_loop_swaps_in_a_better_encoder_resumes_after_restart_and_rolls_bac
     trained = _site(client)["trained_minutes"]
     server.stop()
 
-    # restart: the live encoder stays v1, training resumes from the checkpoint (now with the bank sampler's
-    # tasks); a margin of 10 refuses
-    conf.update(site_adapt_minutes="0.1", site_margin="10", site_sampler="bank")
+    # restart: the live encoder stays v1, training resumes from the checkpoint (now with the default, the
+    # bank sampler's tasks); a margin of 10 refuses
+    conf.update(site_adapt_minutes="0.1", site_margin="10")
+    del conf["site_sampler"]
     server = start_server(sample_store, conf)
     server.wait_ready()
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))

@@ -24,7 +24,7 @@ Conf keys: `site_adapt` (default true; false turns both off), `site_adapt_seg` a
 (default true; false turns one off), `site_adapt_minutes` (cap of training minutes of each, 0: no
 cap), `site_check_minutes` (training minutes between guard checks, default 10), `site_margin` (the
 candidate must beat the live encoder by more than this, default 0), `site_sampler` (the segmentation
-encoder's tasks: `classic`, the default, or `bank`; see `core.site_adaptation.SiteConfig.sampler`).
+encoder's tasks: `bank`, the default, or `classic`; see `core.site_adaptation.SiteConfig.sampler`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class SiteAdaptationLoop:
         Args:
             conf: the app's conf (`site_margin`, `site_sampler`).
         """
-        sampler = str(conf.get("site_sampler", "classic"))
+        sampler = str(conf.get("site_sampler", "bank"))
         if sampler not in ("bank", "classic"):
             raise ValueError(f"conf site_sampler must be 'bank' or 'classic', got {sampler!r}")
         shares = {"superpixel_slices": SERVER_SUPERPIXEL_SLICES} if sampler == "bank" else {}  # bounded cost
