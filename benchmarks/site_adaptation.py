@@ -255,7 +255,9 @@ def main() -> None:
     for sampler, (cand, record) in servers.items():
         arm, checks = f"server_{sampler}", record.get("checks", [])
         all_checks[arm] = checks
-        arm_rows, by_version = [rows[0]], {0: rows[0]}
+        # the base as this server saw it: its self-supervised loss on the server's own held-out images
+        start = {**rows[0], "ssl_loss": checks[0]["live"] if checks else None}
+        arm_rows, by_version = [start], {0: start}
         for c in checks:  # every encoder the guard took live, and the last candidate if it was turned down
             last = c is checks[-1]
             if not c["accepted"] and not last:
@@ -276,10 +278,17 @@ def main() -> None:
         rows += arm_rows[1:]
         summaries[arm] = summarise(arm_rows, checks, base_meta, against_base=False)
         summaries[arm]["server_versions"], summaries[arm]["server_live"] = record.get("versions"), record.get("live")
-        # each decision judged by the Dice of the two encoders it compared (the live one at the time)
+        # each decision judged by the Dice of the two encoders it compared (the live one at the time); a
+        # candidate turned down mid-run is not kept, so only the checks in `judged_check_steps` are judged
+        for r in arm_rows[1:]:
+            if r["live_version"] not in by_version:  # its check is no longer in site.json's record
+                path = work / f"server_store_{sampler}/.metaapp/site/encoders/v{r['live_version']:04d}.pt"
+                d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed)
+                by_version[r["live_version"]] = {"dice_mean": round(statistics.fmean(x["dice"] for x in d.values()), 4)}
         summaries[arm]["guard_right_at_each_check"] = [
             r["guard_accepts"] == (r["dice_mean"] > by_version[r["live_version"]]["dice_mean"]) for r in arm_rows[1:]
         ]
+        summaries[arm]["judged_check_steps"] = [r["steps"] for r in arm_rows[1:]]
     sites |= {f"server_{s}": c for s, (c, _) in servers.items()}
     one = next(iter(sites)) if len(sites) == 1 else None
     summary = summaries[one] if one else summaries

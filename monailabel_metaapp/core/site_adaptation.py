@@ -4,8 +4,8 @@ the result is better than the live encoder.
 Training continues the meta-training recipe (`metatrain.outer_step`, the same meta-objective) from the
 live weights, with the KL prior centred on those starting weights so that the encoder cannot drift far:
 superpixel tasks on every training image, plus labelled tasks where final labels exist. It runs in
-short steps (`SiteAdaptation.step`) that a caller can interleave with other work, keeps its elapsed
-time, and checkpoints atomically so that a restart resumes it.
+short steps (`SiteAdaptation.step`: an outer step, or with `task_by_task` one task of it) that a caller
+can interleave with other work, keeps its elapsed time, and checkpoints atomically so that a restart resumes it.
 
 A few images (about one in eight, at least one) are held out of training. The guard (`check`) compares
 a candidate with the live encoder on them:
@@ -122,9 +122,10 @@ class SiteTrainer:
     segmentation (`SiteAdaptation`) and classification (`cls_site_adaptation.ClsSiteAdaptation`) share.
 
     The model starts from `init` with the KL prior centred on it; `step` is one outer step of the
-    meta-objective (`metatrain.outer_step`); `checkpoint` writes the whole state atomically and a new
-    trainer on the same `state_path` resumes it; `check` scores a candidate against the live model.
-    A subclass says what the model, the data, the episodes and the two checks are (the hooks below).
+    meta-objective (`metatrain.outer_step`), or with `task_by_task` one task of it; `checkpoint` writes the
+    whole state atomically and a new trainer on the same `state_path` resumes it; `check` scores a candidate
+    against the live model. A subclass says what the model, the data, the episodes and the two checks are (the
+    hooks below).
 
     Args:
         data: the site's data (what `set_data` takes).

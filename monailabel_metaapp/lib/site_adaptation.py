@@ -2,9 +2,10 @@
 the datastore's own images (`core.site_adaptation`), and a guard installs a new encoder only when it is
 better on held-out images of the site.
 
-One background thread. Before every short unit of work (one task of an outer step, one image read,
-one piece of a check) it waits for its turn at the `SITE` level of the activity gate, so inference,
-saves, quick adaptation, Next Sample and structure refinement all pre-empt it within one unit.
+One background thread. Before every short unit of work (one task of a segmentation update, one step of the
+classifier's, one image read, one piece of a check) it waits for its turn at the `SITE` level of the activity
+gate, so inference, saves, quick adaptation, Next Sample and structure refinement all pre-empt it within one
+unit.
 
 Files under `<store_dir>/site/`:
 * `state.pt`: the resumable training state (atomic; a restart resumes from it);
@@ -312,7 +313,7 @@ class SiteAdaptationLoop:
                     return
                 with GATE.busy(SITE):  # `GET /metaapp/background` shows a step under way
                     site.step()
-            if time.monotonic() - last_ckpt > self.cfg.checkpoint_seconds:
+            if time.monotonic() - last_ckpt > self.cfg.checkpoint_seconds and not site.pending:
                 site.checkpoint()
                 rec["minutes"] = round(site.minutes, 3)
                 self._save_record()
