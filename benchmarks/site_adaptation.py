@@ -21,7 +21,7 @@ Stages (each one is skipped when its output exists in --work, so a long run can 
 Usage:
     python benchmarks/site_adaptation.py --work /tmp/site_bench [--base-minutes 58 --base-steps 250]
         [--base-sampler bank] [--site-minutes 30 --check-minutes 10] [--repeats 8 --queries 5]
-        [--ssl-tasks superpixel supervoxel] [--site-samplers classic bank] [--server-samplers bank]
+        [--ssl-tasks superpixel supervoxel] [--site-samplers classic bank] [--server-samplers classic bank] [--paired]
 Results: benchmarks/results/site_adaptation.json + .png (with the commands and the provenance); with
 several arms the summary has one entry per arm.
 """
@@ -143,9 +143,10 @@ def server_run(p: dict[str, Path], base: Path, work: Path, sampler: str, minutes
     return out, record
 
 
-def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int) -> dict:
-    """structure -> 1-shot Dice of `model`; kept next to the weights (`.eval.json`, keyed by the settings
-    and the weights' digest) so that a resumed run does not evaluate an encoder twice."""
+def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int, per_episode: bool = False) -> dict:
+    """structure -> 1-shot Dice of `model` (mean, spread, and each episode's in `values`); kept next to the
+    weights (`.eval.json`, keyed by the settings and the weights' digest) so that a resumed run does not
+    evaluate an encoder twice. `per_episode`: a kept result without each episode's Dice is redone."""
     import hashlib
 
     from monailabel_metaapp.evaluate import evaluate_seg
@@ -153,9 +154,12 @@ def evaluate(model: Path, cmr: Path, repeats: int, queries: int, seed: int) -> d
     key = f"{hashlib.sha256(model.read_bytes()).hexdigest()}:{repeats}:{queries}:{seed}"
     cache = Path(str(model) + ".eval.json")
     if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())["dice"]
+        kept = json.loads(cache.read_text())["dice"]
+        if not per_episode or all("values" in d for d in kept.values()):
+            return kept
     res = evaluate_seg(cmr, [1], CMR_STRUCTURES, str(model), repeats, queries, [], protocol="volume", seed=seed)
-    dice = {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"]} for r in res["rows"]}
+    dice = {r["structure"]: {"dice": r["dice_mean"], "std": r["dice_std"], "n": r["n"], "values": r["values"]}
+            for r in res["rows"]}  # fmt: skip
     atomic_write(cache, lambda f: Path(f).write_text(json.dumps({"key": key, "dice": dice})))
     return dice
 
@@ -184,6 +188,11 @@ def main() -> None:
         help="also site-adapt through a real `metaapp serve`'s idle loop, once per conf site_sampler",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--paired", action="store_true",
+        help="evaluate the server's encoders (and the base) with each episode's Dice kept, and test each server "
+             "decision pairwise (`paired` in the summary)",
+    )  # fmt: skip
     ap.add_argument("--note", default="", help="recorded with the results (e.g. how the machine was shared)")
     a = ap.parse_args()
     work = a.work
@@ -230,7 +239,7 @@ def main() -> None:
         )
     base_meta = json.loads(Path(str(base) + ".json").read_text())
     rows = [{"encoder": "base", "steps": 0, "minutes": 0.0, "ssl_loss": None}]
-    rows[0]["dice"] = evaluate(base, p["cmr"], a.repeats, a.queries, a.seed)
+    rows[0]["dice"] = evaluate(base, p["cmr"], a.repeats, a.queries, a.seed, per_episode=a.paired and bool(servers))
     summaries, all_checks, curves, weights = {}, {}, {}, [base]
     for task, site in sites.items():
         log = [json.loads(line) for line in Path(str(site) + ".log.jsonl").read_text().splitlines()]
@@ -269,7 +278,8 @@ def main() -> None:
             )
             row = {"encoder": f"{arm}:v{c['version']}" if c["accepted"] else cand.name, "ssl_task": arm}
             row.update(steps=c["steps"], minutes=c["minutes"], ssl_loss=c["candidate"], guard_accepts=c["accepted"])
-            row.update(live_version=c["live_version"], dice=evaluate(path, p["cmr"], a.repeats, a.queries, a.seed))
+            d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed, per_episode=a.paired)
+            row.update(live_version=c["live_version"], dice=d)
             row["dice_mean"] = round(statistics.fmean(d["dice"] for d in row["dice"].values()), 4)
             if c["accepted"]:
                 by_version[c["version"]] = row
@@ -283,12 +293,16 @@ def main() -> None:
         for r in arm_rows[1:]:
             if r["live_version"] not in by_version:  # its check is no longer in site.json's record
                 path = work / f"server_store_{sampler}/.metaapp/site/encoders/v{r['live_version']:04d}.pt"
-                d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed)
-                by_version[r["live_version"]] = {"dice_mean": round(statistics.fmean(x["dice"] for x in d.values()), 4)}
+                d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed, per_episode=a.paired)
+                by_version[r["live_version"]] = {
+                    "dice": d,
+                    "dice_mean": round(statistics.fmean(x["dice"] for x in d.values()), 4),
+                }
         summaries[arm]["guard_right_at_each_check"] = [
             r["guard_accepts"] == (r["dice_mean"] > by_version[r["live_version"]]["dice_mean"]) for r in arm_rows[1:]
         ]
         summaries[arm]["judged_check_steps"] = [r["steps"] for r in arm_rows[1:]]
+        summaries[arm]["paired"] = [paired(r["dice"], by_version[r["live_version"]].get("dice")) for r in arm_rows[1:]]
     sites |= {f"server_{s}": c for s, (c, _) in servers.items()}
     one = next(iter(sites)) if len(sites) == 1 else None
     summary = summaries[one] if one else summaries
@@ -321,6 +335,21 @@ def main() -> None:
     Path(str(a.out) + ".json").write_text(json.dumps(result, indent=2))
     plot(rows, Path(str(a.out) + ".png"))
     print(json.dumps(summary, indent=2))
+
+
+def paired(candidate: dict, live: dict | None, alpha: float = 0.05) -> dict | None:
+    """A guard decision's two encoders compared episode by episode (the same supports and queries for both,
+    every structure pooled): the mean difference, the Wilcoxon signed-rank p-value, and `better`, `worse`
+    or `level` at `alpha`. None when either lacks each episode's Dice (evaluated without --paired)."""
+    if not live or not all("values" in d for d in [*candidate.values(), *live.values()]):
+        return None
+    from scipy.stats import wilcoxon
+
+    diff = [c - b for s in candidate for c, b in zip(candidate[s]["values"], live[s]["values"], strict=True)]
+    p_value = float(wilcoxon(diff).pvalue) if any(diff) else 1.0
+    mean = statistics.fmean(diff)
+    verdict = "level" if p_value >= alpha else ("better" if mean > 0 else "worse")
+    return {"mean_difference": round(mean, 4), "p": round(p_value, 4), "n": len(diff), "candidate_is": verdict}
 
 
 def summarise(rows: list[dict], checks: list[dict], base_meta: dict, against_base: bool = True) -> dict:

@@ -299,7 +299,8 @@ def evaluate_seg(
 
 
 def dice_row(structure: str, shots: int, method: str, dices: list[float], **extra) -> dict:
-    """One result row: a method's mean and spread of Dice for a structure and k (and `extra` fields)."""
+    """One result row: a method's mean and spread of Dice for a structure and k (and `extra` fields), and
+    each episode's Dice (episodes are drawn alike for every model, so two models compare pairwise)."""
     return {
         "structure": structure,
         "shots": shots,
@@ -308,6 +309,7 @@ def dice_row(structure: str, shots: int, method: str, dices: list[float], **extr
         "dice_mean": round(statistics.fmean(dices), 4),
         "dice_std": round(statistics.pstdev(dices), 4),
         "n": len(dices),
+        "values": [round(d, 4) for d in dices],
     }
 
 
