@@ -280,7 +280,7 @@ def main() -> None:
             row.update(steps=c["steps"], minutes=c["minutes"], ssl_loss=c["candidate"], guard_accepts=c["accepted"])
             d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed, per_episode=a.paired)
             row.update(live_version=c["live_version"], dice=d)
-            row["dice_mean"] = round(statistics.fmean(d["dice"] for d in row["dice"].values()), 4)
+            row["dice_mean"] = mean_dice(d)
             if c["accepted"]:
                 by_version[c["version"]] = row
             arm_rows.append(row)
@@ -294,10 +294,7 @@ def main() -> None:
             if r["live_version"] not in by_version:  # its check is no longer in site.json's record
                 path = work / f"server_store_{sampler}/.metaapp/site/encoders/v{r['live_version']:04d}.pt"
                 d = evaluate(path, p["cmr"], a.repeats, a.queries, a.seed, per_episode=a.paired)
-                by_version[r["live_version"]] = {
-                    "dice": d,
-                    "dice_mean": round(statistics.fmean(x["dice"] for x in d.values()), 4),
-                }
+                by_version[r["live_version"]] = {"dice": d, "dice_mean": mean_dice(d)}
         summaries[arm]["guard_right_at_each_check"] = [
             r["guard_accepts"] == (r["dice_mean"] > by_version[r["live_version"]]["dice_mean"]) for r in arm_rows[1:]
         ]
@@ -337,6 +334,11 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
 
+def mean_dice(dice: dict) -> float:
+    """The mean over structures of an `evaluate` result."""
+    return round(statistics.fmean(d["dice"] for d in dice.values()), 4)
+
+
 def paired(candidate: dict, live: dict | None, alpha: float = 0.05) -> dict | None:
     """A guard decision's two encoders compared episode by episode (the same supports and queries for both,
     every structure pooled): the mean difference, the Wilcoxon signed-rank p-value, and `better`, `worse`
@@ -358,7 +360,7 @@ def summarise(rows: list[dict], checks: list[dict], base_meta: dict, against_bas
     adapt-site); the server's guard compares with the live encoder, which a swap has replaced (judged by
     the caller)."""
     for r in rows:
-        r["dice_mean"] = round(statistics.fmean(d["dice"] for d in r["dice"].values()), 4)
+        r["dice_mean"] = mean_dice(r["dice"])
     before, after = rows[0], rows[-1]
     rise = round(after["dice_mean"] - before["dice_mean"], 4)
     better = after["dice_mean"] > before["dice_mean"]
