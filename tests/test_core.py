@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 
-from monailabel_metaapp.core.checkpoint import load_model
+from monailabel_metaapp.core.checkpoint import load_model, sidecar
+from monailabel_metaapp.core.clicks import window
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
-from monailabel_metaapp.core.metatrain import MetaTrainConfig, meta_train
+from monailabel_metaapp.core.metatrain import MetaTrainConfig, best_weights_path, meta_train
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
 from monailabel_metaapp.core.variational import gaussian_kl
@@ -88,6 +89,23 @@ def test_learned_rates_and_encoder_receive_meta_gradients():
     assert model.encoder.net.conv_0.conv_0.conv.weight.grad.abs().sum() > 0
 
 
+def test_the_head_on_a_window_matches_the_whole_slice_inside_it():
+    """Click corrections run the head on the box around the pixels they need: inside it the values
+    must be those of the whole slice (the head's 3x3 convolution sees the same neighbours)."""
+    torch.manual_seed(0)
+    model = FewShotSegModel(SMALL)
+    feats = torch.randn(3, SMALL.emb, 64, 64)
+    params = {k: v + 0.1 * torch.randn_like(v) for k, v in model.head.init_params(feats, feats[:, 0] > 0.5).items()}
+    whole = model.head.logits(feats, params)
+    for box in ((slice(10, 20), slice(30, 41)), (slice(0, 5), slice(60, 64))):  # inside, and at the image's corner
+        mask = torch.zeros(3, 64, 64, dtype=torch.bool)
+        mask[1][box] = True
+        ys, xs = window(mask)
+        part = model.head.logits(feats[..., ys, xs], params)
+        assert torch.allclose(part[:, mask[1, ys, xs]], whole[:, mask[1]], atol=1e-5)
+    assert window(torch.zeros(2, 8, 8, dtype=torch.bool)) == (slice(0, 0), slice(0, 0))
+
+
 def test_kl_is_zero_when_posterior_equals_prior_and_grows_with_distance():
     mu = torch.zeros(100)
     sigma_p = 0.1
@@ -161,6 +179,11 @@ def test_meta_train_smoke_lowers_loss_and_resumes(cmr_readonly, tmp_path):
     state = torch.load(out, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert load_model(out).cfg.size == 64
+    # the best-validated weights are kept beside the last ones, with their validation loss
+    best = best_weights_path(out)
+    final = [r for r in log if r.get("final")][-1]
+    assert json.loads(sidecar(best).read_text())["val_loss"] == pytest.approx(final["val_loss"], abs=1e-4)
+    assert load_model(best).cfg.size == 64
     # resume continues from the saved step
     cfg.max_steps = 32
     summary = meta_train(studies, out, cfg, SMALL, device="cpu", progress=False)

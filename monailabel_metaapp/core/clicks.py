@@ -128,23 +128,54 @@ def click_support(
     return ClickSupport(slices, fg, bg, far)
 
 
-def click_loss(logits: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
+def click_loss(logits: tuple[torch.Tensor, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
     """`seg_loss` on the saved labels' slices + mean cross-entropy on the foreground clicks, on the
     background clicks and (weakly) on the far background: each click group weighs as much as the
     saved labels, however few pixels it has.
 
     Args:
-        logits: (N, H, W), saved-label slices first, then the clicked slices.
-        target: "mask" (n_saved, H, W) saved labels; "fg", "bg", "far" (n_clicked, H, W) pixel sets.
+        logits: ((n_saved, H, W) on the saved labels' slices, (n_clicked, h, w) on the clicked window).
+        target: "mask" (n_saved, H, W) saved labels; "fg", "bg", "far" (n_clicked, h, w) pixel sets.
     """
-    n = target["mask"].shape[0]
-    loss = seg_loss(logits[:n], target["mask"]) if n else logits.sum() * 0
-    clicked = logits[n:]
+    saved, clicked = logits
+    loss = seg_loss(saved, target["mask"]) if saved.numel() else clicked.sum() * 0
     for key, value, weight in (("fg", 1.0, 1.0), ("bg", 0.0, 1.0), ("far", 0.0, FAR_WEIGHT)):
         pix = clicked[target[key]]
         if pix.numel():
             loss = loss + weight * F.binary_cross_entropy_with_logits(pix, torch.full_like(pix, value))
     return loss
+
+
+class SplitHead:
+    """The head over two batches of different sizes at once (the saved labels' whole slices and the
+    clicked slices' window), for `inner_adapt`: it differentiates one function of the parameters."""
+
+    def __init__(self, head) -> None:
+        self.head = head
+
+    def logits(self, feats: tuple[torch.Tensor, torch.Tensor], params: dict[str, torch.Tensor]) -> tuple:
+        return tuple(self.head.logits(f, params) for f in feats)
+
+
+def window(mask: torch.Tensor, margin: int = 1) -> tuple[slice, slice]:
+    """The in-plane box around a mask's pixels (any slice), widened by `margin` (clipped to the image).
+
+    A 3x3 head convolution on the box gives the same values inside it as on the whole slice, so
+    the head needs to see only the box: the labelled pixels of the clicked slices, or the voxels a
+    correction may change.
+
+    Args:
+        mask: (..., H, W) boolean.
+        margin: pixels added on each side (1: the head's 3x3 convolution).
+    """
+    rows = torch.nonzero(mask.reshape(-1, *mask.shape[-2:]).any(0).any(1)).flatten()
+    cols = torch.nonzero(mask.reshape(-1, *mask.shape[-2:]).any(0).any(0)).flatten()
+    if not len(rows):
+        return slice(0, 0), slice(0, 0)
+    h, w = mask.shape[-2:]
+    y0, y1 = max(0, int(rows[0]) - margin), min(h, int(rows[-1]) + 1 + margin)
+    x0, x1 = max(0, int(cols[0]) - margin), min(w, int(cols[-1]) + 1 + margin)
+    return slice(y0, y1), slice(x0, x1)
 
 
 def click_feature(feats: torch.Tensor, click: tuple[int, int, int, bool], radius: int = CLICK_RADIUS) -> torch.Tensor:
@@ -201,17 +232,22 @@ def correct_head(
             side = "fg" if c[3] else "bg"
             params[side] = torch.cat([params[side], click_feature(feats, c).to(dev)])
     saved_feats, saved_masks = saved if saved is not None else (cf[:0], torch.zeros(0, *cf.shape[2:]))
-    all_feats = torch.cat([saved_feats.float().to(dev), cf]).contiguous(memory_format=torch.channels_last)
+    # the clicked slices count only at their labelled pixels: the head sees the window around them
+    ys, xs = window(support.fg | support.bg | support.far)
+    both = (
+        saved_feats.float().to(dev).contiguous(memory_format=torch.channels_last),
+        cf[..., ys, xs].contiguous(memory_format=torch.channels_last),
+    )
     target = {
         "mask": saved_masks.float().to(dev),
-        "fg": support.fg.to(dev),
-        "bg": support.bg.to(dev),
-        "far": support.far.to(dev),
+        "fg": support.fg[..., ys, xs].to(dev),
+        "bg": support.bg[..., ys, xs].to(dev),
+        "far": support.far[..., ys, xs].to(dev),
     }
     lrs = {k: v.detach() for k, v in adapter.model.lrs().items()}
     with torch.enable_grad():
         params = {k: v.detach().clone().requires_grad_(k in lrs) for k, v in params.items()}
-        params = inner_adapt(head_net, params, lrs, all_feats, target, steps, loss_fn=click_loss)
+        params = inner_adapt(SplitHead(head_net), params, lrs, both, target, steps, loss_fn=click_loss)
     n_labels = start.n_labels if start is not None else 0
     return Head(params={k: v.detach().cpu() for k, v in params.items()}, n_labels=n_labels, seconds=0.0)
 
@@ -300,9 +336,11 @@ def apply_clicks(
         spacing = grid_spacing(geom, adapter.size)
         near = near_clicks(state.grid, before.shape, spacing, reach_mm(before, spacing))
         idx = torch.nonzero(near.flatten(1).any(1)).flatten()
-        corrected = adapter.predict(stack[idx], [state.head], feats=feats[idx].float())[0] >= 0.5
+        ys, xs = window(near)  # the head sees only the box within reach (same values there as on whole slices)
+        corrected = adapter.predict(stack[:, ys, xs][idx], [state.head], feats=feats[..., ys, xs][idx].float())[0]
         shown = before.clone()
-        shown[idx] = torch.where(near[idx], corrected, before[idx])
+        box = shown[:, ys, xs]  # a view: writing into it writes into `shown`
+        box[idx] = torch.where(near[:, ys, xs][idx], corrected >= 0.5, box[idx])
     state.shown = shown
     mask = stack_to_original(shown.float()[None], geom)[0] >= 0.5
     state.mask = keep_clicked(mask, [c.ijk[::-1] for c in state.clicks if c.foreground], state.one_piece)

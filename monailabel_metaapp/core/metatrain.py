@@ -300,6 +300,11 @@ def check_resumable_config(out: Path, config: dict) -> None:
         )
 
 
+def best_weights_path(out: str | Path) -> Path:
+    """Where a meta-training run keeps its best-validated weights (`OUT.best.pt`, with a sidecar)."""
+    return Path(str(out)[: -len(".pt")] + ".best.pt" if str(out).endswith(".pt") else str(out) + ".best.pt")
+
+
 def outer_loop(
     model: torch.nn.Module,
     draw: Callable[[int], list],
@@ -314,18 +319,22 @@ def outer_loop(
     fresh: bool = False,
 ) -> dict:
     """The outer loop shared by segmentation and classification: Adam on the shared layers, the head
-    initialisation and (Meta-SGD) the inner-loop rates; time budget, checkpoints, resume, log."""
+    initialisation and (Meta-SGD) the inner-loop rates; time budget, checkpoints, resume, log.
+    Each validation that beats every earlier one (of this run) also writes `OUT.best.pt`: a long run
+    can overfit its tasks, and the best-validated weights are the ones to ship."""
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = Path(str(out) + ".state.pt")
+    best_path = best_weights_path(out)
     log_path = Path(str(out) + ".log.jsonl")
     opt, params = make_optimizer(model, cfg)
-    step, elapsed = 0, 0.0
+    step, elapsed, best_val = 0, 0.0, float("inf")
     if state_path.exists() and not fresh:
         check_resumable_config(out, model.cfg.to_dict())
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         step, elapsed = int(st["step"]), float(st["elapsed"])
+        best_val = float(st.get("best_val", best_val))
         if rank == 0:
             print(f"resuming from {state_path} at step {step} ({elapsed / 60:.1f} min done)")
 
@@ -334,8 +343,21 @@ def outer_loop(
             return
         info = {"meta_train": asdict(cfg), "steps": step, "minutes": round(elapsed / 60, 2)}
         save_model(model, out, info)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "best_val": best_val,
+        }
         atomic_write(state_path, lambda p: torch.save(state, p))
+
+    def keep_if_best(val: dict[str, float]) -> None:
+        nonlocal best_val
+        if rank == 0 and val.get("val_loss", float("inf")) < best_val:
+            best_val = val["val_loss"]
+            info = {"meta_train": asdict(cfg), "steps": step, "minutes": round(elapsed / 60, 2), "val_loss": best_val}
+            save_model(model, best_path, info)
 
     budget = cfg.minutes * 60
     bar = tqdm(
@@ -360,7 +382,9 @@ def outer_loop(
             "kl": round(parts["kl"], 4),
         } | {k: round(v, 4) for k, v in parts.items() if k.startswith("task_")}
         if step % cfg.val_every == 0:
-            rec |= {k: round(v, 4) for k, v in validate().items()}
+            val = validate()
+            keep_if_best(val)
+            rec |= {k: round(v, 4) for k, v in val.items()}
         bar.set_postfix(loss=f"{ema:.3f}", **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
         if log:
             log.write(json.dumps(rec) + "\n")
@@ -369,6 +393,7 @@ def outer_loop(
             last_ckpt = now
     bar.close()
     final_val = validate()  # empty without validation studies: no validation loss, not NaN in the log
+    keep_if_best(final_val)
     checkpoint()
     if log:
         final = {"step": step, "seconds": round(elapsed, 1), "final": True}
