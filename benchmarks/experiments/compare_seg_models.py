@@ -1,10 +1,15 @@
-"""1-shot Dice of several segmentation checkpoints side by side, on the same random pairs of
-MS-CMRSeg studies (one support study, another predicted; whole-volume 3D Dice; the app's own
-adaptation and post-processing). In-distribution for models meta-trained on all cardiac
-structures: it compares training runs, not generalisation to new structures.
+"""1-shot Dice of several segmentation checkpoints side by side, on the same random pairs of studies
+(one support study, another predicted; whole-volume 3D Dice; the app's own adaptation and
+post-processing). On MS-CMRSeg (the default) it is in-distribution for models meta-trained on all
+cardiac structures: it compares training runs, not generalisation to new structures. `--studies`
+takes any datastore folder with final labels and a labels.json, e.g. the brain sample studies,
+which no shipped model saw in meta-training.
 
-    python benchmarks/experiments/compare_seg_models.py OLD.pt NEW.pt [--pairs 8]
+    python benchmarks/experiments/compare_seg_models.py OLD.pt NEW.pt [--pairs 8] [--studies DIR]
         [--out benchmarks/results/compare_seg_models.json]
+
+With two models the JSON also holds, per structure, the paired difference (second minus first)
+and a Wilcoxon signed-rank p-value over the pairs.
 """
 
 from __future__ import annotations
@@ -12,48 +17,70 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy.stats import wilcoxon
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.volume import label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.provenance import stamp
-from monailabel_metaapp.shared_data import CMR_STRUCTURES, require_shared_datasets
+from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+def labelled_studies(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, final label) of every study of a datastore folder that has a final label, by name."""
+    out = []
+    for img in sorted(folder.iterdir()):
+        if img.name.endswith(SUFFIXES) and (folder / "labels" / "final" / img.name).exists():
+            out.append((img, folder / "labels" / "final" / img.name))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("models", nargs="+")
+    ap.add_argument("--studies", help="datastore folder (default: the MS-CMRSeg studies of ../shared/datasets)")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/compare_seg_models.json")
     a = ap.parse_args()
-    root = require_shared_datasets()
     torch.set_num_threads(2)
-    cmr = root / "cmr_bssfp"
+    if a.studies:
+        folder = Path(a.studies)
+    else:
+        require_shared_datasets()
+        folder = cmr_view(Path(tempfile.mkdtemp()) / "cmr")
+    studies = labelled_studies(folder)
+    structures = json.loads((folder / "labels.json").read_text())
     rng = random.Random(a.seed)
-    pairs = [tuple(rng.sample(range(1, 36), 2)) for _ in range(a.pairs)]
-    result = {"pairs": pairs, "models": {}}
+    picks = [tuple(rng.sample(range(len(studies)), 2)) for _ in range(a.pairs)]
+    names = [studies[i][0].name.split(".")[0] for i in range(len(studies))]
+    result = {"studies": str(a.studies or "MS-CMRSeg bSSFP"), "pairs": [[names[s], names[q]] for s, q in picks]}
+    result["models"] = {}
     for path in a.models:
         adapter = SegAdapter(load_model(path))
         cache: dict[int, tuple] = {}
 
         def load(i: int, adapter=adapter, cache=cache) -> tuple:
             if i not in cache:
-                stack, geom = to_slices(read_image(str(cmr / f"image_{i}.nii.gz")), adapter.size)
-                lbl = label_slices(read_image(str(cmr / f"label_{i}.nii.gz")), geom, adapter.size)
-                ref = sitk.GetArrayFromImage(sitk.ReadImage(str(cmr / f"label_{i}.nii.gz")))
+                image, label = studies[i]
+                stack, geom = to_slices(read_image(str(image)), adapter.size)
+                lbl = label_slices(read_image(str(label)), geom, adapter.size)
+                ref = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
                 cache[i] = (stack, geom, lbl, adapter.embed(stack), ref)
             return cache[i]
 
         per = {}
-        for name, value in CMR_STRUCTURES.items():
+        for name, value in structures.items():
             scores = []
-            for s, q in pairs:
+            for s, q in picks:
                 S, Q = load(s), load(q)
                 head = adapter.adapt([S[0]], [S[2] == value], feats=[S[3]])
                 probs = stack_to_original(adapter.predict(Q[0], [head], feats=Q[3]), Q[1])
@@ -61,6 +88,16 @@ def main() -> None:
             per[name] = {"dice_mean": float(np.mean(scores)), "dice_std": float(np.std(scores)), "dice": scores}
         result["models"][path] = per
         print(path, {n: round(v["dice_mean"], 3) for n, v in per.items()})
+    if len(a.models) == 2:
+        first, second = (result["models"][m] for m in a.models)
+        result["paired"] = {}
+        for name in structures:
+            d = np.array(second[name]["dice"]) - np.array(first[name]["dice"])
+            p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+            result["paired"][name] = {"diff_mean": float(d.mean()), "wilcoxon_p": p}
+        mean = float(np.mean([second[n]["dice_mean"] - first[n]["dice_mean"] for n in structures]))
+        result["paired"]["mean over structures"] = {"diff_mean": mean}
+        print("second - first:", {n: round(v["diff_mean"], 3) for n, v in result["paired"].items()})
     result["provenance"] = stamp(a.models)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
