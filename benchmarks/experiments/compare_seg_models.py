@@ -102,6 +102,33 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+
+
+def plot(result: dict, png: Path) -> None:
+    """Mean 1-shot Dice per structure, one bar per model, the pairs' standard deviation as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    names = list(result["models"][models[0]])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        per = result["models"][m]
+        x = np.arange(len(names)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(x, [per[n]["dice_mean"] for n in names], width, yerr=[per[n]["dice_std"] for n in names],
+               label=Path(m).name, capsize=3)  # fmt: skip
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("1-shot Dice (whole volume)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['studies']}, {len(result['pairs'])} study pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

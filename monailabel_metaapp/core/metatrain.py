@@ -320,8 +320,9 @@ def outer_loop(
 ) -> dict:
     """The outer loop shared by segmentation and classification: Adam on the shared layers, the head
     initialisation and (Meta-SGD) the inner-loop rates; time budget, checkpoints, resume, log.
-    Each validation that beats every earlier one (of this run) also writes `OUT.best.pt`: a long run
-    can overfit its tasks, and the best-validated weights are the ones to ship."""
+    Each validation that beats every earlier one of this run, the starting weights' included, also
+    writes `OUT.best.pt`: a long run can drift past its best point, and the best-validated weights
+    are the ones to ship (none are written when nothing beats the start)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = Path(str(out) + ".state.pt")
     best_path = best_weights_path(out)
@@ -365,6 +366,11 @@ def outer_loop(
     )
     last_ckpt, ema, t_prev = time.time(), None, time.time()
     log = open(log_path, "a" if step else "w", buffering=1) if rank == 0 else None  # a resumed run appends
+    if step == 0:  # the starting weights' validation: `OUT.best.pt` is written only for weights that beat it
+        start_val = validate()
+        best_val = start_val.get("val_loss", best_val)
+        if log and start_val:
+            log.write(json.dumps({"step": 0, "seconds": 0.0} | {k: round(v, 4) for k, v in start_val.items()}) + "\n")
     while True:
         if any_rank(elapsed >= budget or (cfg.max_steps > 0 and step >= cfg.max_steps), dev, world):
             break
