@@ -6,7 +6,8 @@ study in the same run: a real `metaapp serve`, one labelled cardiac study (LV bl
     python benchmarks/click_latency.py [--clicks 8] [--slices 40] [--out benchmarks/results/click_latency.json]
 
 Needs ../shared/datasets (real cardiac MRI); writes JSON + PNG. Site adaptation is off so that the
-numbers are those of the request alone."""
+numbers are those of the request alone; the clicks start once every head is adapted and the first
+active-learning scoring pass is done, as on a server that has been up for a while."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def main() -> None:
     server = Server(store, root / "server.log", {"site_adapt": "false"}).start()
     try:
         server.wait_ready(lv_blood_pool=1)
+        server.wait_scores()  # every head adapted and the first scoring pass done: the click's time alone
         client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp())
         infers, clicks, server_s, dices = [], [], [], []
         for _ in range(3):  # the first one embeds the study; the others are what a click is compared with
