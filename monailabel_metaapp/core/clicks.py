@@ -215,11 +215,14 @@ def correct_head(
     dev = adapter.device
     new = grid_clicks if new is None else new
     support = click_support(grid_clicks, feats.shape[-1], points_alone=saved is None)
-    cf = feats[support.slices].float().to(dev)
+    # the clicked slices count only at their labelled pixels: the head sees the window around them
+    ys, xs = window(support.fg | support.bg | support.far)
+    cf = feats[..., ys, xs][support.slices].float().to(dev).contiguous(memory_format=torch.channels_last)
+    target = {key: getattr(support, key)[..., ys, xs].to(dev) for key in ("fg", "bg", "far")}
     head_net = adapter.model.head
     if start is None:
         pix = cf.permute(0, 2, 3, 1)
-        fg_feats, bg_feats, far_feats = (pix[m.to(dev)] for m in (support.fg, support.bg, support.far))
+        fg_feats, bg_feats, far_feats = (pix[target[key]] for key in ("fg", "bg", "far"))
         if not len(fg_feats):
             raise VolumeError("a structure with no saved label needs at least one foreground point to start from")
         params = dict(head_net.named_parameters())
@@ -232,18 +235,8 @@ def correct_head(
             side = "fg" if c[3] else "bg"
             params[side] = torch.cat([params[side], click_feature(feats, c).to(dev)])
     saved_feats, saved_masks = saved if saved is not None else (cf[:0], torch.zeros(0, *cf.shape[2:]))
-    # the clicked slices count only at their labelled pixels: the head sees the window around them
-    ys, xs = window(support.fg | support.bg | support.far)
-    both = (
-        saved_feats.float().to(dev).contiguous(memory_format=torch.channels_last),
-        cf[..., ys, xs].contiguous(memory_format=torch.channels_last),
-    )
-    target = {
-        "mask": saved_masks.float().to(dev),
-        "fg": support.fg[..., ys, xs].to(dev),
-        "bg": support.bg[..., ys, xs].to(dev),
-        "far": support.far[..., ys, xs].to(dev),
-    }
+    both = (saved_feats.float().to(dev).contiguous(memory_format=torch.channels_last), cf)
+    target["mask"] = saved_masks.float().to(dev)
     lrs = {k: v.detach() for k, v in adapter.model.lrs().items()}
     with torch.enable_grad():
         params = {k: v.detach().clone().requires_grad_(k in lrs) for k, v in params.items()}

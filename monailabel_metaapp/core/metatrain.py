@@ -302,7 +302,8 @@ def check_resumable_config(out: Path, config: dict) -> None:
 
 def best_weights_path(out: str | Path) -> Path:
     """Where a meta-training run keeps its best-validated weights (`OUT.best.pt`, with a sidecar)."""
-    return Path(str(out)[: -len(".pt")] + ".best.pt" if str(out).endswith(".pt") else str(out) + ".best.pt")
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".pt") + ".best.pt")
 
 
 def outer_loop(
