@@ -6,6 +6,7 @@ evaluated on the 10 held-out studies (cmr 26-35): whole-volume protocol with the
 (no KL term, fixed inner-loop rates) on the LV blood-pool fold.
 
     python benchmarks/fewshot_seg.py --models DIR [--repeats 2] [--queries 5] [--shots 1,3,5]
+        [--baselines scratch,finetune,proto] [--folds 200,500,600]
 
 DIR holds fold200.pt, fold500.pt, fold600.pt, fold500_nokl.pt, fold500_fixedlr.pt (made by
 benchmarks/gpu_run.sh). Writes benchmarks/results/fewshot_seg.json + .png."""
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--scratch-seconds", type=float, default=150.0)
+    ap.add_argument("--baselines", default="scratch,finetune,proto", help="whole-volume baselines, comma-separated")
+    ap.add_argument("--folds", default="200,500,600", help="held-out label values whose fold models are scored")
     ap.add_argument("--out", default="benchmarks/results/fewshot_seg.json")
     a = ap.parse_args()
     require_shared_datasets()
@@ -50,19 +53,24 @@ def main() -> None:
         rows.extend(res["rows"])
         runs.append({"fold": tag, "structure": name, **res["settings"]})
 
+    folds = {int(v) for v in a.folds.split(",")}
     for name, value in CMR_STRUCTURES.items():
+        if value not in folds:
+            continue
         fold = models / f"fold{value}.pt"
         run(
             f"fold{value}",
             fold,
             name,
             value,
-            baselines=["scratch", "finetune", "proto"],
+            baselines=[b for b in a.baselines.split(",") if b],
             scratch_seconds=a.scratch_seconds,
         )
         run(f"fold{value}", fold, name, value, baselines=["proto"], protocol="oracle")
+    scored = [models / f"fold{v}.pt" for v in sorted(folds)]
     for tag in ("fold500_nokl", "fold500_fixedlr"):
-        if (models / f"{tag}.pt").exists():
+        if 500 in folds and (models / f"{tag}.pt").exists():
+            scored.append(models / f"{tag}.pt")
             run(tag, models / f"{tag}.pt", "lv blood pool", 500, baselines=[])
             run(tag, models / f"{tag}.pt", "lv blood pool", 500, baselines=[], protocol="oracle")
     out = Path(a.out)
@@ -76,7 +84,7 @@ def main() -> None:
                 "minutes": round((time.time() - t0) / 60, 1),
                 "runs": runs,
                 "rows": rows,
-                "provenance": stamp(sorted(models.glob("fold*.pt"))),
+                "provenance": stamp(scored),
             },
             indent=2,
         )
