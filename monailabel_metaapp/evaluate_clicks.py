@@ -28,7 +28,15 @@ from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import DEFAULT_ADAPT_STEPS, SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
-from monailabel_metaapp.core.clicks import Click, Corrections, apply_clicks, clicks_to_reach, next_click, saved_slices
+from monailabel_metaapp.core.clicks import (
+    Click,
+    Corrections,
+    apply_clicks,
+    clicks_to_reach,
+    crop_saved,
+    next_click,
+    saved_slices,
+)
 from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
 from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies, structure_labels
 from monailabel_metaapp.evaluate_common import plot_curves
@@ -132,7 +140,7 @@ def saved_support(adapter: SegAdapter, support: list[EvalStudy], value: int):
     head = adapter.adapt(stacks, masks)
     picks = saved_slices(adapter, masks)
     feats = torch.cat([adapter.embed(st, i) for st, i in zip(stacks, picks)])
-    return head, (feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
+    return head, crop_saved(feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
 
 
 def evaluate_clicks(

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
+from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model, sidecar
-from monailabel_metaapp.core.clicks import window
+from monailabel_metaapp.core.clicks import crop_saved, saved_slices, window
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, best_weights_path, meta_train
@@ -48,8 +49,6 @@ def test_inner_loop_changes_only_task_specific_parameters():
 def test_adaptation_and_prediction_run_concurrently_on_one_model():
     """The app adapts in one thread while inference and scoring predict in others, on the same head."""
     import threading
-
-    from monailabel_metaapp.core.adaptation import SegAdapter
 
     torch.manual_seed(0)
     adapter = SegAdapter(FewShotSegModel(SMALL), steps=5)
@@ -104,6 +103,37 @@ def test_the_head_on_a_window_matches_the_whole_slice_inside_it():
         part = model.head.logits(feats[..., ys, xs], params)
         assert torch.allclose(part[:, mask[1, ys, xs]], whole[:, mask[1]], atol=1e-5)
     assert window(torch.zeros(2, 8, 8, dtype=torch.bool)) == (slice(0, 0), slice(0, 0))
+
+
+def test_saved_labels_are_cut_to_the_structure_and_its_surroundings():
+    """A correction fits the saved labels in one box: every pixel of the structure stays in it, with
+    the margin around it (clipped at the border), and features and masks are cut alike."""
+    masks = torch.zeros(3, 100, 100, dtype=torch.bool)
+    masks[0, 40:50, 30:35] = True
+    masks[1, 45:60, 32:40] = True  # slice 2 has no structure: a background slice of the support
+    feats = torch.arange(3 * 2 * 100 * 100, dtype=torch.float32).reshape(3, 2, 100, 100)
+    f, m = crop_saved(feats, masks, margin=0.1)
+    assert m.shape == (3, 40, 30) and f.shape == (3, 2, 40, 30)  # rows 30-69, columns 20-49
+    assert int(m.sum()) == int(masks.sum())
+    assert torch.equal(f, feats[..., 30:70, 20:50])
+    masks[0, 95:, :3] = True  # near a corner: the box stops at the border
+    f, m = crop_saved(feats, masks, margin=0.1)
+    assert m.shape == (3, 70, 50) and int(m.sum()) == int(masks.sum())
+
+
+def test_saved_slices_hold_the_structure_at_any_number_of_saved_labels():
+    """The saved labels a correction keeps fitting must show the structure, however many there are:
+    slices of it spread over its extent in every study, plus the slice where it ends."""
+    adapter = SegAdapter(FewShotSegModel(SMALL))
+    for k in (1, 3, 5):
+        masks = []
+        for n in range(k):
+            m = torch.zeros(12, 16, 16, dtype=torch.bool)
+            m[2 + n : 9 + n, 4:9, 4:9] = True
+            masks.append(m)
+        for m, picks in zip(masks, saved_slices(adapter, masks)):
+            has = [bool(m[i].any()) for i in picks]
+            assert sum(has) == min(7, max(2, 8 // k)) and has.count(False) == 1, (k, picks)  # 7: all it has
 
 
 def test_kl_is_zero_when_posterior_equals_prior_and_grows_with_distance():

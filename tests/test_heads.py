@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from monailabel.datastore.local import LocalDatastore
 
 from monailabel_metaapp.core.adaptation import Head
-from monailabel_metaapp.lib.label_names import named_values, split_named
+from monailabel_metaapp.lib.label_names import final_label_structures, named_values, split_named
 from monailabel_metaapp.lib.seg.heads import HeadStore
 
 
@@ -95,6 +99,29 @@ def test_label_names_from_slicer_monailabel_and_labels_json():
     assert named_values({"params": {"label_names": {"kidney": 5}}}, defaults) == {"kidney": 5}
     assert named_values({}, defaults) == defaults
     assert split_named([1, 2, 9], defaults) == ({"liver": 1, "spleen": 2}, [9])
+
+
+def test_a_label_placed_by_hand_is_read_once_and_again_when_rewritten(tmp_path):
+    """Structures of a label without the app's save record come from the file's values; the values are
+    cached per file stamp, so a label rewritten in the folder is seen with its new structures."""
+    (tmp_path / "labels" / "final").mkdir(parents=True)
+
+    def write(path, values):
+        arr = np.zeros((4, 8, 8), np.uint8)
+        for n, v in enumerate(values):
+            arr[n] = v
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+
+    write(tmp_path / "a.nii.gz", [0])
+    label = tmp_path / "labels" / "final" / "a.nii.gz"
+    write(label, [1])
+    ds = LocalDatastore(str(tmp_path), extensions=("*.nii.gz",), auto_reload=False)
+    names = {"liver": 1, "spleen": 2}
+    assert final_label_structures(ds, "a", names) == {"liver": 1}
+    write(label, [1, 2])
+    later = label.stat().st_mtime + 5
+    os.utime(label, (later, later))
+    assert final_label_structures(ds, "a", names) == {"liver": 1, "spleen": 2}
 
 
 def test_a_damaged_head_file_or_registry_never_stops_a_restart_and_versions_never_go_back(tmp_path):

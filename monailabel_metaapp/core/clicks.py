@@ -249,20 +249,42 @@ SAVED_SLICES = 8  # saved-label slices a correction keeps fitting beside the cli
 
 
 def saved_slices(adapter: SegAdapter, masks: list[torch.Tensor], total: int = SAVED_SLICES) -> list[list[int]]:
-    """Which slices of each saved label a correction fits beside the clicks: evenly spread over the
-    structure (and a slice or two without it), about `total` in all, at least 2 per study.
+    """Which slices of each saved label a correction fits beside the clicks: about `total` slices of
+    the structure in all, evenly spread over it and at least 2 per study, plus each study's nearest
+    slice without it (where the structure ends).
 
     Args:
         adapter: the encoder's adapter.
         masks: (S, size, size) binary masks of the structure, one per saved study.
-        total: slices wanted in all.
+        total: structure slices wanted in all.
     """
     per_study = max(2, total // max(1, len(masks)))
     out = []
     for m in masks:
-        idx = adapter.support_slices(m, n_background=2)
-        out.append([idx[j] for j in np.linspace(0, len(idx) - 1, min(per_study, len(idx))).round().astype(int)])
+        idx = adapter.support_slices(m, n_background=1)
+        fg = [i for i in idx if m[i].any()]
+        picks = {fg[j] for j in np.linspace(0, len(fg) - 1, min(per_study, len(fg))).round().astype(int)}
+        out.append(sorted(picks | {i for i in idx if not m[i].any()}))
     return out
+
+
+SAVED_MARGIN = 0.1  # saved labels are fitted in the box around the structure, widened by this share of a slice
+
+
+def crop_saved(
+    feats: torch.Tensor, masks: torch.Tensor, margin: float = SAVED_MARGIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The saved labels' support slices cut to one box around the structure: a correction changes the
+    label only near the clicks, so the saved labels need to teach the head the structure and its
+    surroundings, not the whole field of view, and every inner-loop step costs the box's pixels only.
+
+    Args:
+        feats: (n, C, H, W) embeddings of the saved labels' support slices.
+        masks: (n, H, W) their binary masks.
+        margin: the box's widening on each side, as a share of the slice's side.
+    """
+    ys, xs = window(masks.bool(), margin=round(margin * masks.shape[-1]))
+    return feats[..., ys, xs], masks[..., ys, xs]
 
 
 REACH = 0.7  # a click changes the label shown within this share of the structure's equivalent radius...

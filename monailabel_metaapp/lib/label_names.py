@@ -6,6 +6,8 @@ folder's `labels.json` names the values. A value with no name is refused (logged
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -67,5 +69,19 @@ def final_label_structures(datastore: Any, image_id: str, defaults: dict[str, in
     if checked:
         return dict(checked["named"])
     path = datastore.get_label_uri(image_id, "final")
-    values = [int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(path))) if v > 0]
-    return split_named(values, named_values(info, defaults))[0]
+    st = os.stat(path)
+    return split_named(list(label_values(str(path), st.st_mtime_ns, st.st_size)), named_values(info, defaults))[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def label_values(path: str, mtime_ns: int, size: int) -> tuple[int, ...]:
+    """The structure values a label file holds (> 0). Keyed by the file's stamp, so a label written
+    again is read again; a label placed in the datastore folder by hand is read once, not at every
+    look-up (click corrections, refinement and scoring ask for every label's structures).
+
+    Args:
+        path: the label file.
+        mtime_ns: its modification time, part of the key.
+        size: its size in bytes, part of the key.
+    """
+    return tuple(int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(path))) if v > 0)

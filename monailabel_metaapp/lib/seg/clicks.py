@@ -24,6 +24,7 @@ from monailabel_metaapp.core.clicks import (
     Click,
     Corrections,
     apply_clicks,
+    crop_saved,
     parse_points,
     saved_slices,
     to_grid,
@@ -141,4 +142,5 @@ class ClickCorrections:
             return None
         _, masks, feats = self.service.labelled(items, adapter)
         picks = saved_slices(adapter, masks)
-        return torch.cat([f[i].float() for f, i in zip(feats, picks)]), torch.cat([m[i] for m, i in zip(masks, picks)])
+        feats = torch.cat([f[i] for f, i in zip(feats, picks)]).float()
+        return crop_saved(feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
