@@ -33,9 +33,8 @@ from monailabel_metaapp.core.clicks import (
     Corrections,
     apply_clicks,
     clicks_to_reach,
-    crop_saved,
     next_click,
-    saved_slices,
+    saved_support,
 )
 from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
 from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies, structure_labels
@@ -131,16 +130,14 @@ def run_clicks(session, ref: np.ndarray, spacing: tuple[float, float, float], n_
     return dices, seconds
 
 
-def saved_support(adapter: SegAdapter, support: list[EvalStudy], value: int):
+def head_and_saved(adapter: SegAdapter, support: list[EvalStudy], value: int):
     """The head of k saved labels and its support slices' (features, masks), as the app adapts it."""
     if not support:
         return None, None
     stacks = [s.stack for s in support]
     masks = [s.lstack == value for s in support]
     head = adapter.adapt(stacks, masks)
-    picks = saved_slices(adapter, masks)
-    feats = torch.cat([adapter.embed(st, i) for st, i in zip(stacks, picks)])
-    return head, crop_saved(feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
+    return head, saved_support(adapter, masks, lambda n, idx: adapter.embed(stacks[n], idx))
 
 
 def evaluate_clicks(
@@ -182,7 +179,7 @@ def evaluate_clicks(
                     if "meta" in methods and k == 0 and "reset" in runs:
                         runs["meta"] = runs["reset"]  # points alone: the product is the reset head
                     elif "meta" in methods:
-                        head, saved = saved_support(adapter, order[:k], v)
+                        head, saved = head_and_saved(adapter, order[:k], v)
                         runs["meta"] = run_clicks(MetaClicks(adapter, q, head, saved), ref, sp, clicks)
                     for method, (d, sec) in runs.items():
                         curves.setdefault((name, k, method), []).append(d)
@@ -252,7 +249,7 @@ def simulate_annotator(
         for r in range(repeats):
             order = random.Random(f"{seed}-annotator-{v}-{r}").sample(pool, min(n_studies, len(pool)))
             for i, q in enumerate(order):
-                head, saved = saved_support(adapter, order[:i], v)
+                head, saved = head_and_saved(adapter, order[:i], v)
                 session = MetaClicks(adapter, q, head, saved)
                 ref, sp = q.ref == v, spacing_zyx(q)
                 pred = session.first()

@@ -13,6 +13,7 @@ stand in, weakly, for background. The corrected head's prediction is shown only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,6 +286,22 @@ def crop_saved(
     """
     ys, xs = window(masks.bool(), margin=round(margin * masks.shape[-1]))
     return feats[..., ys, xs], masks[..., ys, xs]
+
+
+def saved_support(
+    adapter: SegAdapter, masks: list[torch.Tensor], embed: Callable[[int, list[int]], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, masks) a correction fits beside the clicks: `saved_slices` of each saved study, cut
+    by `crop_saved`. The server and `evaluate clicks` both call this, with their own embeddings.
+
+    Args:
+        adapter: the encoder's adapter.
+        masks: (S, size, size) binary masks of the structure, one per saved study.
+        embed: (study index, slice indices) -> (n, C, size, size) embeddings of those slices.
+    """
+    picks = saved_slices(adapter, masks)
+    feats = torch.cat([embed(n, idx) for n, idx in enumerate(picks)]).float()
+    return crop_saved(feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
 
 
 REACH = 0.7  # a click changes the label shown within this share of the structure's equivalent radius...

@@ -24,9 +24,8 @@ from monailabel_metaapp.core.clicks import (
     Click,
     Corrections,
     apply_clicks,
-    crop_saved,
     parse_points,
-    saved_slices,
+    saved_support,
     to_grid,
 )
 from monailabel_metaapp.core.episodes import image_stem
@@ -141,6 +140,4 @@ class ClickCorrections:
         if not items:
             return None
         _, masks, feats = self.service.labelled(items, adapter)
-        picks = saved_slices(adapter, masks)
-        feats = torch.cat([f[i] for f, i in zip(feats, picks)]).float()
-        return crop_saved(feats, torch.cat([m[i] for m, i in zip(masks, picks)]))
+        return saved_support(adapter, masks, lambda n, idx: feats[n][idx])
