@@ -15,7 +15,7 @@ from monailabel.client import MONAILabelClient
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.core.refine import RefineConfig, Refinement, pooled_dice, study_split
+from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -142,6 +142,16 @@ def test_the_guard_holds_out_the_last_study_with_the_structure_and_none_from_a_s
     assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
     assert study_split([a, empty])[1] == [[], []]  # one study holds the structure: nothing to check on
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
+
+
+def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():
+    """The agreement asked for on other studies scales with the quick head's own held-out Dice: a head
+    at 0.03 (the RV blood pool of a held-out-structure fold) asks for almost none, a good head for
+    half of its Dice."""
+    share = RefineConfig().min_agreement
+    assert agreement_needed(0.03, share) < 0.02
+    assert agreement_needed(0.8, share) == 0.4
+    assert agreement_needed(-1.0, share) == 0.0  # no held-out score: no bar from the head
 
 
 def _cmr(shared: Path, i: int, value: int) -> tuple[torch.Tensor, torch.Tensor]:
