@@ -8,7 +8,7 @@ Then every fold's rows are combined into all.json + all.png (one panel per k, me
 
     python benchmarks/refine_timeline_folds.py --models DIR [--shots 1,3,5] [--marks 2,10,30,60,150]
         [--queries 4] [--out benchmarks/results/refine_timeline_loso]
-    python benchmarks/refine_timeline_folds.py --combine A.json B.json ... --out DIR
+    python benchmarks/refine_timeline_folds.py --combine A.json B.json ... --out DIR [--title T]
 
 DIR holds fold200.pt, fold500.pt, fold600.pt (`metaapp meta-train ... --exclude V`). With --combine,
 the rows of later files replace those of earlier ones for the same structure and k.
@@ -30,6 +30,7 @@ from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_sha
 
 TEST_IDS = list(range(26, 36))
 OUT = Path(__file__).resolve().parent / "results" / "refine_timeline_loso"
+TITLE = "held-out structures: served Dice after a save (cmr 26-35)"
 
 
 def run_folds(models: Path, shots: str, marks: str, queries: int, out: Path) -> list[Path]:
@@ -52,7 +53,7 @@ def run_folds(models: Path, shots: str, marks: str, queries: int, out: Path) -> 
     return files
 
 
-def combine(files: list[Path], out: Path) -> Path:
+def combine(files: list[Path], out: Path, title: str = TITLE) -> Path:
     """all.json + all.png from fold JSONs; a later file's rows replace an earlier one's for the same
     structure and k."""
     rows: dict[tuple, list[dict]] = {}
@@ -74,7 +75,7 @@ def combine(files: list[Path], out: Path) -> Path:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "all.json").write_text(json.dumps(result, indent=1))
-    plot_timeline(result["rows"], out / "all.png", "held-out structures: served Dice after a save (cmr 26-35)")
+    plot_timeline(result["rows"], out / "all.png", title)
     return out / "all.json"
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4, help="query studies per fold and k (the rest are anchors)")
     ap.add_argument("--combine", type=Path, nargs="+", help="only combine these fold JSONs")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--title", default=TITLE, help="the combined plot's title")
     a = ap.parse_args()
     if a.combine:
         files = a.combine
@@ -94,7 +96,7 @@ def main() -> None:
         files = run_folds(a.models, a.shots, a.marks, a.queries, a.out)
     else:
         ap.error("give --models (run the folds) or --combine (combine fold JSONs)")
-    print(combine(files, a.out))
+    print(combine(files, a.out, a.title))
 
 
 if __name__ == "__main__":
