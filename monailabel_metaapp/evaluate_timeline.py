@@ -27,7 +27,7 @@ from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
-ANCHORS = 3  # other studies (neither support nor query) the guard checks through, as the app does
+ANCHORS = 3  # other studies (neither support nor query) the guard checks agreement on, as the app does
 
 
 def _copy_net(run: Refinement) -> tuple[dict, object]:
@@ -99,7 +99,7 @@ def timeline_episode(
     def meta_step() -> None:
         if guarded.checkable:
             guarded_step()
-        else:  # nothing to check a version on: the app does not refine, the quick head is served at every mark
+        else:  # one labelled study: the app does not refine, the quick head is served at every mark
             meta.clock = max(marks)
 
     scratch = ScratchTrainer(stacks, masks, adapter.device, seed)

@@ -15,15 +15,7 @@ from monailabel.client import MONAILabelClient
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.core.refine import (
-    RefineConfig,
-    Refinement,
-    agreement_needed,
-    check_kind,
-    pooled_dice,
-    reverse_dice,
-    study_split,
-)
+from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -184,26 +176,3 @@ def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_
     again = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10), state=run.state_dict())
     assert again.steps == run.steps
     assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())
-
-
-def test_one_labelled_study_is_checked_in_reverse_through_other_studies(shared):
-    """With one labelled study the guard scores a version by what its predictions on other studies
-    teach: a quick head adapted on them (meta-learned encoder) is scored on the labelled study. The
-    right structure found on the others scores high, a neighbouring structure low, nothing found zero.
-    Without other studies a single label is not refined."""
-    torch.manual_seed(0)
-    (s1, m1), (s2, m2), (s3, m3) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
-    lv2, lv3 = _cmr(shared, 12, 500)[1], _cmr(shared, 20, 500)[1]
-    assert check_kind([m1], 0) is None and check_kind([m1], 2) == "reverse" and check_kind([m1, m2], 0) == "study"
-    adapter = SegAdapter(load_model(None), "cpu")
-    idx = adapter.support_slices(m1)
-    feats = adapter.embed(s1, idx)
-    right = reverse_dice(adapter, [s2, s3], [m2, m3], s1, m1, feats, idx)
-    wrong = reverse_dice(adapter, [s2, s3], [lv2, lv3], s1, m1, feats, idx)
-    found_nothing = reverse_dice(adapter, [s2, s3], [torch.zeros_like(m2), torch.zeros_like(m3)], s1, m1, feats, idx)
-    assert right > 0.5 and right > wrong + 0.3 and found_nothing == 0.0, (right, wrong)
-
-    run = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]), RefineConfig(val_every=5), anchors=[s2, s3])
-    assert run.checkable and run.kind == "reverse" and 0.0 < run.baseline <= 1.0
-    results = [run.advance() for _ in range(5)]
-    assert results[:4] == [None] * 4 and results[4] is not None

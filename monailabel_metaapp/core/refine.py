@@ -12,24 +12,18 @@ studies and every candidate published before it. The held-out study has never be
 new label arrives it becomes the check, and the one before it joins training. So every version is
 judged on a study it never saw, which is the only check that speaks for the next study.
 
-With one labelled study there is no study to hold out. Held-out slices of the support itself are no
-check: they rewarded networks that learned that one study (on cardiac MRI a version scored 0.85 on its
-held-out slices, the quick head 0.74, while its Dice on other studies fell from 0.40 to 0.12). The
-guard then validates in reverse (`reverse_dice`): the network trains on the whole study, segments a
-few unlabelled studies of the site (`anchors`), and a quick head adapted on those predictions with the
-frozen meta-learned encoder is scored on the labelled study. Predictions that found the structure on
-other studies teach a head that finds it on the labelled one; a network that only learned its one
-study teaches a head little. So every version is still judged through studies it was not trained on.
-Without anchors a single labelled study is not refined.
+With one labelled study there is nothing to hold out and the structure is not refined: held-out
+slices of the support itself rewarded networks that learned where the structure sits in that study
+(on cardiac MRI a version scored 0.85 on its held-out slices, the quick head 0.74, while its Dice on
+other studies fell from 0.40 to 0.12).
 
-With a held-out study, a candidate must also agree with the quick head on the anchors (other studies
-of the site, unlabelled ones included). One held-out study is a small check; the anchors keep a
-candidate from contradicting the meta-learned head on the rest of the site. The head's predictions
-there are only as good as the head, so the agreement asked for is a share
-(`RefineConfig.min_agreement`) of the head's own Dice on the held-out study (`agreement_needed`): a
-head that misses the structure cannot veto a candidate that finds it (on held-out cardiac structures a
-fixed bar of 0.5 refused every candidate of the myocardium and the RV blood pool, while the quick head
-scored 0.03-0.39 on the held-out study).
+A candidate must also agree with the quick head on a few other studies of the site, unlabelled ones
+included (`anchors`). One held-out study is a small check; the anchors keep a candidate from
+contradicting the meta-learned head on the rest of the site. The head's predictions there are only as
+good as the head, so the agreement asked for is a share (`RefineConfig.min_agreement`) of the head's
+own Dice on the held-out study (`agreement_needed`): a head that misses the structure cannot veto a
+candidate that finds it (on held-out cardiac structures a fixed bar of 0.5 refused every candidate of
+the myocardium and the RV blood pool, while the quick head scored 0.03-0.39 on the held-out study).
 """
 
 from __future__ import annotations
@@ -99,40 +93,6 @@ def study_split(masks: list[torch.Tensor]) -> tuple[list[list[int]], list[list[i
     return train, val
 
 
-def check_kind(masks: list[torch.Tensor], n_anchors: int) -> str | None:
-    """How the guard checks a structure's versions: "study" (a held-out labelled study), "reverse" (one
-    labelled study and other studies to validate through, `reverse_dice`), or None (nothing to check
-    on: the structure is not refined)."""
-    holding = sum(bool(m.any()) for m in masks)
-    return "study" if holding >= 2 else "reverse" if holding == 1 and n_anchors > 0 else None
-
-
-def reverse_dice(
-    adapter: SegAdapter,
-    anchors: list[torch.Tensor],
-    predicted: list[torch.Tensor],
-    stack: torch.Tensor,
-    mask: torch.Tensor,
-    feats: torch.Tensor,
-    idx: list[int],
-) -> float:
-    """Reverse validation of predictions on unlabelled studies: the Dice, on the labelled study's slices
-    `idx`, of a quick head that `adapter` (the meta-learned encoder, frozen) adapts on `predicted`.
-
-    Args:
-        adapter: the meta-learned adapter (not the candidate's: the check must not share its errors).
-        anchors: (S, size, size) image stacks of other studies.
-        predicted: (S, size, size) binary masks a candidate predicted on them.
-        stack: the labelled study's stack; `feats` its embeddings on slices `idx` by `adapter`.
-        mask: the labelled study's binary mask of the structure.
-    """
-    keep = [j for j, m in enumerate(predicted) if bool(m.any())]
-    if not keep:  # found nothing anywhere: teaches nothing
-        return 0.0
-    head = adapter.adapt([anchors[j] for j in keep], [predicted[j] for j in keep])
-    return pooled_dice([adapter.predict(stack[idx], [head], feats=feats)[0]], [mask[idx]])
-
-
 def pooled_dice(probs: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
     """Dice of thresholded probabilities over all held-out slices together (1.0 when both are empty)."""
     inter = total = 0.0
@@ -181,10 +141,9 @@ class Refinement:
         self.context = adapter.model.cfg.context
         self.stacks, self.masks = stacks, [m.bool() for m in masks]
         self.guard = guard
-        self.kind = check_kind(self.masks, len(anchors or [])) if guard else None
-        if self.kind == "study":
+        if guard:
             self.train_idx, self.val_idx = study_split(self.masks)
-        else:  # reverse validation, or none: every slice trains
+        else:
             self.train_idx, self.val_idx = [list(range(m.shape[0])) for m in self.masks], [[] for _ in self.masks]
         self.share = largest_component_share(self.masks)
         self.model = copy.deepcopy(adapter.model).to(self.device)
@@ -208,15 +167,8 @@ class Refinement:
         fg = [(j, i) for j, m in enumerate(self.masks) for i in self.train_idx[j] if bool(m[i].any())]
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
-        self.base = adapter  # the meta-learned encoder: reverse validation adapts its heads on it
-        self.anchor_stacks = list(anchors or []) if self.checkable else []
-        study = self.kind == "study"  # the agreement check's reference: the quick head's predictions
-        self.anchors = [(st, adapter.predict(st, [head])[0] >= 0.5) for st in self.anchor_stacks] if study else []
-        if self.kind == "reverse":
-            j = next(j for j, m in enumerate(self.masks) if m.any())
-            self.rev_study, self.rev_idx = j, adapter.support_slices(self.masks[j])
-            self.rev_feats = adapter.embed(stacks[j], self.rev_idx)
-        self.baseline = self._head_baseline(adapter, head) if self.checkable else None
+        self.baseline = self._head_baseline(adapter) if self.checkable else None
+        self.anchors = [(st, adapter.predict(st, [head])[0] >= 0.5) for st in (anchors or [])] if self.checkable else []
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
         if state is not None:
@@ -225,8 +177,8 @@ class Refinement:
     # -- training -----------------------------------------------------------------------------
     @property
     def checkable(self) -> bool:
-        """Whether versions can be checked (a guarded run that cannot check never publishes)."""
-        return self.kind is not None
+        """Whether any held-out slice exists (a guarded run that cannot check never publishes)."""
+        return self.guard and any(self.val_idx)
 
     def step(self) -> float:
         """One optimiser step on a batch of training slices (3 in 4 holding the structure)."""
@@ -250,14 +202,7 @@ class Refinement:
     # -- validation and the guard ---------------------------------------------------------------
     @torch.no_grad()
     def score(self, adapter: SegAdapter, head: Head) -> float:
-        """Dice of (adapter, head) on the held-out study (all its slices: the whole volume), or with one
-        labelled study its reverse validation through the anchors (`reverse_dice`)."""
-        if self.kind == "reverse":
-            predicted = [adapter.predict(st, [head])[0] >= 0.5 for st in self.anchor_stacks]
-            j = self.rev_study
-            return reverse_dice(
-                self.base, self.anchor_stacks, predicted, self.stacks[j], self.masks[j], self.rev_feats, self.rev_idx
-            )
+        """Dice of (adapter, head) on the held-out study (all its slices: the whole volume)."""
         probs, refs = [], []
         for stack, mask, idx in zip(self.stacks, self.masks, self.val_idx):
             if idx:
@@ -265,11 +210,8 @@ class Refinement:
                 refs.append(mask[idx])
         return pooled_dice(probs, refs)
 
-    def _head_baseline(self, adapter: SegAdapter, head: Head) -> float:
-        """The quick head's recipe on the same training studies, scored on the held-out study (in reverse
-        validation: the live quick head itself, which was adapted on the whole labelled study)."""
-        if self.kind == "reverse":
-            return self.score(adapter, head)
+    def _head_baseline(self, adapter: SegAdapter) -> float:
+        """The quick head's recipe on the same training studies, scored on the held-out study."""
         train_masks = [m.clone() for m in self.masks]
         for m, idx in zip(train_masks, self.val_idx):
             m[idx] = False  # hidden from the head: it adapts on the training studies only
@@ -290,7 +232,7 @@ class Refinement:
         d = self.score(self.adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
         self.agreement = None
-        if better and self.anchors and self.kind == "study":  # reverse validation already goes through them
+        if better and self.anchors:
             self.agreement = self._agreement()
             better = self.agreement >= agreement_needed(self.baseline, self.cfg.min_agreement)
         self.model.encoder.net.train()

@@ -7,10 +7,9 @@ already under way gives the cores to them at once.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
-of its Dice on the held-out study or at its budget. A structure with one labelled study is checked
-in reverse through other studies of the datastore (`core.refine.reverse_dice`); with no other study it
-waits for a second label. Each run checkpoints atomically under `<store>/refine/`, and a restarted
-server resumes it.
+of its Dice on the held-out study or at its budget. A structure with one labelled study waits
+for a second one: the guard needs a study to hold out. Each run checkpoints atomically under `<store>/refine/`, and a
+restarted server resumes it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from monailabel_metaapp.core.checkpoint import save_torch
-from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, check_kind, refined_adapter
+from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter, study_split
 from monailabel_metaapp.lib.activity import GATE, REFINE, lower_thread_priority
 from monailabel_metaapp.lib.versioned_store import slug
 
@@ -33,7 +32,7 @@ QUEUED, RUNNING, PLATEAU, BUDGET = "queued", "refining", "plateau", "budget spen
 HELD, FAILED, UNCHECKABLE, OFF = "held after rollback", "failed", "waiting for a second label", "off"
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
 PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
-ANCHORS = 3  # other studies the guard checks through (agreement with the quick head, reverse validation)
+ANCHORS = 3  # other studies a candidate must agree with the quick head on
 TURN_SECONDS = 60.0  # of refinement compute a structure gets before the next waiting one has its turn
 
 
@@ -201,8 +200,7 @@ class RefinementWorker:
         adapter, _ = svc.live()
         stacks, masks = svc.support(items, adapter)
         labels = [image_id for image_id, _ in items]
-        anchors = self._anchors(set(labels), adapter)
-        if check_kind(masks, len(anchors)) is None:  # one labelled study and no other: nothing to check on
+        if not any(study_split(masks)[1]):  # one labelled study: nothing to check a version on
             with self._cv:
                 self._status[name] = {"state": UNCHECKABLE, "labels": len(labels)}
             return None, labels, 0.0
@@ -213,6 +211,7 @@ class RefinementWorker:
             floor_adapter = refined_adapter(adapter, torch.load(live.encoder_file, weights_only=True))
         else:
             floor_adapter = None
+        anchors = self._anchors(set(labels), adapter)
         run = Refinement(
             adapter, stacks, masks, live, self.cfg, seed=len(labels), state=state and state["run"], anchors=anchors
         )
