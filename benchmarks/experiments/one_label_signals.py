@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from monailabel_metaapp.core.adaptation import SegAdapter, dice  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, pooled_dice  # noqa: E402
 from monailabel_metaapp.evaluate import _probs_to_mask, setup  # noqa: E402
+from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
 SIGNALS = ["reverse", "head_agreement", "volume_ratio", "flip_consistency"]
@@ -56,11 +57,11 @@ def reverse_score(base: SegAdapter, anchors, predicted, stack, mask) -> float:
     return pooled_dice([base.predict(stack[idx], [head])[0]], [mask[idx]])
 
 
-def signals(base: SegAdapter, ad: SegAdapter, head, quick, anchors, stack, mask) -> dict[str, float]:
-    """Every label-free signal of (ad, head) on the anchors and the labelled study."""
+def signals(base: SegAdapter, ad: SegAdapter, head, ref, anchors, stack, mask) -> dict[str, float]:
+    """Every label-free signal of (ad, head) on the anchors and the labelled study (`ref`: the quick
+    head's masks on the anchors)."""
     pred = [ad.predict(st, [head])[0] >= 0.5 for st in anchors]
     mirrored = [ad.predict(st.flip(-1), [head])[0].flip(-1) >= 0.5 for st in anchors]
-    ref = [base.predict(st, [quick])[0] >= 0.5 for st in anchors]
     vol = max(1.0, float(mask.sum()))
     return {
         "reverse": reverse_score(base, anchors, pred, stack, mask),
@@ -76,9 +77,10 @@ def trace(studies: str, value: int, model: str | None, queries: int, steps: int,
     pool = [s for s in data if (s.ref == value).any()]
     order = random.Random(f"0-{value}-1-0").sample(pool, len(pool))
     support, query = order[0], order[1 : 1 + queries]
-    anchors = [s.stack for s in order[1 + queries : 4 + queries]]
+    anchors = [s.stack for s in order[1 + queries : 1 + queries + ANCHORS]]
     mask = support.lstack == value
     quick = base.adapt([support.stack], [mask])
+    ref = [base.predict(st, [quick])[0] >= 0.5 for st in anchors]  # fixed: computed once
     run = Refinement(base, [support.stack], [mask], quick, RefineConfig(), seed=0, guard=False)
 
     def query_dice(ad: SegAdapter, head) -> float:
@@ -89,7 +91,7 @@ def trace(studies: str, value: int, model: str | None, queries: int, steps: int,
         {
             "steps": 0,
             "query": query_dice(base, quick),
-            **signals(base, base, quick, quick, anchors, support.stack, mask),
+            **signals(base, base, quick, ref, anchors, support.stack, mask),
         }
     ]
     for _ in tqdm(range(steps // every), desc=f"structure {value}", unit="checkpoint"):
@@ -101,7 +103,7 @@ def trace(studies: str, value: int, model: str | None, queries: int, steps: int,
             {
                 "steps": run.steps,
                 "query": query_dice(run.adapter, head),
-                **signals(base, run.adapter, head, quick, anchors, support.stack, mask),
+                **signals(base, run.adapter, head, ref, anchors, support.stack, mask),
             }
         )
         run.model.encoder.net.train()
