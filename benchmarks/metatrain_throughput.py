@@ -13,6 +13,9 @@ shrink on it, sampling's seconds stay.
 
 Usage (under 5 minutes on a 2-core CPU; on a GPU machine pass --device cuda):
     python benchmarks/metatrain_throughput.py --device cpu [--steps 4 --rounds 2 --tasks-per-step 8]
+    python benchmarks/metatrain_throughput.py --device cuda --studies cmr_all.npz totalseg.npz
+With --studies, the same sources come from study banks (`metaapp bank`), for a machine that has
+the banks but not ../shared/datasets (benchmarks/gpu_check.sh).
 Results: benchmarks/results/metatrain_throughput[_<device>].json + .png
 """
 
@@ -29,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from monailabel_metaapp.core.checkpoint import pick_device  # noqa: E402
-from monailabel_metaapp.core.episodes import load_studies, split_validation  # noqa: E402
+from monailabel_metaapp.core.episodes import load_bank, load_studies, split_validation  # noqa: E402
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, episode_sources, make_optimizer, outer_step  # noqa: E402
 from monailabel_metaapp.core.networks import FewShotSegModel  # noqa: E402
 from monailabel_metaapp.core.objective import meta_objective  # noqa: E402
@@ -72,14 +75,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tasks-per-step", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
+    ap.add_argument("--studies", type=Path, nargs="*", help="study banks instead of ../shared/datasets")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = pick_device(a.device)
-    require_shared_datasets()
-    a.work.mkdir(parents=True, exist_ok=True)
-    studies = load_studies([cmr_view(a.work / "cmr"), totalseg_view(a.work / "totalseg")], 160)
+    if a.studies:
+        studies = [s for bank in a.studies for s in load_bank(bank)]
+    else:
+        require_shared_datasets()
+        a.work.mkdir(parents=True, exist_ok=True)
+        studies = load_studies([cmr_view(a.work / "cmr"), totalseg_view(a.work / "totalseg")], 160)
     train, val = split_validation(studies, 0)
     timers, states = {}, {}
     for name, (sampler, batched) in ARMS.items():

@@ -50,12 +50,13 @@ def git_state(root: str | Path = REPO) -> tuple[str | None, bool | None]:
         root: a folder inside the checkout.
 
     Returns:
-        ``(commit, dirty)``; ``(None, None)`` when ``root`` is not inside a git checkout (an installed
-        package) or git is missing.
+        ``(commit, dirty)``; outside a git checkout (an installed package, a copy of a checkout on
+        another machine) or without git, ``($METAAPP_COMMIT, None)``, the commit the copy was made at
+        as its sender names it, or ``(None, None)``.
     """
     commit = _git("rev-parse", "HEAD", cwd=Path(root))
     if not commit:
-        return None, None
+        return os.environ.get("METAAPP_COMMIT") or None, None
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=Path(root))
     return commit, bool(status)
 
