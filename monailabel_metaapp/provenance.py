@@ -50,13 +50,16 @@ def git_state(root: str | Path = REPO) -> tuple[str | None, bool | None]:
         root: a folder inside the checkout.
 
     Returns:
-        ``(commit, dirty)``; outside a git checkout (an installed package, a copy of a checkout on
-        another machine) or without git, ``($METAAPP_COMMIT, None)``, the commit the copy was made at
-        as its sender names it, or ``(None, None)``.
+        ``(commit, dirty)``; ``($METAAPP_COMMIT, None)`` when that is set: a copy of a checkout on
+        another machine, whose own git metadata may be older than its files, is stamped with the
+        commit its sender names; ``(None, None)`` when ``root`` is not inside a git checkout (an
+        installed package) or git is missing.
     """
+    if sent := os.environ.get("METAAPP_COMMIT"):
+        return sent, None
     commit = _git("rev-parse", "HEAD", cwd=Path(root))
     if not commit:
-        return os.environ.get("METAAPP_COMMIT") or None, None
+        return None, None
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=Path(root))
     return commit, bool(status)
 

@@ -119,11 +119,7 @@ def test_ohif_brush_correction_exported_as_seg_teaches_the_app(
         paint()
     page.screenshot(path=str(shots / "03_painted.png"))
 
-    # Export DICOM SEG: the ••• menu of the segmentation (the app's OHIF fix makes it reach the PACS)
-    title = page.get_by_text("Segmentation 1").first.bounding_box()
-    page.mouse.click(title["x"] - 30, title["y"] + title["height"] / 2)
-    page.get_by_role("menuitem", name="Export & Download").hover()
-    page.get_by_role("menuitem", name="Export DICOM SEG").click()
+    _open_seg_export(page)
     page.locator("input[type=text]").first.fill("brain correction")
     t0 = time.time()
     page.get_by_role("button", name="Save").click()
@@ -165,6 +161,27 @@ def test_ohif_brush_correction_exported_as_seg_teaches_the_app(
 # the label map OHIF's MONAI Label mode shows (segmentation '1'), flat in the volume's index order
 LABELMAP_JS = """() => Array.from(
   window.services.segmentationService.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray())"""
+
+
+def _open_seg_export(page, tries: int = 3) -> None:
+    """Export DICOM SEG from the segmentation's ••• menu (the app's OHIF fix makes it reach the PACS).
+    On a loaded machine the menu can close before a click lands, so it is opened again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(tries):
+        title = page.get_by_text("Segmentation 1").first.bounding_box()
+        page.mouse.click(title["x"] - 30, title["y"] + title["height"] / 2)
+        try:
+            page.get_by_role("menuitem", name="Export & Download").hover(timeout=15_000)
+            page.get_by_role("menuitem", name="Export DICOM SEG").click(timeout=15_000)
+            page.locator("input[type=text]").first.wait_for(timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
+
+
 SEGMENTS_JS = """() => Object.fromEntries(Object.values(
   window.services.segmentationService.getSegmentations()[0].segments).map(s => [s.label, s.segmentIndex]))"""
 # page position and voxel index [i, j, k] of every 6th canvas pixel of the axial viewport inside the image
