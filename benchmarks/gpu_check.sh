@@ -4,8 +4,8 @@
 # device with the classic and the bank sampler side by side (candidates, compared on the CPU with
 # benchmarks/experiments/compare_seg_models.py before one ships).
 # Inputs in $BANKS: cmr_all.npz and totalseg.npz (`metaapp bank`, the shipped model's sources), and a
-# MONAI wheel for a machine without a package registry. $COMMIT names the commit of the copy (a copy
-# without .git stamps its results with it). Results and candidates land in $OUT.
+# MONAI wheel for a machine without a package registry. $COMMIT names the commit of the copy (its
+# results are stamped with it, whatever git metadata the copy holds). Results land in $OUT.
 #   BANKS=.gpu OUT=out MIN=4 COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 # A smoke run of the same script on a CPU: DEVICE=cpu MIN=0.3 STEPS=1 ROUNDS=1 BANKS=.gpu bash ...
 set -u
