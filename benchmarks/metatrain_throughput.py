@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from monailabel_metaapp.core.checkpoint import pick_device  # noqa: E402
-from monailabel_metaapp.core.episodes import load_bank, load_studies, split_validation  # noqa: E402
+from monailabel_metaapp.core.episodes import read_studies, split_validation  # noqa: E402
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, episode_sources, make_optimizer, outer_step  # noqa: E402
 from monailabel_metaapp.core.networks import FewShotSegModel  # noqa: E402
 from monailabel_metaapp.core.objective import meta_objective  # noqa: E402
@@ -81,12 +81,10 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = pick_device(a.device)
-    if a.studies:
-        studies = [s for bank in a.studies for s in load_bank(bank)]
-    else:
+    if not a.studies:
         require_shared_datasets()
         a.work.mkdir(parents=True, exist_ok=True)
-        studies = load_studies([cmr_view(a.work / "cmr"), totalseg_view(a.work / "totalseg")], 160)
+    studies = read_studies(a.studies or [cmr_view(a.work / "cmr"), totalseg_view(a.work / "totalseg")], 160)
     train, val = split_validation(studies, 0)
     timers, states = {}, {}
     for name, (sampler, batched) in ARMS.items():

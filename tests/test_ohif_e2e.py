@@ -163,6 +163,22 @@ LABELMAP_JS = """() => Array.from(
   window.services.segmentationService.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray())"""
 
 
+SEGMENTS_JS = """() => Object.fromEntries(Object.values(
+  window.services.segmentationService.getSegmentations()[0].segments).map(s => [s.label, s.segmentIndex]))"""
+# page position and voxel index [i, j, k] of every 6th canvas pixel of the axial viewport inside the image
+AXIAL_JS = """() => {
+  const vp = window.services.cornerstoneViewportService.getCornerstoneViewport('mpr-axial');
+  const {imageData, dimensions} = vp.getImageData();
+  const r = vp.element.getBoundingClientRect();
+  const out = [];
+  for (let y = 0; y < r.height; y += 6) for (let x = 0; x < r.width; x += 6) {
+    const ijk = imageData.worldToIndex(vp.canvasToWorld([x, y])).map(Math.round);
+    if (ijk.every((v, a) => v >= 0 && v < dimensions[a])) out.push([r.x + x, r.y + y, ijk]);
+  }
+  return out;
+}"""
+
+
 def _open_seg_export(page, tries: int = 3) -> None:
     """Export DICOM SEG from the segmentation's ••• menu (the app's OHIF fix makes it reach the PACS).
     On a loaded machine the menu can close before a click lands, so it is opened again."""
@@ -180,22 +196,6 @@ def _open_seg_export(page, tries: int = 3) -> None:
             if attempt == tries - 1:
                 raise
             page.keyboard.press("Escape")
-
-
-SEGMENTS_JS = """() => Object.fromEntries(Object.values(
-  window.services.segmentationService.getSegmentations()[0].segments).map(s => [s.label, s.segmentIndex]))"""
-# page position and voxel index [i, j, k] of every 6th canvas pixel of the axial viewport inside the image
-AXIAL_JS = """() => {
-  const vp = window.services.cornerstoneViewportService.getCornerstoneViewport('mpr-axial');
-  const {imageData, dimensions} = vp.getImageData();
-  const r = vp.element.getBoundingClientRect();
-  const out = [];
-  for (let y = 0; y < r.height; y += 6) for (let x = 0; x < r.width; x += 6) {
-    const ijk = imageData.worldToIndex(vp.canvasToWorld([x, y])).map(Math.round);
-    if (ijk.every((v, a) => v >= 0 && v < dimensions[a])) out.push([r.x + x, r.y + y, ijk]);
-  }
-  return out;
-}"""
 
 
 def _point_prompts(page, server, reference: sitk.Image, shots: Path, tmp: Path) -> None:

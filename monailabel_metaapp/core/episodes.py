@@ -114,6 +114,22 @@ def load_studies(folders: list[str | Path], size: int, progress: bool = True) ->
     return studies
 
 
+def read_studies(sources: list[str | Path], size: int, progress: bool = True) -> list[Study]:
+    """Datastore folders and/or `.npz` study banks (`metaapp bank`) -> studies, banks first."""
+    missing = [str(p) for p in sources if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such studies folder or bank: {', '.join(missing)}")
+    banks = [p for p in sources if str(p).endswith(".npz")]
+    folders = [p for p in sources if not str(p).endswith(".npz")]
+    for f in folders:
+        if not Path(f).is_dir():
+            raise ValueError(f"{f} is neither a datastore folder nor a .npz bank")
+    studies = [s for b in banks for s in load_bank(b)]
+    if folders:
+        studies += load_studies(folders, size, progress=progress)
+    return studies
+
+
 def add_superpixels(studies: list[Study], progress: bool = True) -> None:
     """Felzenszwalb superpixels per slice: the pseudo-labels of self-supervised tasks."""
     for s in tqdm(studies, desc="superpixels", disable=not progress, unit="study"):

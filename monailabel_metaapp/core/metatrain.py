@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, pick_device, save_model, sidecar
 from monailabel_metaapp.core.episode_bank import KINDS, BankSampler, SliceBank, TaskShares
-from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_bank, load_studies, split_validation
+from monailabel_metaapp.core.episodes import EpisodeSampler, Study, read_studies, split_validation
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
 from monailabel_metaapp.core.profile import StepTimer
@@ -103,11 +103,7 @@ def meta_train(
     if isinstance(studies[0], Study):
         bank = list(studies)
     else:
-        banks = [p for p in studies if str(p).endswith(".npz")]
-        folders = [p for p in studies if not str(p).endswith(".npz")]
-        bank = [s for b in banks for s in load_bank(b)]
-        if folders:
-            bank += load_studies(folders, model.cfg.size, progress=progress and rank == 0)
+        bank = read_studies(studies, model.cfg.size, progress=progress and rank == 0)
 
     train_studies, val_studies = split_validation(bank, cfg.seed)
     if cfg.sampler == "bank":  # the weights record every share, defaults included

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from monailabel_metaapp.core.adaptation import SegAdapter, dice, probabilities_to_labels
 from monailabel_metaapp.core.checkpoint import atomic_write, load_model, save_model, sidecar
 from monailabel_metaapp.core.episode_bank import BankSampler, SliceBank, TaskShares
-from monailabel_metaapp.core.episodes import Episode, EpisodeSampler, Study, add_superpixels, load_bank, load_studies
+from monailabel_metaapp.core.episodes import Episode, EpisodeSampler, Study, add_superpixels, read_studies
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.metatrain import (
     MetaTrainConfig,
@@ -190,7 +190,7 @@ class SiteTrainer:
             model: the live model (its input size).
             progress: show progress.
         """
-        return load_site_studies(sources, model.cfg.size, progress=progress)
+        return read_studies(sources, model.cfg.size, progress=progress)
 
     def set_data(self, data) -> None:
         """(Re)build the held-out split, the episode sampler and the validation tasks.
@@ -518,22 +518,6 @@ class SiteAdaptation(SiteTrainer):
             pred = probabilities_to_labels(probs, [1], one_piece=head.one_piece) == 1
             per.setdefault(key, []).append(dice(pred, (q.label[idx] == v).numpy()))
         return {k: statistics.fmean(d) for k, d in per.items()}
-
-
-def load_site_studies(sources: list[str | Path], size: int, progress: bool = True) -> list[Study]:
-    """Datastore folders and/or `.npz` banks -> studies."""
-    missing = [str(p) for p in sources if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"no such studies folder or bank: {', '.join(missing)}")
-    banks = [p for p in sources if str(p).endswith(".npz")]
-    folders = [p for p in sources if not str(p).endswith(".npz")]
-    for f in folders:
-        if not Path(f).is_dir():
-            raise ValueError(f"{f} is neither a datastore folder nor a .npz bank")
-    studies = [s for b in banks for s in load_bank(b)]
-    if folders:
-        studies += load_studies(folders, size, progress=progress)
-    return studies
 
 
 def adapt_site(
