@@ -99,7 +99,7 @@ def timeline_episode(
     def meta_step() -> None:
         if guarded.checkable:
             guarded_step()
-        else:  # one labelled study: the app does not refine, the quick head is served at every mark
+        else:  # no labelled slice to check on: the app does not refine, the quick head is served throughout
             meta.clock = max(marks)
 
     scratch = ScratchTrainer(stacks, masks, adapter.device, seed)

@@ -134,14 +134,39 @@ def test_refinement_resumes_from_its_checkpoint_after_kill_9(cmr_store, start_se
 # -- the core, without a server ------------------------------------------------------------------
 
 
-def test_the_guard_holds_out_the_last_study_with_the_structure_and_none_from_a_single_one():
+def test_the_guard_holds_out_the_last_study_with_the_structure_or_a_block_of_a_single_one():
     a = torch.zeros(4, 8, 8, dtype=torch.bool)
     a[1:3, 2:4, 2:4] = True
     empty = torch.zeros_like(a)
     train, val = study_split([a, a.clone(), empty])
     assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
-    assert study_split([a, empty])[1] == [[], []]  # one study holds the structure: nothing to check on
+    one = torch.zeros(12, 8, 8, dtype=torch.bool)
+    one[2:11, 2:4, 2:4] = True  # 9 slices hold the structure: the middle 3 are held out, never trained on
+    train, val = study_split([one, empty])
+    assert val == [[5, 6, 7], []] and train == [[0, 1, 2, 3, 4, 8, 9, 10, 11], list(range(4))]
+    assert study_split([empty, empty])[1] == [[], []]  # no study holds the structure: nothing to check on
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
+
+
+def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(shared):
+    """One labelled study: a block of its slices checks the candidate, and distillation on an
+    unlabelled study keeps the candidate's prediction there closer to the quick head's than fitting
+    the label alone does (fine-tuning on one study sank known structures on others)."""
+    (s1, m1), (s2, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600)
+    adapter = SegAdapter(load_model(None), "cpu")
+    quick = adapter.adapt([s1], [m1])
+    teacher = adapter.predict(s2, [quick])[0] >= 0.5
+    agreement = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        run = Refinement(adapter, [s1], [m1], quick, RefineConfig(distill=weight, augment=0.0), anchors=[s2])
+        assert run.checkable and run.val_idx[0] and not set(run.val_idx[0]) & set(run.train_idx[0])
+        assert bool(run.teacher) == (weight > 0)
+        for _ in range(20):
+            run.step()
+        run.model.encoder.net.eval()
+        agreement[weight] = pooled_dice([run.adapter.predict(s2, [run.head()])[0]], [teacher])
+    assert agreement[1.0] > agreement[0.0], agreement
 
 
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():
@@ -162,12 +187,10 @@ def _cmr(shared: Path, i: int, value: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_from_its_state(shared):
     """The shipped model refined on two cardiac studies: its Dice on the held-out one rises above the
     quick head's (adapted on the other), and a run built from `state_dict()` continues where the first
-    stopped. One study alone is never refined."""
+    stopped."""
     torch.manual_seed(0)
     (s1, m1), (s2, m2) = _cmr(shared, 5, 600), _cmr(shared, 12, 600)
     adapter = SegAdapter(load_model(None), "cpu")
-    alone = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]))
-    assert not alone.checkable and alone.advance() is None
     head = adapter.adapt([s1, s2], [m1, m2])
     run = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10))
     start = run.best

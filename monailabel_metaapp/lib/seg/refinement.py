@@ -7,8 +7,9 @@ already under way gives the cores to them at once.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
-of its Dice on the held-out study or at its budget. A structure with one labelled study waits
-for a second one: the guard needs a study to hold out. Each run checkpoints atomically under `<store>/refine/`, and a
+of its Dice on the held-out study or at its budget. With one labelled study the guard holds out a
+block of its slices, and the run is distilled towards the quick head on other studies of the
+datastore (`core.refine`). Each run checkpoints atomically under `<store>/refine/`, and a
 restarted server resumes it.
 """
 
@@ -29,7 +30,7 @@ from monailabel_metaapp.lib.versioned_store import slug
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, PLATEAU, BUDGET = "queued", "refining", "plateau", "budget spent"
-HELD, FAILED, UNCHECKABLE, OFF = "held after rollback", "failed", "waiting for a second label", "off"
+HELD, FAILED, UNCHECKABLE, OFF = "held after rollback", "failed", "waiting for a label that holds the structure", "off"
 CHECKPOINT_SECONDS = 30.0  # of refinement compute between two checkpoints
 PUBLISH_SECONDS = 20.0  # of refinement compute between two published versions
 ANCHORS = 3  # other studies a candidate must agree with the quick head on
@@ -200,7 +201,7 @@ class RefinementWorker:
         adapter, _ = svc.live()
         stacks, masks = svc.support(items, adapter)
         labels = [image_id for image_id, _ in items]
-        if not any(study_split(masks)[1]):  # one labelled study: nothing to check a version on
+        if not any(study_split(masks)[1]):  # no label holds the structure: nothing to check a version on
             with self._cv:
                 self._status[name] = {"state": UNCHECKABLE, "labels": len(labels)}
             return None, labels, 0.0

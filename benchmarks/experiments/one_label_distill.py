@@ -1,0 +1,129 @@
+"""With one labelled study, does fine-tuning end to end make the network better or worse on new
+studies, and does distillation from the quick head on unlabelled studies of the site keep it from
+collapsing?
+
+Fine-tuning on the one labelled study lifts structures the encoder never saw and sinks some it knows
+(`one_label_signals.py`). For one structure, each variant fine-tunes the meta-learned network and its
+quick head on that study (`core.refine.Refinement(guard=False)` with the variant's settings) and is
+scored every `--every` steps by its mean Dice on query studies. Variants are `RefineConfig` fields,
+e.g. `distill=1` (the candidate's predictions on 3 unlabelled anchor studies pulled towards the quick
+head's) or `lr_encoder=5e-5`. Draws as in `metaapp evaluate seg --timeline` (`--draw 0` is repeat 0).
+
+    python benchmarks/experiments/one_label_distill.py --studies DIR --structure 600 [--model FILE]
+        [--draw 0] [--queries 4] [--steps 150] [--every 30] --variant base= --variant kd=distill=1 --out t.json
+    python benchmarks/experiments/one_label_distill.py --combine a.json b.json ... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from monailabel_metaapp.core.adaptation import SegAdapter, dice  # noqa: E402
+from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E402
+from monailabel_metaapp.evaluate import _probs_to_mask, setup  # noqa: E402
+from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
+from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name=key=value,key=value' -> (name, RefineConfig overrides)."""
+    name, _, rest = text.partition("=")
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        k, v = item.split("=")
+        fields[k] = type(getattr(RefineConfig(), k))(float(v))
+    return name, fields
+
+
+def run(a: argparse.Namespace) -> dict:
+    _, base, data, _ = setup(a.studies, {"s": a.structure}, a.model, "cpu")
+    pool = [s for s in data if (s.ref == a.structure).any()]
+    order = random.Random(f"0-{a.structure}-1-{a.draw}").sample(pool, len(pool))
+    support, query = order[0], order[1 : 1 + a.queries]
+    anchors = [s.stack for s in order[1 + a.queries : 1 + a.queries + ANCHORS]]
+    mask = support.lstack == a.structure
+    quick = base.adapt([support.stack], [mask])
+
+    def query_dice(ad: SegAdapter, head) -> float:
+        preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
+        return sum(dice(p, q.ref == a.structure) for p, q in zip(preds, query)) / len(query)
+
+    head0 = query_dice(base, quick)
+    curves = {}
+    for text in a.variant:
+        name, fields = parse_variant(text)
+        torch.manual_seed(0)
+        cfg = RefineConfig(**fields)
+        ft = Refinement(base, [support.stack], [mask], quick, cfg, seed=0, guard=False, anchors=anchors)
+        rows = [{"steps": 0, "query": head0}]
+        for _ in tqdm(range(a.steps // a.every), desc=f"{a.structure} {name}", unit="checkpoint"):
+            for _ in range(a.every):
+                ft.step()
+            ft.model.encoder.net.eval()
+            rows.append({"steps": ft.steps, "query": query_dice(ft.adapter, ft.head()), "seconds": ft.seconds})
+            ft.model.encoder.net.train()
+        curves[name] = {"fields": fields, "rows": rows}
+    settings = {k: getattr(a, k) for k in ("studies", "structure", "draw", "queries", "steps", "every")}
+    settings["model"] = a.model or "shipped"
+    return {"settings": settings, "curves": curves, "provenance": stamp([a.model] if a.model else [SHIPPED_SEG])}
+
+
+def combine(files: list[Path], out: Path) -> None:
+    traces = [json.loads(Path(f).read_text()) | {"file": Path(f).name} for f in files]
+    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 3.2), squeeze=False)
+    summary = []
+    for t, ax in zip(traces, axes[0]):
+        st = t["settings"]
+        name = f"{Path(st['model']).stem} / {st['structure']} / draw {st['draw']}"
+        row = {"trace": t["file"], "name": name}
+        for v, c in t["curves"].items():
+            q = [r["query"] for r in c["rows"]]
+            ax.plot([r["steps"] for r in c["rows"]], q, marker=".", label=v)
+            row[v] = {"first": q[0], "last": q[-1], "min": min(q), "max": max(q)}
+        summary.append(row)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("steps on the one study")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("query Dice")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "distill.png", dpi=110)
+    weights = sorted({w for t in traces for w in t["provenance"]["weights"]})
+    (out / "distill.json").write_text(json.dumps({"summary": summary, "provenance": stamp(weights)}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies")
+    ap.add_argument("--structure", type=int)
+    ap.add_argument("--model", help="meta-trained weights (default: the shipped model)")
+    ap.add_argument("--draw", type=int, default=0)
+    ap.add_argument("--queries", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--every", type=int, default=30)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--combine", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    if a.combine:
+        combine(a.combine, a.out)
+        return
+    if not a.studies or a.structure is None or not a.variant:
+        ap.error("give --studies, --structure and --variant (one trace) or --combine")
+    torch.set_num_threads(1)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(run(a), indent=1))
+
+
+if __name__ == "__main__":
+    main()
