@@ -5,12 +5,14 @@ collapsing?
 Fine-tuning on the one labelled study lifts structures the encoder never saw and sinks some it knows
 (`one_label_signals.py`). For one structure, each variant fine-tunes the meta-learned network and its
 quick head on that study (`core.refine.Refinement(guard=False)` with the variant's settings) and is
-scored every `--every` steps by its mean Dice on query studies. Variants are `RefineConfig` fields,
-e.g. `distill=1` (the candidate's predictions on 3 unlabelled anchor studies pulled towards the quick
-head's) or `lr_encoder=5e-5`. Draws as in `metaapp evaluate seg --timeline` (`--draw 0` is repeat 0).
+scored every `--every` steps by its mean Dice on query studies. A variant sets `RefineConfig` fields
+over their defaults (distillation is on by default): `distill=0` fits the label alone, `distill=1`
+also pulls the candidate's predictions on 3 unlabelled anchor studies towards the quick head's.
+Draws as in `metaapp evaluate seg --timeline` (`--draw 0` is repeat 0).
 
     python benchmarks/experiments/one_label_distill.py --studies DIR --structure 600 [--model FILE]
-        [--draw 0] [--queries 4] [--steps 150] [--every 30] --variant base= --variant kd=distill=1 --out t.json
+        [--draw 0] [--queries 4] [--steps 150] [--every 30]
+        --variant base=distill=0 --variant kd1=distill=1 --out t.json
     python benchmarks/experiments/one_label_distill.py --combine a.json b.json ... --out DIR
 """
 
@@ -72,7 +74,7 @@ def run(a: argparse.Namespace) -> dict:
             ft.model.encoder.net.eval()
             rows.append({"steps": ft.steps, "query": query_dice(ft.adapter, ft.head()), "seconds": ft.seconds})
             ft.model.encoder.net.train()
-        curves[name] = {"fields": fields, "rows": rows}
+        curves[name] = {"fields": fields, "config": cfg.to_dict(), "rows": rows}
     settings = {k: getattr(a, k) for k in ("studies", "structure", "draw", "queries", "steps", "every")}
     settings["model"] = a.model or "shipped"
     return {"settings": settings, "curves": curves, "provenance": stamp([a.model] if a.model else [SHIPPED_SEG])}
