@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import matplotlib
@@ -28,12 +27,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from one_label_signals import mean_query_dice, one_label_draw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from monailabel_metaapp.core.adaptation import SegAdapter, dice  # noqa: E402
+from monailabel_metaapp.core.adaptation import SegAdapter  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E402
-from monailabel_metaapp.evaluate import _probs_to_mask, setup  # noqa: E402
-from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
 
@@ -48,17 +46,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run(a: argparse.Namespace) -> dict:
-    _, base, data, _ = setup(a.studies, {"s": a.structure}, a.model, "cpu")
-    pool = [s for s in data if (s.ref == a.structure).any()]
-    order = random.Random(f"0-{a.structure}-1-{a.draw}").sample(pool, len(pool))
-    support, query = order[0], order[1 : 1 + a.queries]
-    anchors = [s.stack for s in order[1 + a.queries : 1 + a.queries + ANCHORS]]
-    mask = support.lstack == a.structure
-    quick = base.adapt([support.stack], [mask])
+    base, support, query, anchors, mask, quick = one_label_draw(a.studies, a.structure, a.model, a.queries, a.draw)
 
     def query_dice(ad: SegAdapter, head) -> float:
-        preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
-        return sum(dice(p, q.ref == a.structure) for p, q in zip(preds, query)) / len(query)
+        return mean_query_dice(ad, head, query, a.structure)
 
     head0 = query_dice(base, quick)
     curves = {}

@@ -71,21 +71,32 @@ def signals(base: SegAdapter, ad: SegAdapter, head, ref, anchors, stack, mask) -
     }
 
 
-def trace(studies: str, value: int, model: str | None, queries: int, steps: int, every: int) -> dict:
-    torch.manual_seed(0)
+def one_label_draw(studies: str, value: int, model: str | None, queries: int, draw: int = 0):
+    """(adapter, support study, query studies, anchor stacks, support mask, quick head) of one draw of
+    `metaapp evaluate seg --timeline` at one label (`draw` is its repeat)."""
     _, base, data, _ = setup(studies, {"s": value}, model, "cpu")
     pool = [s for s in data if (s.ref == value).any()]
-    order = random.Random(f"0-{value}-1-0").sample(pool, len(pool))
+    order = random.Random(f"0-{value}-1-{draw}").sample(pool, len(pool))
     support, query = order[0], order[1 : 1 + queries]
     anchors = [s.stack for s in order[1 + queries : 1 + queries + ANCHORS]]
     mask = support.lstack == value
-    quick = base.adapt([support.stack], [mask])
+    return base, support, query, anchors, mask, base.adapt([support.stack], [mask])
+
+
+def mean_query_dice(ad: SegAdapter, head, query, value: int) -> float:
+    """Mean whole-volume Dice of (ad, head) over the query studies, on their original grids."""
+    preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
+    return sum(dice(p, q.ref == value) for p, q in zip(preds, query)) / len(query)
+
+
+def trace(studies: str, value: int, model: str | None, queries: int, steps: int, every: int) -> dict:
+    torch.manual_seed(0)
+    base, support, query, anchors, mask, quick = one_label_draw(studies, value, model, queries)
     ref = [base.predict(st, [quick])[0] >= 0.5 for st in anchors]  # fixed: computed once
     run = Refinement(base, [support.stack], [mask], quick, RefineConfig(), seed=0, guard=False)
 
     def query_dice(ad: SegAdapter, head) -> float:
-        preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
-        return sum(dice(p, q.ref == value) for p, q in zip(preds, query)) / len(query)
+        return mean_query_dice(ad, head, query, value)
 
     rows = [
         {
