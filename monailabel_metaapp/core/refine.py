@@ -183,10 +183,11 @@ class Refinement:
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.baseline = self._head_baseline(adapter) if self.checkable else None
-        teacher = [(st, adapter.predict(st, [head])[0]) for st in (anchors or [])]
+        distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
+        needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both uses
+        teacher = [(st, adapter.predict(st, [head])[0]) for st in needed]
         self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
-        one_study = sum(bool(m.any()) for m in self.masks) == 1
-        self.teacher = teacher if self.cfg.distill > 0 and one_study else []
+        self.teacher = teacher if distilling else []
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
