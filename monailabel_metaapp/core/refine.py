@@ -63,6 +63,7 @@ class RefineConfig:
         distill: with one labelled study, the weight of the distillation term: the candidate's
             predictions on slices of the anchor studies are pulled towards the quick head's (the
             teacher: the meta-learned network adapted to this structure). 0 trains on the label alone.
+        distill_batch: anchor slices per step of the distillation term.
     """
 
     lr_encoder: float = 3e-4
@@ -75,6 +76,7 @@ class RefineConfig:
     budget_seconds: float = 600.0
     min_agreement: float = 0.5
     distill: float = 1.0
+    distill_batch: int = 4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +222,7 @@ class Refinement:
     def _distill_loss(self) -> torch.Tensor:
         """Cross-entropy between the candidate's and the quick head's foreground probabilities on a
         batch of anchor slices, both seen through the same augmentation."""
-        pick = [self.pool_teacher[self.rng.randrange(len(self.pool_teacher))] for _ in range(self.cfg.batch)]
+        pick = [self.pool_teacher[self.rng.randrange(len(self.pool_teacher))] for _ in range(self.cfg.distill_batch)]
         x = torch.cat([with_context(self.teacher[j][0], [i], self.context) for j, i in pick]).to(self.device)
         p = torch.stack([self.teacher[j][1][i] for j, i in pick]).to(self.device)
         x, p = augment(x, p, self.rng, self.cfg.augment)
