@@ -51,6 +51,8 @@ class RefineConfig:
 
     Args:
         lr_encoder: Adam learning rate of the encoder's weights.
+        lr_encoder_taught: the encoder's learning rate while the quick head teaches (one labelled
+            study, `distill` > 0): the teacher keeps a faster run from drifting on other studies.
         lr_head: Adam learning rate of the head's parameters (prototypes, scale, bias, conv).
         batch: slices per step.
         augment: strength of the random affine/gamma/noise augmentation (`episodes.augment`).
@@ -67,6 +69,7 @@ class RefineConfig:
     """
 
     lr_encoder: float = 3e-4
+    lr_encoder_taught: float = 1e-3
     lr_head: float = 3e-3
     batch: int = 4
     augment: float = 0.5
@@ -171,9 +174,11 @@ class Refinement:
             for k, v in head.params.items()
             if k != COMPONENT_KEY
         }
+        distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
+        lr_encoder = self.cfg.lr_encoder_taught if distilling and anchors else self.cfg.lr_encoder
         self.opt = torch.optim.Adam(
             [
-                {"params": list(self.model.encoder.net.parameters()), "lr": self.cfg.lr_encoder},
+                {"params": list(self.model.encoder.net.parameters()), "lr": lr_encoder},
                 {"params": list(self.params.values()), "lr": self.cfg.lr_head},
             ]
         )
@@ -185,7 +190,6 @@ class Refinement:
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.baseline = self._head_baseline(adapter) if self.checkable else None
-        distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
         needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both uses
         teacher = [(st, adapter.predict(st, [head])[0]) for st in needed]
         self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
@@ -318,10 +322,13 @@ class Refinement:
             for k, v in state["head"].items():
                 if k in self.params and self.params[k].shape == v.shape:
                     self.params[k].copy_(v.to(self.device))
+        lrs = [g["lr"] for g in self.opt.param_groups]  # this run's rates: the labels may have grown
         try:
             self.opt.load_state_dict(state["optimizer"])
         except (ValueError, KeyError):  # an optimiser of another layout: start its moments afresh
             pass
+        for g, lr in zip(self.opt.param_groups, lrs):
+            g["lr"] = lr
         self.steps = int(state.get("steps", 0))
 
 
