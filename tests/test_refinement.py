@@ -159,7 +159,8 @@ def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(sh
     agreement = {}
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
-        run = Refinement(adapter, [s1], [m1], quick, RefineConfig(distill=weight, augment=0.0), anchors=[s2])
+        cfg = RefineConfig(distill=weight, augment=0.0, lr_encoder_taught=RefineConfig().lr_encoder)  # same pace
+        run = Refinement(adapter, [s1], [m1], quick, cfg, anchors=[s2])
         assert run.checkable and run.val_idx[0] and not set(run.val_idx[0]) & set(run.train_idx[0])
         assert bool(run.teacher) == (weight > 0)
         for _ in range(20):
@@ -167,6 +168,22 @@ def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(sh
         run.model.encoder.net.eval()
         agreement[weight] = pooled_dice([run.adapter.predict(s2, [run.head()])[0]], [teacher])
     assert agreement[1.0] > agreement[0.0], agreement
+
+
+def test_a_taught_run_moves_faster_and_a_second_label_brings_it_back_to_the_untaught_pace(shared):
+    """With one labelled study the teacher holds the run, so its encoder learns at `lr_encoder_taught`;
+    when a second label arrives the run continues from its state without a teacher, at `lr_encoder`."""
+    (s1, m1), (s2, m2) = _cmr(shared, 5, 600), _cmr(shared, 12, 600)
+    adapter = SegAdapter(load_model(None), "cpu")
+    cfg = RefineConfig()
+    one = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]), cfg, anchors=[s2])
+    one.step()
+    assert one.opt.param_groups[0]["lr"] == cfg.lr_encoder_taught != cfg.lr_encoder
+    two = Refinement(
+        adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg, state=one.state_dict(), anchors=[s2]
+    )
+    assert not two.teacher and two.steps == one.steps
+    assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder
 
 
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():
