@@ -37,6 +37,25 @@ def test_farthest_first_covers_the_space_away_from_what_is_labelled():
     assert sorted(farthest_first(pts, torch.zeros(0, 0))) == [0, 1, 2, 3]
 
 
+def test_two_annotators_are_served_different_studies_even_before_the_pick_is_recorded(tmp_path):
+    """MONAI Label writes a pick into the image info after the strategy returns (and its datastore
+    may drop that write); a second Next Sample in between must still get another study."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from monailabel_metaapp.lib.activelearning.meta_strategies import Diversity, Hybrid, Uncertainty
+
+    img = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.float32))
+    for i in range(4):
+        sitk.WriteImage(img, str(tmp_path / f"s{i}.nii.gz"))
+    ds = LocalDatastore(str(tmp_path), extensions=["*.nii.gz"], auto_reload=False)
+    for strategy in (Uncertainty(), Diversity(), Hybrid()):
+        first = strategy({"strategy": "x", "client_id": "a"}, ds)["id"]
+        assert strategy({"strategy": "x", "client_id": "a"}, ds)["id"] == first, "an annotator keeps their study"
+        second = strategy({"strategy": "x", "client_id": "b"}, ds)["id"]
+        assert second != first
+    assert Uncertainty(lease_seconds=0.0)({"strategy": "x", "client_id": "b"}, ds)["id"] == "s0", "lease over"
+
+
 def _ranking(server, strategy: str, **params) -> list[dict]:
     r = requests.get(f"{server.url}/metaapp/activelearning/{strategy}", params=params, timeout=30)
     assert r.status_code == 200, r.text

@@ -17,7 +17,10 @@ those heads only; otherwise the mean over every live head is used.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from collections.abc import Sequence
 
 import torch
 from monailabel.interfaces.datastore import Datastore
@@ -29,6 +32,14 @@ from monailabel_metaapp.lib.scoring.al_scores import KEY
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 600.0  # a served study stays reserved for its annotator this long
+
+# MONAI Label records a pick in the image info only after the strategy returns, and its local
+# datastore can drop an info update when its file watcher reloads the JSON during a concurrent write
+# (e.g. the scoring thread's). The picks are therefore also kept here, in memory, under one lock over
+# "rank + reserve", so that two Next Sample requests close together are served different studies.
+_PICK_LOCK = threading.Lock()
+# datastore -> {image id -> {"client_id", "ts"}} of each study's latest pick in this process
+_PICKS: weakref.WeakKeyDictionary[Datastore, dict[str, dict]] = weakref.WeakKeyDictionary()
 
 
 def requested_structures(request: dict) -> list[str] | None:
@@ -46,7 +57,7 @@ def requested_structures(request: dict) -> list[str] | None:
     return [x.strip() for x in s.split(",")] if isinstance(s, str) else [str(x) for x in s]
 
 
-def served_to_others(info: dict, client_id: str | None, now: float, lease: float) -> bool:
+def served_to_others(info: dict, client_id: str | None, now: float, lease: float, picks: Sequence[dict] = ()) -> bool:
     """Whether another annotator holds a study, so two annotators are not served the same one.
 
     Args:
@@ -54,11 +65,12 @@ def served_to_others(info: dict, client_id: str | None, now: float, lease: float
         client_id: the asking client.
         now: the current time (epoch seconds).
         lease: seconds a served study stays reserved.
+        picks: further pick records of the study (`{"client_id", "ts"}`), e.g. this process's own.
 
     Returns:
         True when any strategy served the study to another client less than `lease` seconds ago.
     """
-    for rec in (info.get("strategy") or {}).values():
+    for rec in [*(info.get("strategy") or {}).values(), *picks]:
         if isinstance(rec, dict) and rec.get("client_id") != client_id and now - rec.get("ts", 0) < lease:
             return True
     return False
@@ -93,8 +105,10 @@ class MetaStrategy(Strategy):
         now, client = time.time(), request.get("client_id")
         unlabelled = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         eligible, covered = [], list(datastore.get_labeled_images())
+        picks = _PICKS.get(datastore, {})
         for image_id in sorted(unlabelled):
-            if served_to_others(datastore.get_image_info(image_id), client, now, self.lease):
+            mine = [picks[image_id]] if image_id in picks else []
+            if served_to_others(datastore.get_image_info(image_id), client, now, self.lease, mine):
                 covered.append(image_id)
             else:
                 eligible.append(image_id)
@@ -140,10 +154,12 @@ class MetaStrategy(Strategy):
         Returns:
             The best study's row (its `id` is the image id), or None when no study is eligible.
         """
-        ranked = self.rank(request, datastore)
-        if not ranked:
-            return None
-        best = ranked[0]
+        with _PICK_LOCK:
+            ranked = self.rank(request, datastore)
+            if not ranked:
+                return None
+            best = ranked[0]
+            _PICKS.setdefault(datastore, {})[best["id"]] = {"client_id": request.get("client_id"), "ts": time.time()}
         logger.info("%s: selected %s (%s)", request.get("strategy"), best["id"], best)
         return dict(best)
 
