@@ -376,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(quick head, then guarded refinement) against finetune and scratch given the same seconds",
     )
     s.add_argument(
+        "--refine",
+        default="",
+        help="seg --timeline: refinement settings over the app's, e.g. crop=96,distill=0 (fields of RefineConfig)",
+    )
+    s.add_argument(
         "--joint",
         action="store_true",
         help="seg: structures adapted on the same studies and predicted together, as the app predicts a "

@@ -333,9 +333,11 @@ def run_from_args(a) -> None:
         "device": a.device,
     }
     if a.timeline:
+        from monailabel_metaapp.core.refine import RefineConfig
         from monailabel_metaapp.evaluate_timeline import evaluate_timeline, plot_timeline
 
-        res = evaluate_timeline(a.studies, shots, [float(m) for m in str(a.timeline).split(",")], **common)
+        marks = [float(m) for m in str(a.timeline).split(",")]
+        res = evaluate_timeline(a.studies, shots, marks, cfg=RefineConfig.parse(a.refine), **common)
         write_result(res, a.out, lambda r, png: plot_timeline(r["rows"], png, "served Dice after a save"))
         for r in res["rows"]:
             print(f"{r['structure']:>20} k={r['shots']} {r['seconds']:>6.0f}s {r['method']:>9}: {r['dice_mean']:.3f}")

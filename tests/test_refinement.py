@@ -4,10 +4,12 @@ network goes live only when it beats the quick head on a labelled study it was n
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import SimpleITK as sitk
 import torch
@@ -15,6 +17,7 @@ from monailabel.client import MONAILabelClient
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
+from monailabel_metaapp.core.episodes import random_crop
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.shared_data import one_structure_label
@@ -148,6 +151,35 @@ def test_the_guard_holds_out_the_last_study_with_the_structure_or_a_block_of_a_s
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
 
 
+def test_a_window_of_a_slice_holding_the_structure_holds_some_of_it_at_a_varying_place():
+    """Refinement steps on windows (`RefineConfig.crop`): a window of a labelled slice must show the
+    structure (else the step learns only background), at varying places, with the image and the mask
+    cut at the same place."""
+    rows, cols = torch.meshgrid(torch.arange(160.0), torch.arange(160.0), indexing="ij")
+    x = torch.stack([rows, cols, rows * 0])[None].repeat(8, 1, 1, 1)  # each pixel carries its position
+    y = torch.zeros(8, 160, 160)
+    y[:4, 140:150, 5:15] = 1  # a small structure in a corner of four slices; the other four are empty
+    rng, places = random.Random(0), set()
+    for _ in range(10):
+        xw, yw = random_crop(x, y, 96, rng)
+        assert xw.shape == (8, 3, 96, 96) and yw.shape == (8, 96, 96)
+        assert all(bool(w.any()) for w in yw[:4])
+        for b in range(8):
+            top, left = int(xw[b, 0, 0, 0]), int(xw[b, 1, 0, 0])
+            assert torch.equal(yw[b], y[b, top : top + 96, left : left + 96])
+            places.add((top, left))
+    assert len(places) > 10
+    assert random_crop(x, y, 200, rng)[0].shape == x.shape  # a window larger than the slice is the slice
+
+
+def test_refinement_settings_parse_from_text_and_an_unknown_one_is_refused():
+    cfg = RefineConfig.parse("crop=96, distill=0.5")
+    assert cfg.crop == 96 and isinstance(cfg.crop, int) and cfg.distill == 0.5
+    assert cfg.lr_encoder == RefineConfig().lr_encoder
+    with pytest.raises(ValueError, match="crops"):
+        RefineConfig.parse("crops=96")
+
+
 def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(shared):
     """One labelled study: a block of its slices checks the candidate, and distillation on an
     unlabelled study keeps the candidate's prediction there closer to the quick head's than fitting
@@ -159,7 +191,7 @@ def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(sh
     agreement = {}
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
-        cfg = RefineConfig(distill=weight, augment=0.0, lr_encoder_taught=RefineConfig().lr_encoder)  # same pace
+        cfg = RefineConfig(distill=weight, augment=0.0)
         run = Refinement(adapter, [s1], [m1], quick, cfg, anchors=[s2])
         assert run.checkable and run.val_idx[0] and not set(run.val_idx[0]) & set(run.train_idx[0])
         assert bool(run.teacher) == (weight > 0)
@@ -170,20 +202,21 @@ def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(sh
     assert agreement[1.0] > agreement[0.0], agreement
 
 
-def test_a_taught_run_moves_faster_and_a_second_label_brings_it_back_to_the_untaught_pace(shared):
-    """With one labelled study the teacher holds the run, so its encoder learns at `lr_encoder_taught`;
-    when a second label arrives the run continues from its state without a teacher, at `lr_encoder`."""
+def test_a_second_label_continues_the_run_without_the_teacher_at_the_current_pace(shared):
+    """With one labelled study the quick head teaches the run; when a second label arrives the run
+    continues from its state without a teacher, and at the rates of the settings it runs under now,
+    not those its state was saved with (a state saved under other settings survives an upgrade)."""
     (s1, m1), (s2, m2) = _cmr(shared, 5, 600), _cmr(shared, 12, 600)
     adapter = SegAdapter(load_model(None), "cpu")
-    cfg = RefineConfig()
-    one = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]), cfg, anchors=[s2])
+    one = Refinement(adapter, [s1], [m1], adapter.adapt([s1], [m1]), RefineConfig(lr_encoder=3e-4), anchors=[s2])
     one.step()
-    assert one.opt.param_groups[0]["lr"] == cfg.lr_encoder_taught != cfg.lr_encoder
+    assert one.teacher and one.opt.param_groups[0]["lr"] == 3e-4
+    cfg = RefineConfig()
     two = Refinement(
         adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg, state=one.state_dict(), anchors=[s2]
     )
     assert not two.teacher and two.steps == one.steps
-    assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder
+    assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder != 3e-4
 
 
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():

@@ -5,13 +5,14 @@ collapsing?
 Fine-tuning on the one labelled study lifts structures the encoder never saw and sinks some it knows
 (`one_label_signals.py`). For one structure, each variant fine-tunes the meta-learned network and its
 quick head on that study (`core.refine.Refinement(guard=False)` with the variant's settings) and is
-scored every `--every` steps by its mean Dice on query studies. A variant sets `RefineConfig` fields
+scored every `--every` steps (`--clock seconds`: seconds of its own compute) by its mean Dice on
+query studies. A variant sets `RefineConfig` fields
 over their defaults (distillation is on by default): `distill=0` fits the label alone, `distill=1`
 also pulls the candidate's predictions on 3 unlabelled anchor studies towards the quick head's.
 Draws as in `metaapp evaluate seg --timeline` (`--draw 0` is repeat 0).
 
     python benchmarks/experiments/one_label_distill.py --studies DIR --structure 600 [--model FILE]
-        [--draw 0] [--queries 4] [--steps 150] [--every 30]
+        [--draw 0] [--queries 4] [--steps 150] [--every 30] [--clock steps|seconds]
         --variant base=distill=0 --variant kd1=distill=1 --out t.json
     python benchmarks/experiments/one_label_distill.py --combine a.json b.json ... --out DIR
 """
@@ -35,14 +36,10 @@ from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E40
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'name=key=value,key=value' -> (name, RefineConfig overrides)."""
+def parse_variant(text: str) -> tuple[str, RefineConfig]:
+    """'name=key=value,key=value' -> (name, the RefineConfig with those fields set)."""
     name, _, rest = text.partition("=")
-    fields = {}
-    for item in filter(None, rest.split(",")):
-        k, v = item.split("=")
-        fields[k] = type(getattr(RefineConfig(), k))(float(v))
-    return name, fields
+    return name, RefineConfig.parse(rest)
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -54,19 +51,19 @@ def run(a: argparse.Namespace) -> dict:
     head0 = query_dice(base, quick)
     curves = {}
     for text in a.variant:
-        name, fields = parse_variant(text)
+        name, cfg = parse_variant(text)
         torch.manual_seed(0)
-        cfg = RefineConfig(**fields)
         ft = Refinement(base, [support.stack], [mask], quick, cfg, seed=0, guard=False, anchors=anchors)
-        rows = [{"steps": 0, "query": head0}]
-        for _ in tqdm(range(a.steps // a.every), desc=f"{a.structure} {name}", unit="checkpoint"):
-            for _ in range(a.every):
+        rows = [{"steps": 0, "seconds": 0.0, "query": head0}]
+        for n in tqdm(range(1, a.steps // a.every + 1), desc=f"{a.structure} {name}", unit="checkpoint"):
+            while (ft.seconds if a.clock == "seconds" else ft.steps) < n * a.every:
                 ft.step()
             ft.model.encoder.net.eval()
             rows.append({"steps": ft.steps, "query": query_dice(ft.adapter, ft.head()), "seconds": ft.seconds})
             ft.model.encoder.net.train()
+        fields = {k: v for k, v in cfg.to_dict().items() if v != getattr(RefineConfig, k)}
         curves[name] = {"fields": fields, "config": cfg.to_dict(), "rows": rows}
-    settings = {k: getattr(a, k) for k in ("studies", "structure", "draw", "queries", "steps", "every")}
+    settings = {k: getattr(a, k) for k in ("studies", "structure", "draw", "queries", "steps", "every", "clock")}
     settings["model"] = a.model or "shipped"
     return {"settings": settings, "curves": curves, "provenance": stamp([a.model] if a.model else [SHIPPED_SEG])}
 
@@ -81,11 +78,12 @@ def combine(files: list[Path], out: Path) -> None:
         row = {"trace": t["file"], "name": name}
         for v, c in t["curves"].items():
             q = [r["query"] for r in c["rows"]]
-            ax.plot([r["steps"] for r in c["rows"]], q, marker=".", label=v)
+            clock = st.get("clock", "steps")
+            ax.plot([r[clock] for r in c["rows"]], q, marker=".", label=v)
             row[v] = {"first": q[0], "last": q[-1], "min": min(q), "max": max(q)}
         summary.append(row)
         ax.set_title(name, fontsize=8)
-        ax.set_xlabel("steps on the one study")
+        ax.set_xlabel(f"{clock} on the one study")
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("query Dice")
     fig.tight_layout()
@@ -104,6 +102,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--every", type=int, default=30)
+    ap.add_argument(
+        "--clock", choices=["steps", "seconds"], default="steps", help="--steps and --every count steps or seconds"
+    )
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--combine", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, required=True)

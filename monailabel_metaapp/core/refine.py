@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component_share
-from monailabel_metaapp.core.episodes import augment, with_context
+from monailabel_metaapp.core.episodes import augment, random_crop, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
 
 HEAD, REFINED = "head", "refined"  # the two stages a structure's live version can be in
@@ -50,9 +50,9 @@ class RefineConfig:
     """Settings of one structure's refinement.
 
     Args:
-        lr_encoder: Adam learning rate of the encoder's weights.
-        lr_encoder_taught: the encoder's learning rate while the quick head teaches (one labelled
-            study, `distill` > 0): the teacher keeps a faster run from drifting on other studies.
+        lr_encoder: Adam learning rate of the encoder's weights. From two labels on, 1e-3 served more
+            than 3e-4 at 150 s on 3 of 4 cardiac structures (mean 0.68 against 0.63); at one label
+            the quick head as teacher keeps this pace from sinking a structure the model knows.
         lr_head: Adam learning rate of the head's parameters (prototypes, scale, bias, conv).
         batch: slices per step.
         augment: strength of the random affine/gamma/noise augmentation (`episodes.augment`).
@@ -66,10 +66,12 @@ class RefineConfig:
             predictions on slices of the anchor studies are pulled towards the quick head's (the
             teacher: the meta-learned network adapted to this structure). 0 trains on the label alone.
         distill_batch: anchor slices per step of the distillation term.
+        crop: side of the random window of each slice a step trains on (0 = whole slices). A
+            96-pixel window of a 160-pixel slice costs a third of the step, yet on cardiac MRI three
+            times the steps served less in the same seconds than whole slices did.
     """
 
-    lr_encoder: float = 3e-4
-    lr_encoder_taught: float = 1e-3
+    lr_encoder: float = 1e-3
     lr_head: float = 3e-3
     batch: int = 4
     augment: float = 0.5
@@ -80,9 +82,22 @@ class RefineConfig:
     min_agreement: float = 0.5
     distill: float = 1.0
     distill_batch: int = 4
+    crop: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def parse(cls, text: str) -> RefineConfig:
+        """'crop=96,distill=0' -> the defaults with those fields set (an unknown field is an error)."""
+        fields = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                known = ", ".join(cls.__dataclass_fields__)
+                raise ValueError(f"refinement setting {item!r}: expected key=value with a key among {known}")
+            fields[key] = type(getattr(cls, key))(float(value))
+        return cls(**fields)
 
 
 def agreement_needed(head_dice: float, share: float) -> float:
@@ -175,10 +190,9 @@ class Refinement:
             if k != COMPONENT_KEY
         }
         distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
-        lr_encoder = self.cfg.lr_encoder_taught if distilling and anchors else self.cfg.lr_encoder
         self.opt = torch.optim.Adam(
             [
-                {"params": list(self.model.encoder.net.parameters()), "lr": lr_encoder},
+                {"params": list(self.model.encoder.net.parameters()), "lr": self.cfg.lr_encoder},
                 {"params": list(self.params.values()), "lr": self.cfg.lr_head},
             ]
         )
@@ -212,7 +226,7 @@ class Refinement:
         pick = [self._draw() for _ in range(self.cfg.batch)]
         x = torch.cat([with_context(self.stacks[j], [i], self.context) for j, i in pick]).to(self.device)
         y = torch.stack([self.masks[j][i].float() for j, i in pick]).to(self.device)
-        x, y = augment(x, y, self.rng, self.cfg.augment)
+        x, y = self._window(*augment(x, y, self.rng, self.cfg.augment))
         loss = seg_loss(self.model.head.logits(self.model.embed(x), self.params), y)
         if self.teacher:
             loss = loss + self.cfg.distill * self._distill_loss()
@@ -229,9 +243,12 @@ class Refinement:
         pick = [self.pool_teacher[self.rng.randrange(len(self.pool_teacher))] for _ in range(self.cfg.distill_batch)]
         x = torch.cat([with_context(self.teacher[j][0], [i], self.context) for j, i in pick]).to(self.device)
         p = torch.stack([self.teacher[j][1][i] for j, i in pick]).to(self.device)
-        x, p = augment(x, p, self.rng, self.cfg.augment)
+        x, p = self._window(*augment(x, p, self.rng, self.cfg.augment))
         logits = self.model.head.logits(self.model.embed(x), self.params)
         return F.binary_cross_entropy_with_logits(logits, p)
+
+    def _window(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_crop(x, y, self.cfg.crop, self.rng) if self.cfg.crop else (x, y)
 
     def _draw(self) -> tuple[int, int]:
         pool = self.pool_fg if self.rng.random() < 0.75 else self.pool_all
@@ -322,7 +339,7 @@ class Refinement:
             for k, v in state["head"].items():
                 if k in self.params and self.params[k].shape == v.shape:
                     self.params[k].copy_(v.to(self.device))
-        lrs = [g["lr"] for g in self.opt.param_groups]  # this run's rates: the labels may have grown
+        lrs = [g["lr"] for g in self.opt.param_groups]  # this run's rates, not those the state was saved with
         try:
             self.opt.load_state_dict(state["optimizer"])
         except (ValueError, KeyError):  # an optimiser of another layout: start its moments afresh
