@@ -227,19 +227,17 @@ def augment(
     return x, y
 
 
-def random_crop(
-    x: torch.Tensor, y: torch.Tensor, size: int, rng: random.Random, on_structure: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def random_crop(x: torch.Tensor, y: torch.Tensor, size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """A random size x size window of each (C, H, W) image and its (H, W) mask or probabilities.
 
-    With probability `on_structure`, a window of a slice that holds the structure (y >= 0.5) contains a
-    random pixel of it at a random place in the window; other windows are uniform. Training on windows
+    A window of a slice that holds the structure (y >= 0.5) contains a random pixel of it at a random
+    place in the window; windows of other slices are uniform. Training on windows
     costs a fraction of whole slices per step, and the network is fully convolutional."""
     n, _, h, w = x.shape
     size_h, size_w = min(size, h), min(size, w)
     xs, ys = [], []
     for b in range(n):
-        fg = torch.nonzero(y[b] >= 0.5) if rng.random() < on_structure else torch.empty(0, 2)
+        fg = torch.nonzero(y[b] >= 0.5)
         if fg.shape[0]:
             r, c = (int(v) for v in fg[rng.randrange(fg.shape[0])])
             top = rng.randint(max(0, r - size_h + 1), min(r, h - size_h))
