@@ -368,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clicks", type=int, default=10, help="clicks: simulated clicks per study")
     s.add_argument("--annotator", type=int, default=0, help="clicks: also the annotation loop over N studies")
     s.add_argument("--cap", type=int, default=20, help="clicks: most clicks per study in the annotation loop")
+    s.add_argument(
+        "--refine-seconds",
+        type=float,
+        default=0.0,
+        help="clicks: also the product after S seconds of refinement since the last save (method meta_refined)",
+    )
     s.add_argument("--scratch-seconds", type=float, default=150.0)
     s.add_argument("--protocol", choices=["volume", "oracle"], default="volume")
     s.add_argument(

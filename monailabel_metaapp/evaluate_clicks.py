@@ -8,6 +8,9 @@ labels, the clicked pieces kept) and the whole-volume Dice against the reference
 
 Methods, each with its own simulated clicks:
 - `meta`: the product, the structure's head adapted on the k saved labels, then the clicks;
+- `meta_refined` (with `refine_seconds`): the product once the structure's guarded refinement has
+  run that long after the last save (the annotator's time on the next study): the clicks start from
+  the version it serves, refined or still the quick head;
 - `reset`: clicks on a head started from the points alone at every study (nothing learned from
   saved labels; it does not depend on k, and at k = 0 it is the product);
 - `random_walker`: scikit-image's random walker on the study's intensities, seeded by the
@@ -16,6 +19,7 @@ Methods, each with its own simulated clicks:
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -36,12 +40,15 @@ from monailabel_metaapp.core.clicks import (
     next_click,
     saved_support,
 )
+from monailabel_metaapp.core.refine import REFINED
 from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
 from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies, structure_labels
 from monailabel_metaapp.evaluate_common import plot_curves
+from monailabel_metaapp.evaluate_timeline import served_after
 
 LEVELS = (0.80, 0.85, 0.90)
 METHODS = ("meta", "reset", "random_walker")
+ANCHORS = 3  # other studies the refinement's guard checks agreement on, as the app does
 
 
 def spacing_zyx(study: EvalStudy) -> tuple[float, float, float]:
@@ -130,14 +137,27 @@ def run_clicks(session, ref: np.ndarray, spacing: tuple[float, float, float], n_
     return dices, seconds
 
 
-def head_and_saved(adapter: SegAdapter, support: list[EvalStudy], value: int):
-    """The head of k saved labels and its support slices' (features, masks), as the app adapts it."""
+def served_version(
+    adapter: SegAdapter,
+    support: list[EvalStudy],
+    value: int,
+    refine_seconds: float = 0.0,
+    anchors: list[EvalStudy] | None = None,
+    seed: int = 0,
+):
+    """(adapter, head, saved support) a correction starts from after k saved labels: the quick head as
+    the app adapts it or, with `refine_seconds`, the version the guarded refinement serves after that
+    long; the saved labels' support slices (features, masks) are embedded by that version's encoder."""
     if not support:
-        return None, None
+        return adapter, None, None
     stacks = [s.stack for s in support]
     masks = [s.lstack == value for s in support]
-    head = adapter.adapt(stacks, masks)
-    return head, saved_support(adapter, masks, lambda n, idx: adapter.embed(stacks[n], idx))
+    own, head = adapter, adapter.adapt(stacks, masks)
+    if refine_seconds > 0:
+        own, head = served_after(
+            adapter, stacks, masks, head, refine_seconds, seed=seed, anchors=[s.stack for s in anchors or []]
+        )
+    return own, head, saved_support(own, masks, lambda n, idx: own.embed(stacks[n], idx))
 
 
 def evaluate_clicks(
@@ -151,14 +171,16 @@ def evaluate_clicks(
     methods: list[str] | None = None,
     seed: int = 0,
     device: str = "auto",
+    refine_seconds: float = 0.0,
 ) -> dict:
     """Dice after each click and NoC@80/85/90 per structure, k and method (see the module's doc)."""
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
     labels = labels or structure_labels(studies, data)
-    methods = list(methods or METHODS)
+    methods = list(methods or METHODS) + (["meta_refined"] if refine_seconds > 0 else [])
     curves: dict[tuple, list[list[float]]] = {}
+    stages: dict[tuple, list[str]] = {}
     seconds: dict[str, list[float]] = {}
     bar = tqdm(total=len(labels) * repeats * queries, desc="clicks", unit="query")
     for name, v in labels.items():
@@ -166,6 +188,12 @@ def evaluate_clicks(
         for r in range(repeats):
             order = random.Random(f"{seed}-{v}-{r}").sample(pool, len(pool))
             query = order[max(shots) : max(shots) + queries]
+            anchors = order[max(shots) + queries : max(shots) + queries + ANCHORS]
+            starts = {("meta", k): served_version(adapter, order[:k], v) for k in shots if "meta" in methods}
+            if "meta_refined" in methods:
+                for k in (k for k in shots if k):
+                    starts["meta_refined", k] = served_version(adapter, order[:k], v, refine_seconds, anchors, seed + r)
+                    stages.setdefault((name, k), []).append(starts["meta_refined", k][1].stage)
             for q in query:
                 ref = q.ref == v
                 sp = spacing_zyx(q)
@@ -178,9 +206,10 @@ def evaluate_clicks(
                     runs = dict(base)
                     if "meta" in methods and k == 0 and "reset" in runs:
                         runs["meta"] = runs["reset"]  # points alone: the product is the reset head
-                    elif "meta" in methods:
-                        head, saved = head_and_saved(adapter, order[:k], v)
-                        runs["meta"] = run_clicks(MetaClicks(adapter, q, head, saved), ref, sp, clicks)
+                    for method in ("meta", "meta_refined"):
+                        if (method, k) in starts and method not in runs:
+                            own, head, saved = starts[method, k]
+                            runs[method] = run_clicks(MetaClicks(own, q, head, saved), ref, sp, clicks)
                     for method, (d, sec) in runs.items():
                         curves.setdefault((name, k, method), []).append(d)
                         seconds.setdefault(method, []).extend(sec)
@@ -218,9 +247,14 @@ def evaluate_clicks(
         "seed": seed,
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
+        "refine_seconds": refine_seconds,
     }
     per_click = {m: round(statistics.median(s), 3) for m, s in seconds.items() if s}
-    return {"settings": settings, "rows": rows, "noc": noc, "median_seconds_per_click": per_click}
+    served = [
+        {"structure": name, "shots": k, "method": "meta_refined", "refined": st.count(REFINED), "n": len(st)}
+        for (name, k), st in stages.items()
+    ]
+    return {"settings": settings, "rows": rows, "noc": noc, "served": served, "median_seconds_per_click": per_click}
 
 
 def simulate_annotator(
@@ -233,24 +267,29 @@ def simulate_annotator(
     repeats: int = 2,
     seed: int = 0,
     device: str = "auto",
+    refine_seconds: float = 0.0,
 ) -> list[dict]:
     """The annotation loop with clicks: study after study, the annotator opens the structure's
     prediction from the labels saved so far, clicks until Dice reaches `target` (or `cap` clicks),
-    then saves the finished label, which the next study's head learns from. Rows: one per structure,
-    repeat and study, with the clicks it took."""
+    then saves the finished label, which the next study's head learns from. With `refine_seconds`,
+    the same loop again (method `meta_refined`) where the structure's refinement runs that long after
+    each save, from the quick head of the labels saved so far (the app continues its last run warm
+    instead). Rows: one per structure, method, repeat and study, with the clicks it took."""
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
     labels = labels or structure_labels(studies, data)
     rows = []
-    bar = tqdm(total=len(labels) * repeats * n_studies, desc="annotator", unit="study")
-    for name, v in labels.items():
+    methods = {"meta": 0.0} | ({"meta_refined": refine_seconds} if refine_seconds > 0 else {})
+    bar = tqdm(total=len(labels) * repeats * n_studies * len(methods), desc="annotator", unit="study")
+    for (name, v), (method, seconds) in itertools.product(labels.items(), methods.items()):
         pool = [s for s in data if (s.ref == v).any()]
         for r in range(repeats):
             order = random.Random(f"{seed}-annotator-{v}-{r}").sample(pool, min(n_studies, len(pool)))
+            anchors = [s for s in pool if s not in order][:ANCHORS]
             for i, q in enumerate(order):
-                head, saved = head_and_saved(adapter, order[:i], v)
-                session = MetaClicks(adapter, q, head, saved)
+                own, head, saved = served_version(adapter, order[:i], v, seconds, anchors, seed + r)
+                session = MetaClicks(own, q, head, saved)
                 ref, sp = q.ref == v, spacing_zyx(q)
                 pred = session.first()
                 dices = [dice(pred, ref)]
@@ -261,9 +300,11 @@ def simulate_annotator(
                 rows.append(
                     {
                         "structure": name,
+                        "method": method,
                         "repeat": r,
                         "study": i + 1,
                         "saved_labels": i,
+                        "stage": head.stage if head is not None else "points alone",
                         "clicks": clicks_to_reach(dices, target, cap),
                         "dice_opened": round(dices[0], 4),
                         "dice_saved": round(dices[-1], 4),
@@ -294,15 +335,17 @@ def plot_clicks(result: dict, png: Path) -> None:
 
 
 def plot_annotator(rows: list[dict], png: Path) -> None:
-    """Clicks per study along the annotation sequence, one curve per structure."""
+    """Clicks per study along the annotation sequence: one panel per structure, one curve per method."""
     by: dict[tuple, list[int]] = {}
     for r in rows:
-        by.setdefault((r["structure"], r["study"]), []).append(r["clicks"])
+        by.setdefault((r["structure"], r.get("method", "meta"), r["study"]), []).append(r["clicks"])
     curve = [
-        {"structure": n, "method": n, "shots": s, "clicks_mean": statistics.fmean(c), "clicks_std": float(np.std(c))}
-        for (n, s), c in sorted(by.items())
+        {"structure": n, "method": m, "shots": s, "clicks_mean": statistics.fmean(c), "clicks_std": float(np.std(c))}
+        for (n, m, s), c in sorted(by.items())
     ]
-    plot_curves(curve, png, "clicks_mean", "clicks_std", "clicks to the target Dice", "study in the sequence", title="")
+    plot_curves(
+        curve, png, "clicks_mean", "clicks_std", "clicks to the target Dice", "study in the sequence", "structure"
+    )
 
 
 def run_from_args(a) -> None:
@@ -327,6 +370,7 @@ def run_from_args(a) -> None:
         ["meta", *name_list(a.baselines, "reset,random_walker")],
         a.seed,
         a.device,
+        a.refine_seconds,
     )
     if not res["rows"]:
         raise ValueError(f"no structure is in more than max(--shots) = {max(int_list(a.shots))} labelled studies")
@@ -336,9 +380,18 @@ def run_from_args(a) -> None:
         if n["level"] == 0.85:
             print(f"{n['structure']:>20} k={n['shots']} {n['method']:>13}: NoC@85 {n['noc_mean']:.1f}")
     if a.annotator:
-        rows = simulate_annotator(a.studies, a.annotator, a.cap, 0.90, labels, a.model, a.repeats, a.seed, a.device)
+        rows = simulate_annotator(
+            a.studies, a.annotator, a.cap, 0.90, labels, a.model, a.repeats, a.seed, a.device, a.refine_seconds
+        )
         out = Path(a.out).with_name(Path(a.out).stem + "_annotator.json")
-        settings = {"studies": str(a.studies), "n_studies": a.annotator, "cap": a.cap, "target": 0.90, "seed": a.seed}
+        settings = {
+            "studies": str(a.studies),
+            "n_studies": a.annotator,
+            "cap": a.cap,
+            "target": 0.90,
+            "seed": a.seed,
+            "refine_seconds": a.refine_seconds,
+        }
         result = {"settings": settings, "rows": rows, "provenance": stamp([a.model or SHIPPED_SEG])}
         write_result(result, out, lambda r, png: plot_annotator(r["rows"], png))
         print(f"annotation loop: {out}")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
-from monailabel_metaapp.core.refine import RefineConfig, Refinement, refined_adapter
+from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter
 from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, setup
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
@@ -127,6 +127,30 @@ def timeline_episode(
         if active:
             min(active, key=lambda c: c.clock).step()
     return out, record
+
+
+def served_after(
+    adapter: SegAdapter,
+    stacks: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    head,
+    seconds: float,
+    cfg: RefineConfig | None = None,
+    seed: int = 0,
+    anchors: list[torch.Tensor] | None = None,
+) -> tuple[SegAdapter, object]:
+    """(adapter, head) the app serves once the structure's guarded refinement has run `seconds` of
+    compute after the save: the last version that passed the guard (its head's `stage` "refined"), or
+    the quick head `head`."""
+    run = Refinement(adapter, stacks, masks, head, cfg or RefineConfig(), seed=seed, anchors=anchors)
+    served = (adapter, head)
+    t0 = compute_seconds()
+    while run.checkable and compute_seconds() - t0 < seconds:
+        result = run.advance()
+        if result is not None and result[1]:
+            served = (refined_adapter(adapter, run.encoder_state()), run.head())
+            served[1].stage = REFINED
+    return served
 
 
 def _predict(adapter: SegAdapter, served, stack: torch.Tensor, scratch_net: ScratchTrainer) -> torch.Tensor:

@@ -35,3 +35,30 @@ def test_evaluate_seg_scores_the_product_beside_a_baseline_and_structures_togeth
     assert names == {"grey matter", "white matter", "csf"}
     assert {r["method"] for r in res["rows"]} == {"meta", "joint"}
     assert set(res["mean_gain_of_joint"]) == {"1"}
+
+
+def test_evaluate_clicks_starts_from_the_served_version_and_follows_an_annotator(cmr_readonly, tmp_path):
+    """`evaluate clicks --refine-seconds`: the clicks also start from the version the guarded
+    refinement serves after that long, and the annotation loop runs for both; every click count and
+    every study is reported, and the labels saved before a study show in the Dice it opens with."""
+    out = tmp_path / "c.json"
+    args = ["evaluate", "clicks", "--studies", str(cmr_readonly), "--labels", '{"lv blood pool": 500}']
+    args += ["--shots", "1", "--clicks", "2", "--repeats", "1", "--queries", "1", "--baselines", "reset"]
+    cli_main([*args, "--refine-seconds", "4", "--annotator", "2", "--cap", "2", "--out", str(out)])
+    res = _result(out)
+    cells = {(r["method"], r["clicks"]) for r in res["rows"] if r["shots"] == 1}
+    assert cells == {(m, c) for m in ("meta", "meta_refined", "reset") for c in range(3)}
+    assert all(0.0 <= r["dice_mean"] <= 1.0 and r["n"] == 1 for r in res["rows"])
+    (served,) = res["served"]  # how often the refinement had published a version when the clicks began
+    assert (served["structure"], served["shots"], served["n"]) == ("lv blood pool", 1, 1) and served["refined"] in (
+        0,
+        1,
+    )
+    loop = json.loads(out.with_name("c_annotator.json").read_text())["rows"]
+    assert {(r["method"], r["study"]) for r in loop} == {(m, s) for m in ("meta", "meta_refined") for s in (1, 2)}
+    for r in loop:
+        assert 0 <= r["clicks"] <= 2
+        if r["study"] == 1:
+            assert r["stage"] == "points alone" and r["dice_opened"] == 0.0
+        else:  # one saved label: the study opens with that structure's prediction
+            assert r["stage"] in ("head", "refined") and r["dice_opened"] > 0.3
