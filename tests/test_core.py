@@ -6,12 +6,13 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model, sidecar
-from monailabel_metaapp.core.clicks import crop_saved, saved_slices, window
+from monailabel_metaapp.core.clicks import crop_saved, keep_clicked, saved_slices, window
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, best_weights_path, meta_train
@@ -103,6 +104,21 @@ def test_the_head_on_a_window_matches_the_whole_slice_inside_it():
         part = model.head.logits(feats[..., ys, xs], params)
         assert torch.allclose(part[:, mask[1, ys, xs]], whole[:, mask[1]], atol=1e-5)
     assert window(torch.zeros(2, 8, 8, dtype=torch.bool)) == (slice(0, 0), slice(0, 0))
+
+
+def test_a_foreground_click_apart_from_the_structure_never_drops_its_body():
+    """A one-piece structure keeps its largest piece and each piece holding a foreground click, even
+    when the click lies apart from the body; stray pieces go. A structure in pieces keeps them all."""
+    mask = np.zeros((6, 20, 20), bool)
+    mask[1:5, 2:10, 2:10] = True  # the body
+    mask[2, 15:17, 15:17] = True  # a stray piece
+    out = keep_clicked(mask, [(3, 18, 3)], one_piece=True)  # a click on an empty voxel far from both
+    assert out[1:5, 2:10, 2:10].all() and out[3, 18, 3] and not out[2, 15:17, 15:17].any()
+    assert int(out.sum()) == 4 * 8 * 8 + 1
+    out = keep_clicked(mask, [(2, 15, 15)], one_piece=True)  # a click on the stray piece keeps it
+    assert out[2, 15:17, 15:17].all() and out[1:5, 2:10, 2:10].all()
+    assert keep_clicked(mask, [], one_piece=True).sum() == 4 * 8 * 8
+    assert keep_clicked(mask, [], one_piece=False).sum() == mask.sum()
 
 
 def test_saved_labels_are_cut_to_the_structure_and_its_surroundings():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component
+from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.networks import prototypes
@@ -412,9 +412,10 @@ def near_clicks(
 
 
 def keep_clicked(mask: np.ndarray, fg_zyx: list[tuple[int, int, int]], one_piece: bool) -> np.ndarray:
-    """The components of a binary mask the annotator asked for: with foreground clicks, every
-    component holding one (each click marks a piece to keep); with none, the largest when the
-    structure is one piece. A clicked voxel outside the mask is added to it.
+    """The components of a binary mask the annotator asked for. For a structure that is one piece:
+    its largest component and every component holding a foreground click (a click adds a piece; it
+    never drops the body of the structure, e.g. when the correction leaves the clicked voxel apart
+    from it); stray pieces go. A clicked voxel outside the mask is added to it.
 
     Args:
         mask: (z, y, x) binary prediction on the original grid.
@@ -426,10 +427,12 @@ def keep_clicked(mask: np.ndarray, fg_zyx: list[tuple[int, int, int]], one_piece
         mask[z, y, x] = True
     if not one_piece:
         return mask
-    if not fg_zyx:
-        return largest_component(mask)
-    cc, _ = ndimage.label(mask)
-    return np.isin(cc, sorted({int(cc[z, y, x]) for z, y, x in fg_zyx}))
+    cc, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(mask, cc, index=np.arange(1, n + 1))
+    keep = {1 + int(np.argmax(sizes))} | {int(cc[z, y, x]) for z, y, x in fg_zyx}
+    return np.isin(cc, sorted(keep))
 
 
 def next_click(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Click | None:
