@@ -44,11 +44,10 @@ from monailabel_metaapp.core.refine import REFINED
 from monailabel_metaapp.core.volume import normalise_intensity, stack_to_original
 from monailabel_metaapp.evaluate import EvalStudy, load_eval_studies, structure_labels
 from monailabel_metaapp.evaluate_common import plot_curves
-from monailabel_metaapp.evaluate_timeline import served_after
+from monailabel_metaapp.evaluate_timeline import ANCHORS, served_after
 
 LEVELS = (0.80, 0.85, 0.90)
 METHODS = ("meta", "reset", "random_walker")
-ANCHORS = 3  # other studies the refinement's guard checks agreement on, as the app does
 
 
 def spacing_zyx(study: EvalStudy) -> tuple[float, float, float]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter
+from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component
 from monailabel_metaapp.core.errors import VolumeError
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.networks import prototypes
@@ -427,12 +427,11 @@ def keep_clicked(mask: np.ndarray, fg_zyx: list[tuple[int, int, int]], one_piece
         mask[z, y, x] = True
     if not one_piece:
         return mask
-    cc, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(mask, cc, index=np.arange(1, n + 1))
-    keep = {1 + int(np.argmax(sizes))} | {int(cc[z, y, x]) for z, y, x in fg_zyx}
-    return np.isin(cc, sorted(keep))
+    body = largest_component(mask)
+    if not fg_zyx:
+        return body
+    cc, _ = ndimage.label(mask)
+    return body | np.isin(cc, sorted({int(cc[z, y, x]) for z, y, x in fg_zyx}))
 
 
 def next_click(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Click | None:
