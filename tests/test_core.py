@@ -8,17 +8,27 @@ import os
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model, sidecar
-from monailabel_metaapp.core.clicks import crop_saved, keep_clicked, saved_slices, window
+from monailabel_metaapp.core.clicks import (
+    Click,
+    Corrections,
+    apply_clicks,
+    crop_saved,
+    keep_clicked,
+    saved_slices,
+    window,
+)
 from monailabel_metaapp.core.episodes import EpisodeSampler, Study, load_studies
 from monailabel_metaapp.core.inner_loop import inner_adapt, seg_loss
 from monailabel_metaapp.core.metatrain import MetaTrainConfig, best_weights_path, meta_train
 from monailabel_metaapp.core.networks import FewShotSegModel, SegModelConfig
 from monailabel_metaapp.core.objective import meta_objective
 from monailabel_metaapp.core.variational import gaussian_kl
+from monailabel_metaapp.core.volume import to_slices
 
 SMALL = SegModelConfig(size=64, features=(8, 8, 16, 16, 32, 8), emb=8)
 
@@ -279,3 +289,24 @@ def test_meta_train_runs_data_parallel_under_torchrun(cmr_readonly, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.exists() and json.loads((tmp_path / "ddp.pt.json").read_text())["steps"] == 3
+
+
+def test_a_click_changes_the_label_only_near_itself_and_keeps_what_earlier_clicks_fixed():
+    """Two look-alike bright disks far apart on one study: a foreground point on the first, then a
+    background point on the second. The second correction may change the label only within reach of
+    the second point; the first disk's label, which the first point fixed, stays as it was."""
+    arr = np.zeros((24, 96, 96), np.float32)
+    zz, yy, xx = np.mgrid[:24, :96, :96]
+    arr[(np.abs(zz - 4) <= 2) & ((yy - 48) ** 2 + (xx - 48) ** 2 <= 100)] = 1.0  # disk A
+    arr[(np.abs(zz - 19) <= 2) & ((yy - 48) ** 2 + (xx - 48) ** 2 <= 100)] = 1.0  # disk B, 75 mm away
+    img = sitk.GetImageFromArray(arr + 0.05 * np.random.default_rng(0).standard_normal(arr.shape).astype(np.float32))
+    img.SetSpacing((1.5, 1.5, 5.0))
+    adapter = SegAdapter(load_model(None), "cpu")
+    stack, geom = to_slices(img, adapter.size)
+    feats = adapter.embed(stack)
+    state = Corrections(start=None, saved=None, one_piece=False)
+    first = apply_clicks(adapter, stack, geom, feats, state, [Click((48, 48, 4), True)])
+    assert first[4, 48, 48]
+    second = apply_clicks(adapter, stack, geom, feats, state, [Click((48, 48, 19), False)])
+    assert np.array_equal(second[:12], first[:12]), "the label around the first point changed"
+    assert not second[19, 48, 48]

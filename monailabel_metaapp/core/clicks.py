@@ -342,9 +342,11 @@ def apply_clicks(
     """Add clicks to a study's corrections; returns the corrected (z, y, x) mask on the original grid.
 
     The copy of the head is adapted to every click (`correct_head`). Its prediction is shown near the
-    clicks: within `reach_mm` of one (3D) the label follows the copy, farther away it stays as it
-    was, so a head moved by a click cannot undo the structure elsewhere. With points alone, or when
-    nothing was shown before, the copy's prediction is shown everywhere.
+    new clicks: within `reach_mm` of one (3D) the label follows the copy, farther away it stays as it
+    was, so a head moved by a click cannot undo the structure elsewhere, nor what earlier clicks
+    fixed (re-predicting near every earlier click let one background click on a cardiac myocardium
+    take its label from 9485 voxels to 1096). With points alone, or when nothing was shown before,
+    the copy's prediction is shown everywhere.
 
     Args:
         adapter: the encoder's adapter (the head's own, for a refined head).
@@ -364,9 +366,9 @@ def apply_clicks(
         before = adapter.predict(stack, [state.start], feats=feats.float())[0] >= 0.5
     if before is None or not before.any():
         shown = adapter.predict(stack, [state.head], feats=feats.float())[0] >= 0.5
-    else:  # only the slices within reach of a click are predicted again
+    else:  # only the slices within reach of a new click are predicted again
         spacing = grid_spacing(geom, adapter.size)
-        near = near_clicks(state.grid, before.shape, spacing, reach_mm(before, spacing))
+        near = near_clicks(grid_new, before.shape, spacing, reach_mm(before, spacing))
         idx = torch.nonzero(near.flatten(1).any(1)).flatten()
         ys, xs = window(near)  # the head sees only the box within reach (same values there as on whole slices)
         corrected = adapter.predict(stack[:, ys, xs][idx], [state.head], feats=feats[..., ys, xs][idx].float())[0]
