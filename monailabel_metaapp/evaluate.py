@@ -38,6 +38,7 @@ from monailabel_metaapp.core.adaptation import (
 from monailabel_metaapp.core.checkpoint import load_model, pick_device
 from monailabel_metaapp.core.episodes import augment, image_files, label_names, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
+from monailabel_metaapp.core.precision import training_autocast
 from monailabel_metaapp.core.volume import SliceGeometry, label_slices, read_image, stack_to_original, to_slices
 from monailabel_metaapp.evaluate_common import int_list, plot_curves, write_result
 from monailabel_metaapp.provenance import SHIPPED_SEG
@@ -109,10 +110,15 @@ class ScratchTrainer:
         masks: (S, size, size) binary masks of the structure.
         device: where to train.
         seed: seed of the init, the batches and the augmentation.
+        bf16: forward passes under bfloat16 autocast where native (`core.precision`), as refinement
+            trains, so that both get the same arithmetic for their seconds.
     """
 
-    def __init__(self, stacks: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device, seed: int):
+    def __init__(
+        self, stacks: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device, seed: int, bf16: bool = True
+    ):
         torch.manual_seed(seed)
+        self.bf16 = bf16
         self.rng = random.Random(seed)
         self.device = device
         self.net = UNet(2, 1, 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1).to(device)
@@ -125,7 +131,9 @@ class ScratchTrainer:
         self.net.train()
         idx = torch.tensor([self.rng.randrange(self.x_all.shape[0]) for _ in range(8)])
         x, y = augment(self.x_all[idx], self.y_all[idx], self.rng, 0.5)
-        loss = seg_loss(self.net(x)[:, 0], y)
+        with training_autocast(self.device, self.bf16):
+            logits = self.net(x)[:, 0]
+        loss = seg_loss(logits.float(), y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -166,7 +174,9 @@ def finetune(adapter: SegAdapter, stacks, masks, seconds: float, seed: int) -> t
         pick = [idx_all[rng.randrange(len(idx_all))] for _ in range(4)]
         x = torch.cat([with_context(stacks[j], [i], model.cfg.context) for j, i in pick]).to(ad.device)
         y = torch.stack([masks[j][i].float() for j, i in pick]).to(ad.device)
-        loss = seg_loss(model.head.logits(model.embed(x), params), y)
+        with training_autocast(ad.device):
+            feats = model.embed(x)
+        loss = seg_loss(model.head.logits(feats.float(), params), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

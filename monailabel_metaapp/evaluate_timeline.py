@@ -102,7 +102,7 @@ def timeline_episode(
         else:  # no labelled slice to check on: the app does not refine, the quick head is served throughout
             meta.clock = max(marks)
 
-    scratch = ScratchTrainer(stacks, masks, adapter.device, seed)
+    scratch = ScratchTrainer(stacks, masks, adapter.device, seed, bf16=cfg.bf16)
     meta = _Clocked("meta", head_seconds, meta_step, lambda: served["version"])
     clocks = [
         meta,

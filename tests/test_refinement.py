@@ -18,6 +18,7 @@ from monailabel.client import MONAILabelClient
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import random_crop
+from monailabel_metaapp.core.precision import bf16_native, training_autocast
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.shared_data import one_structure_label
@@ -249,3 +250,28 @@ def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_
     again = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10), state=run.state_dict())
     assert again.steps == run.steps
     assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())
+
+
+def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_in_float32():
+    """A training step's forward pass runs in bfloat16 where the hardware does it (about half the
+    step on such CPUs), and `bf16=0` turns it off; the weights a refined version is saved from stay
+    float32 either way, so versions load as before."""
+    conv = torch.nn.Conv2d(1, 1, 3)
+    x = torch.randn(1, 1, 8, 8)
+    with training_autocast("cpu", enabled=True):
+        on = conv(x).dtype
+    with training_autocast("cpu", enabled=False):
+        off = conv(x).dtype
+    assert on == (torch.bfloat16 if bf16_native("cpu") else torch.float32) and off == torch.float32
+    yy, xx = torch.meshgrid(torch.arange(160), torch.arange(160), indexing="ij")
+    disk = ((yy - 80) ** 2 + (xx - 70) ** 2 < 20**2).expand(6, 160, 160)
+    stack = disk.float() + 0.1 * torch.randn(6, 160, 160)
+    adapter = SegAdapter(load_model(None), "cpu")
+    run = Refinement(adapter, [stack], [disk], adapter.adapt([stack], [disk]), RefineConfig(augment=0.0))
+    before = run.encoder_state()
+    for _ in range(2):
+        assert np.isfinite(run.step())
+    after = run.encoder_state()
+    assert all(v.dtype == before[k].dtype for k, v in after.items())
+    assert all(v.dtype == torch.float32 for v in run.head().params.values())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items() if v.is_floating_point())

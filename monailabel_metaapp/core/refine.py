@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component_share
 from monailabel_metaapp.core.episodes import augment, random_crop, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
+from monailabel_metaapp.core.precision import training_autocast
 
 HEAD, REFINED = "head", "refined"  # the two stages a structure's live version can be in
 
@@ -69,6 +70,9 @@ class RefineConfig:
         crop: side of the random window of each slice a step trains on (0 = whole slices). A
             96-pixel window of a 160-pixel slice costs a third of the step, yet on cardiac MRI three
             times the steps served less in the same seconds than whole slices did.
+        bf16: run the encoder's forward pass of each training step under bfloat16 autocast where
+            the hardware does it natively (`core.precision`): about half the step's time on a CPU
+            with AVX512-BF16. Validation and what is served stay in float32.
     """
 
     lr_encoder: float = 1e-3
@@ -83,6 +87,7 @@ class RefineConfig:
     distill: float = 1.0
     distill_batch: int = 4
     crop: int = 0
+    bf16: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,7 +232,7 @@ class Refinement:
         x = torch.cat([with_context(self.stacks[j], [i], self.context) for j, i in pick]).to(self.device)
         y = torch.stack([self.masks[j][i].float() for j, i in pick]).to(self.device)
         x, y = self._window(*augment(x, y, self.rng, self.cfg.augment))
-        loss = seg_loss(self.model.head.logits(self.model.embed(x), self.params), y)
+        loss = seg_loss(self.model.head.logits(self._embed(x), self.params), y)
         if self.teacher:
             loss = loss + self.cfg.distill * self._distill_loss()
         self.opt.zero_grad(set_to_none=True)
@@ -244,8 +249,15 @@ class Refinement:
         x = torch.cat([with_context(self.teacher[j][0], [i], self.context) for j, i in pick]).to(self.device)
         p = torch.stack([self.teacher[j][1][i] for j, i in pick]).to(self.device)
         x, p = self._window(*augment(x, p, self.rng, self.cfg.augment))
-        logits = self.model.head.logits(self.model.embed(x), self.params)
+        logits = self.model.head.logits(self._embed(x), self.params)
         return F.binary_cross_entropy_with_logits(logits, p)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's forward pass of a training step, in bfloat16 where native (`RefineConfig.bf16`);
+        the head and the loss run in float32 on its output."""
+        with training_autocast(self.device, self.cfg.bf16):
+            feats = self.model.embed(x)
+        return feats.float()
 
     def _window(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return random_crop(x, y, self.cfg.crop, self.rng) if self.cfg.crop else (x, y)
