@@ -1,11 +1,12 @@
 """Mixed precision for the training loops that run beside the annotator (refinement, and the
 baselines it is measured against).
 
-A refinement step of the meta-learned network costs about 0.8 s on one core of a 2-core CPU in
-float32; under bfloat16 autocast it costs about half, on CPUs whose vector units do bfloat16 (x86
-AVX512-BF16 or AMX, recent Arm) and on GPUs. Where the hardware does not, autocast would emulate it
-and be slower, so it is used only where it is native. Weights, optimiser state, losses and every
-prediction the app serves stay in float32: only the convolutions of a training step run in bfloat16.
+A refinement step of the meta-learned network costs 0.4-0.9 s on one core of a 2-core CPU in float32.
+Under bfloat16 autocast the encoder's convolutions cost about half, and the step about two thirds
+(1.4-1.5x the steps in the same seconds), on CPUs whose vector units do bfloat16 (x86 AVX512-BF16 or
+AMX, recent Arm) and on GPUs. Where the hardware does not, autocast would emulate it and be slower,
+so it is used only where it is native. Weights, optimiser state, losses and every prediction the app
+serves stay in float32: only the encoder's forward pass of a training step runs in bfloat16.
 """
 
 from __future__ import annotations
