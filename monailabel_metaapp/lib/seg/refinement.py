@@ -163,6 +163,9 @@ class RefinementWorker:
                 result = run.advance()
                 if result is not None and result[1]:
                     best = (run.head(), run.encoder_state(), result[0])
+            with self._cv:
+                if name in self._interrupt:  # a rollback or new labels during the step: publish nothing, end above
+                    continue
             finished = PLATEAU if run.plateau else BUDGET if spent + run.seconds >= self.cfg.budget_seconds else None
             # the first better candidate goes live at once, later ones at most every PUBLISH_SECONDS (each
             # new version re-scores every study for active learning) and the best one when the run ends
@@ -255,6 +258,8 @@ class RefinementWorker:
     # -- state ----------------------------------------------------------------------------------
     def _set(self, name: str, run: Refinement, state: str, spent: float) -> None:
         with self._cv:
+            if name in self._interrupt:  # a rollback (held) or new labels (queued) since the step began: it stands
+                state = self._status.get(name, {}).get("state", state)
             self._status[name] = {
                 "state": state,
                 "seconds": round(spent + run.seconds, 1),
