@@ -21,6 +21,7 @@ from monailabel_metaapp.core.episodes import random_crop
 from monailabel_metaapp.core.precision import bf16_native, training_autocast
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
+from monailabel_metaapp.lib.seg.refinement import HELD, RefinementWorker
 from monailabel_metaapp.shared_data import one_structure_label
 
 
@@ -275,3 +276,49 @@ def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_i
     assert all(v.dtype == before[k].dtype for k, v in after.items())
     assert all(v.dtype == torch.float32 for v in run.head().params.values())
     assert any(not torch.equal(v, before[k]) for k, v in after.items() if v.is_floating_point())
+
+
+class _RunHeldMidStep:
+    """A run whose first step finds a better candidate while an administrator rolls the structure back."""
+
+    def __init__(self, worker, name: str) -> None:
+        self.worker, self.name = worker, name
+        self.seconds, self.steps, self.best, self.baseline, self.plateau = 0.0, 0, 0.5, 0.4, False
+        self.stacks = [torch.zeros(1)]
+
+    def advance(self):
+        self.worker.hold(self.name)  # the rollback lands while the step runs
+        self.seconds, self.steps, self.best = 1.0, 1, 0.9
+        return 0.9, True
+
+    def head(self):
+        return "candidate head"
+
+    def encoder_state(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+
+class _Worker(RefinementWorker):
+    def __init__(self, folder: Path) -> None:
+        super().__init__(service=None, folder=folder)
+        self.published: list = []
+
+    def _prepare(self, name: str):
+        return _RunHeldMidStep(self, name), ["study"], 0.0
+
+    def _publish(self, name, run, head, encoder, val) -> None:
+        self.published.append((name, head, val))
+
+
+def test_a_rollback_during_a_refinement_step_holds_the_structure_and_publishes_nothing(tmp_path):
+    """The worker's own loop: the candidate of a step interrupted by a rollback never goes live, and
+    the status stays 'held after rollback' instead of the step's 'refining', and what the step learned
+    is kept for the structure's next label."""
+    worker = _Worker(tmp_path)
+    worker._run("lv blood pool")
+    assert worker.published == []
+    assert worker.status()["lv blood pool"]["state"] == HELD
+    assert torch.load(tmp_path / "lv_blood_pool" / "state.pt", weights_only=True)["run"] == {"steps": 1}
