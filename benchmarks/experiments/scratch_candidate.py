@@ -12,7 +12,8 @@ validations included; scoring on the query studies is not counted), scored at ea
 whole-volume Dice over the query studies of what is served:
 * `app`: what the app serves today: the quick head, then `core.refine.Refinement` (guarded: the
   middle third of the support's slices holding the structure held out, the quick head as teacher on
-  the anchor studies) publishing each candidate that passes the guard;
+  the anchor studies) publishing each candidate that passes the guard (`--refine` changes its
+  settings, e.g. `min_agreement=0` drops the agreement check);
 * `scratch`: `evaluate.ScratchTrainer` on every slice of the support, served as it is at each mark
   (no guard: the timeline's baseline);
 * `both`: the app's refinement and a `ScratchTrainer` on the same training slices (the held-out block
@@ -26,7 +27,7 @@ Draws as in `metaapp evaluate seg --timeline` (`--draws 0` is the timeline's rep
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/scratch_candidate.py --studies DIR --structure 600
         --model FOLD.pt [--shots 1] [--draws 0,1,2] [--queries 4] [--marks 10,30,60,150]
-        [--methods scratch,app,both,trace] [--scratch-agreement 1] --out F.json
+        [--methods scratch,app,both,trace] [--scratch-agreement 1] [--refine min_agreement=0] --out F.json
     ... --combine A.json B.json --out F.json   (merge per-draw files)
 """
 
@@ -131,12 +132,13 @@ def run_draw(
     scratch_every: int,
     methods: list[str],
     agreement: bool,
+    cfg: RefineConfig,
 ) -> tuple[list[dict], list[dict]]:
     ad, support, query, anchors, masks, quick = draw_studies(studies, value, model, shots, queries, draw)
     stacks = [s.stack for s in support]
     head_dice = mean_query_dice(ad, quick, query, value)
     rows = [{"draw": draw, "method": "quick head", "seconds": 0.0, "dice": head_dice, "served": "head"}]
-    guard = Refinement(ad, stacks, masks, quick, RefineConfig(), seed=draw, anchors=anchors)
+    guard = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)
     rows[0].update(head_held_out=guard.baseline, head_bar=agreement_needed(guard.baseline, guard.cfg.min_agreement))
     checks = []  # every check of a scratch candidate by the guard in `both`
     print(f"draw {draw}: quick head {head_dice:.3f}", flush=True)
@@ -156,7 +158,7 @@ def run_draw(
             record("scratch", pending.pop(0), scratch_dice(scratch, query, value, quick.one_piece), "scratch")
 
     # the app: guarded refinement, each candidate that passes the guard goes live
-    run = Refinement(ad, stacks, masks, quick, RefineConfig(), seed=draw, anchors=anchors)
+    run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)
     served = Served(ad, quick, query, value)
     clock, pending = 0.0, sorted(marks) if "app" in methods else []
     while pending:
@@ -169,7 +171,7 @@ def run_draw(
             record("app", pending.pop(0), served.dice(), served.kind)
 
     # both: refinement and a scratch net on the same training slices take turns, one guard
-    run = Refinement(ad, stacks, masks, quick, RefineConfig(), seed=draw, anchors=anchors)
+    run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)
     keep = [j for j, idx in enumerate(run.train_idx) if idx]
     trainer = ScratchTrainer(
         [stacks[j][run.train_idx[j]] for j in keep], [masks[j][run.train_idx[j]] for j in keep], ad.device, draw
@@ -283,6 +285,9 @@ def main() -> None:
     ap.add_argument("--methods", default="scratch,app,both")
     ap.add_argument("--scratch-agreement", type=int, default=1, help="0: scratch candidates skip the agreement check")
     ap.add_argument("--marks", default="10,30,60,150")
+    ap.add_argument(
+        "--refine", default="", help="refinement settings as for `--refine` of the timeline, e.g. min_agreement=0"
+    )
     ap.add_argument("--scratch-every", type=int, default=40, help="scratch steps between two checks by the guard")
     ap.add_argument("--combine", nargs="*", type=Path, help="merge the rows of earlier JSON files instead of running")
     ap.add_argument("--out", type=Path, required=True)
@@ -298,6 +303,7 @@ def main() -> None:
         "queries": a.queries,
         "scratch_every": a.scratch_every,
         "scratch_agreement": bool(a.scratch_agreement),
+        "refine": RefineConfig.parse(a.refine).to_dict(),
     }
     if a.combine:
         parts = [json.loads(p.read_text()) for p in a.combine]
@@ -308,7 +314,16 @@ def main() -> None:
     else:
         rows, checks = [], []
         for d in a.draws:
-            args = (a.shots, a.queries, d, marks, a.scratch_every, a.methods.split(","), bool(a.scratch_agreement))
+            args = (
+                a.shots,
+                a.queries,
+                d,
+                marks,
+                a.scratch_every,
+                a.methods.split(","),
+                bool(a.scratch_agreement),
+                RefineConfig.parse(a.refine),
+            )
             r, c = run_draw(a.studies, a.structure, a.model, *args)
             rows, checks = rows + r, checks + c
     write_result({"settings": settings, "rows": rows, "checks": checks}, a.out, plot, weights=[a.model or SHIPPED_SEG])
