@@ -22,7 +22,14 @@ import torch
 from tqdm import tqdm
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
-from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter
+from monailabel_metaapp.core.refine import (
+    REFINED,
+    RefineConfig,
+    Refinement,
+    TwoStartRefinement,
+    refined_adapter,
+    start_refinement,
+)
 from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, setup
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
@@ -30,7 +37,7 @@ from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 ANCHORS = 3  # other studies (neither support nor query) the guard checks agreement on, as the app does
 
 
-def _copy_net(run: Refinement) -> tuple[dict, object]:
+def _copy_net(run: Refinement | TwoStartRefinement) -> tuple[dict, object]:
     return run.encoder_state(), run.head()
 
 
@@ -75,9 +82,17 @@ def timeline_episode(
     t0 = compute_seconds()
     head = adapter.adapt(stacks, masks, feats=feats)
     head_seconds = compute_seconds() - t0
-    guarded = Refinement(adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors)
+    t0 = compute_seconds()  # the app builds both runs after the save too: their seconds count
+    guarded = start_refinement(adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors)
+    build_seconds = compute_seconds() - t0
     served: dict = {"version": ("head", None, head)}
-    record = {"published": [], "validations": 0, "head_val_dice": guarded.baseline, "head_seconds": head_seconds}
+    record = {
+        "published": [],
+        "validations": 0,
+        "head_val_dice": guarded.baseline,
+        "head_seconds": head_seconds,
+        "build_seconds": build_seconds,
+    }
 
     def guarded_step() -> None:
         result = guarded.advance()
@@ -87,7 +102,12 @@ def timeline_episode(
                 enc, h = _copy_net(guarded)
                 served["version"] = ("net", enc, h)
                 record["published"].append(
-                    {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": guarded.agreement}
+                    {
+                        "steps": guarded.steps,
+                        "start": guarded.start,
+                        "val_dice": round(result[0], 4),
+                        "agreement": guarded.agreement,
+                    }
                 )
             elif guarded.agreement is not None:  # better on the held-out study, refused by the anchors
                 record.setdefault("refused_disagreeing", []).append(
@@ -103,7 +123,7 @@ def timeline_episode(
             meta.clock = max(marks)
 
     scratch = ScratchTrainer(stacks, masks, adapter.device, seed, bf16=cfg.bf16)
-    meta = _Clocked("meta", head_seconds, meta_step, lambda: served["version"])
+    meta = _Clocked("meta", head_seconds + build_seconds, meta_step, lambda: served["version"])
     clocks = [
         meta,
         _Clocked("finetune", head_seconds, free.step, lambda: ("net", *_copy_net(free))),
@@ -142,7 +162,7 @@ def served_after(
     """(adapter, head) the app serves once the structure's guarded refinement has run `seconds` of
     compute after the save: the last version that passed the guard (its head's `stage` "refined"), or
     the quick head `head`."""
-    run = Refinement(adapter, stacks, masks, head, cfg or RefineConfig(), seed=seed, anchors=anchors)
+    run = start_refinement(adapter, stacks, masks, head, cfg or RefineConfig(), seed=seed, anchors=anchors)
     served = (adapter, head)
     t0 = compute_seconds()
     while run.checkable and compute_seconds() - t0 < seconds:

@@ -19,7 +19,16 @@ from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.episodes import random_crop
 from monailabel_metaapp.core.precision import bf16_native, training_autocast
-from monailabel_metaapp.core.refine import RefineConfig, Refinement, agreement_needed, pooled_dice, study_split
+from monailabel_metaapp.core.refine import (
+    RefineConfig,
+    Refinement,
+    TwoStartRefinement,
+    agreement_needed,
+    pooled_dice,
+    refined_adapter,
+    start_refinement,
+    study_split,
+)
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.lib.seg.refinement import HELD, RefinementWorker
 from monailabel_metaapp.shared_data import one_structure_label
@@ -251,6 +260,54 @@ def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_
     again = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(val_every=10), state=run.state_dict())
     assert again.steps == run.steps
     assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())
+
+
+def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_version_serves_alike(shared):
+    """From two labelled studies the run from the meta-learned weights and the run from fresh weights
+    share the seconds and one guard: a candidate of either must beat the best of both so far and
+    agree with the quick head on the anchors; only the warm run is distilled (never from two labels).
+    Whichever passes is an encoder and a head that the app serves like any refined version; the pair
+    resumes from its state, a single run's state continues the warm run, and with one label (or
+    `fresh=0`) the app runs the warm start alone."""
+    torch.manual_seed(0)
+    (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
+    adapter = SegAdapter(load_model(None), "cpu")
+    quick = adapter.adapt([s1, s2], [m1, m2])
+    cfg = RefineConfig(val_every=4)
+    one = adapter.adapt([s1], [m1])
+    assert isinstance(start_refinement(adapter, [s1], [m1], one, cfg, anchors=[s3]), Refinement)
+    assert isinstance(start_refinement(adapter, [s1], [m1], one, RefineConfig(fresh=1)), TwoStartRefinement)
+    run = start_refinement(adapter, [s1, s2], [m1, m2], quick, cfg, anchors=[s3])
+    assert isinstance(run, TwoStartRefinement)
+    assert run.fresh.anchors is run.warm.anchors and run.fresh.baseline == run.warm.baseline
+    meta = adapter.model.encoder.net.state_dict()
+    fresh = run.fresh.encoder_state()
+    assert all(torch.equal(v, run.warm.encoder_state()[k]) for k, v in meta.items())
+    assert any(not torch.equal(v, fresh[k]) for k, v in meta.items() if v.is_floating_point())
+
+    starts, published = set(), []
+    for _ in range(24):
+        result = run.advance()
+        starts.add(run.start)
+        if result is not None and result[1]:
+            published.append((result[0], run.encoder_state(), run.head()))
+    assert starts == {"warm", "fresh"} and run.warm.steps and run.fresh.steps
+    slower, faster = sorted((run.warm.seconds, run.fresh.seconds))
+    assert faster - slower < 2.5 * max(r.seconds / r.steps for r in run.runs.values()), "the seconds are not shared"
+    assert run.warm.best == run.fresh.best == run.best  # one bar for both
+    vals = [v for v, _, _ in published]
+    assert all(b >= a + cfg.min_gain for a, b in zip(vals, vals[1:]))
+    if published:  # the last passing candidate, as the app serves it: its own encoder and head
+        _, encoder, head = published[-1]
+        assert refined_adapter(adapter, encoder).predict(s3, [head])[0].shape == s3.shape
+
+    again = start_refinement(adapter, [s1, s2], [m1, m2], quick, cfg, state=run.state_dict(), anchors=[s3])
+    assert (again.warm.steps, again.fresh.steps) == (run.warm.steps, run.fresh.steps)
+    assert all(torch.equal(v, run.fresh.encoder_state()[k]) for k, v in again.fresh.encoder_state().items())
+    single = start_refinement(adapter, [s1, s2], [m1, m2], quick, cfg, state=run.warm.state_dict())
+    assert single.warm.steps == run.warm.steps and single.fresh.steps == 0
+    alone = start_refinement(adapter, [s1, s2], [m1, m2], quick, RefineConfig(fresh=0), state=run.state_dict())
+    assert isinstance(alone, Refinement) and alone.steps == run.warm.steps
 
 
 def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_in_float32():

@@ -51,9 +51,11 @@ from one_label_signals import mean_query_dice, one_label_draw  # noqa: E402
 from monailabel_metaapp.core.refine import (  # noqa: E402
     RefineConfig,
     Refinement,
+    TwoStartRefinement,
     agreement_needed,
     pooled_dice,
     refined_adapter,
+    start_refinement,
 )
 from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice, setup  # noqa: E402
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
@@ -68,8 +70,8 @@ class Served:
         self.ad, self.quick, self.query, self.value = ad, quick, query, value
         self.kind, self.payload = "head", None
 
-    def publish_refined(self, run: Refinement) -> None:
-        self.kind, self.payload = "refined", (run.encoder_state(), run.head())
+    def publish_refined(self, run: Refinement | TwoStartRefinement) -> None:
+        self.kind, self.payload, self.start = "refined", (run.encoder_state(), run.head()), run.start
 
     def publish_scratch(self, trainer: ScratchTrainer) -> None:
         self.kind, self.payload = "scratch", copy.deepcopy(trainer.net.state_dict())
@@ -157,8 +159,8 @@ def run_draw(
         while pending and clock >= pending[0]:
             record("scratch", pending.pop(0), scratch_dice(scratch, query, value, quick.one_piece), "scratch")
 
-    # the app: guarded refinement, each candidate that passes the guard goes live
-    run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)
+    # the app: guarded refinement (as the app runs it for `cfg`), each candidate that passes goes live
+    run = start_refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)
     served = Served(ad, quick, query, value)
     clock, pending = 0.0, sorted(marks) if "app" in methods else []
     while pending:
@@ -168,7 +170,7 @@ def run_draw(
             served.publish_refined(run)
         clock += time.process_time() - t0
         while pending and clock >= pending[0]:
-            record("app", pending.pop(0), served.dice(), served.kind)
+            record("app", pending.pop(0), served.dice(), served.kind, start=getattr(served, "start", None))
 
     # both: refinement and a scratch net on the same training slices take turns, one guard
     run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)

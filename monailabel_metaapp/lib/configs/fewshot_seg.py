@@ -30,7 +30,10 @@ def refine_config(conf: dict[str, str]) -> RefineConfig | None:
     """Background refinement settings from the app's conf (None when `refine` is false)."""
     if not flag(conf, "refine", False):
         return None  # off unless asked for: at one label its guard can still let a worse version through
-    return RefineConfig(budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)))
+    return RefineConfig(
+        budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)),
+        fresh=int(conf.get("refine_fresh", RefineConfig.fresh)),
+    )
 
 
 class FewShotSeg(TaskConfig):

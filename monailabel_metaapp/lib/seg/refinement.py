@@ -9,8 +9,9 @@ A refined candidate that passes the guard is published as a new version of the s
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
 of its Dice on the held-out study or at its budget. With one labelled study the guard holds out a
 block of its slices, and the run is distilled towards the quick head on other studies of the
-datastore (`core.refine`). Each run checkpoints atomically under `<store>/refine/`, and a
-restarted server resumes it.
+datastore (`core.refine`); from two labelled studies a second run from fresh weights trains beside
+it under the same guard (`core.refine.TwoStartRefinement`). Each run checkpoints atomically under
+`<store>/refine/`, and a restarted server resumes it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from pathlib import Path
 import torch
 
 from monailabel_metaapp.core.checkpoint import save_torch
-from monailabel_metaapp.core.refine import REFINED, RefineConfig, Refinement, refined_adapter, study_split
+from monailabel_metaapp.core.refine import (
+    REFINED,
+    RefineConfig,
+    Refinement,
+    TwoStartRefinement,
+    refined_adapter,
+    start_refinement,
+    study_split,
+)
 from monailabel_metaapp.lib.activity import GATE, REFINE, lower_thread_priority
 from monailabel_metaapp.lib.versioned_store import slug
 
@@ -194,7 +203,7 @@ class RefinementWorker:
                 self._checkpoint(name, run, labels, spent, None)
                 return
 
-    def _prepare(self, name: str) -> tuple[Refinement | None, list[str], float]:
+    def _prepare(self, name: str) -> tuple[Refinement | TwoStartRefinement | None, list[str], float]:
         """A run over the structure's current labels, warm from its last state when there is one."""
         svc = self.service
         items = svc.labelled_structures().get(name, [])
@@ -216,8 +225,11 @@ class RefinementWorker:
         else:
             floor_adapter = None
         anchors = self._anchors(set(labels), adapter)
-        run = Refinement(
-            adapter, stacks, masks, live, self.cfg, seed=len(labels), state=state and state["run"], anchors=anchors
+        # the warm run starts from, and is distilled towards, the quick head on the meta-learned encoder;
+        # a live refined version's head belongs to its own encoder
+        quick = live if live.stage != REFINED else adapter.adapt(stacks, masks)
+        run = start_refinement(
+            adapter, stacks, masks, quick, self.cfg, seed=len(labels), state=state and state["run"], anchors=anchors
         )
         if floor_adapter is not None:
             run.best = max(run.best, run.score(floor_adapter, live))
@@ -244,19 +256,20 @@ class RefinementWorker:
                 logger.warning("refinement skips %s as an anchor: %s", image_id, e)
         return out
 
-    def _publish(self, name: str, run: Refinement, head, encoder: dict, val: float) -> None:
+    def _publish(self, name: str, run: Refinement | TwoStartRefinement, head, encoder: dict, val: float) -> None:
         head.stage = REFINED
         info = {
             "val_dice": round(val, 4),
             "baseline_dice": round(run.baseline, 4),
             "refine_seconds": round(run.seconds, 1),
+            "start": run.start,
         }
         version = self.service.heads.publish(name, head, encoder=encoder, info=info)
         self.service.notify(name)
         logger.info("refined %s -> version %d (held-out Dice %.3f, quick head %.3f)", name, version, val, run.baseline)
 
     # -- state ----------------------------------------------------------------------------------
-    def _set(self, name: str, run: Refinement, state: str, spent: float) -> None:
+    def _set(self, name: str, run: Refinement | TwoStartRefinement, state: str, spent: float) -> None:
         with self._cv:
             if name in self._interrupt:  # a rollback (held) or new labels (queued) since the step began: it stands
                 state = self._status.get(name, {}).get("state", state)
@@ -292,7 +305,9 @@ class RefinementWorker:
             logger.exception("refinement checkpoint of %s unreadable; starting from the live version", name)
             return None
 
-    def _checkpoint(self, name: str, run: Refinement, labels: list[str], spent: float, finished: str | None) -> None:
+    def _checkpoint(
+        self, name: str, run: Refinement | TwoStartRefinement, labels: list[str], spent: float, finished: str | None
+    ) -> None:
         if run.steps == 0 and finished is None:  # nothing learned yet: the previous checkpoint still holds
             return
         state = {
