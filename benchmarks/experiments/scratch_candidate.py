@@ -68,7 +68,7 @@ class Served:
 
     def __init__(self, ad, quick, query, value: int) -> None:
         self.ad, self.quick, self.query, self.value = ad, quick, query, value
-        self.kind, self.payload = "head", None
+        self.kind, self.payload, self.start = "head", None, None
 
     def publish_refined(self, run: Refinement | TwoStartRefinement) -> None:
         self.kind, self.payload, self.start = "refined", (run.encoder_state(), run.head()), run.start
@@ -170,7 +170,7 @@ def run_draw(
             served.publish_refined(run)
         clock += time.process_time() - t0
         while pending and clock >= pending[0]:
-            record("app", pending.pop(0), served.dice(), served.kind, start=getattr(served, "start", None))
+            record("app", pending.pop(0), served.dice(), served.kind, start=served.start)
 
     # both: refinement and a scratch net on the same training slices take turns, one guard
     run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)

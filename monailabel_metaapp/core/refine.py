@@ -169,6 +169,8 @@ class Refinement:
             version's score on the current held-out study).
         anchors: (S, size, size) image stacks of other studies, labelled or not: a candidate must agree
             with the quick head on them (None: no such check).
+        judged_like: another run of the same structure and labels whose guard this one shares (the
+            quick head's held-out score and its predictions on the anchors), instead of its own.
     """
 
     start = "warm"  # where its network started: the meta-learned weights (see `TwoStartRefinement`)
@@ -185,6 +187,7 @@ class Refinement:
         state: dict | None = None,
         floor: float | None = None,
         anchors: list[torch.Tensor] | None = None,
+        judged_like: Refinement | None = None,
     ):
         self.cfg = cfg or RefineConfig()
         self.device = adapter.device
@@ -218,11 +221,14 @@ class Refinement:
         fg = [(j, i) for j, m in enumerate(self.masks) for i in self.train_idx[j] if bool(m[i].any())]
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
-        self.baseline = self._head_baseline(adapter) if self.checkable else None
-        needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both uses
-        teacher = [(st, adapter.predict(st, [head])[0]) for st in needed]
-        self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
-        self.teacher = teacher if distilling else []
+        if judged_like is not None:
+            self.baseline, self.anchors, self.teacher = judged_like.baseline, judged_like.anchors, []
+        else:
+            self.baseline = self._head_baseline(adapter) if self.checkable else None
+            needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both
+            teacher = [(st, adapter.predict(st, [head])[0]) for st in needed]
+            self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
+            self.teacher = teacher if distilling else []
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
@@ -426,10 +432,15 @@ class TwoStartRefinement:
         fresh = fresh_adapter(adapter, seed)
         fresh_cfg = RefineConfig(**{**self.warm.cfg.to_dict(), "distill": 0.0})
         self.fresh = Refinement(
-            fresh, stacks, masks, fresh.adapt(stacks, masks), fresh_cfg, seed=seed, state=state.get("fresh")
+            fresh,
+            stacks,
+            masks,
+            fresh.adapt(stacks, masks),
+            fresh_cfg,
+            seed=seed,
+            state=state.get("fresh"),
+            judged_like=self.warm,  # one guard: the quick head's held-out score and anchors judge both
         )
-        # one guard: the quick head's held-out score and its predictions on the anchors judge both runs
-        self.fresh.baseline, self.fresh.anchors = self.warm.baseline, self.warm.anchors
         self.best = self.warm.best
         self.last = self.warm  # the run of the latest step: whose candidate `head` and `encoder_state` give
 
