@@ -49,9 +49,9 @@ def test_refined_versions_keep_their_encoder_stage_and_score_across_restart_and_
     store.publish("liver", _head(1.0, 1))
     refined = _head(2.0, 1)
     refined.stage = "refined"
-    assert 2 == store.publish("liver", refined, encoder={"w": torch.ones(3)}, info={"val_dice": 0.9})
+    assert 2 == store.publish("liver", refined, encoder={"w": torch.ones(3)}, info={"val_dice": 0.9, "start": "fresh"})
     snap = store.snapshot()["liver"]
-    assert (snap["version"], snap["stage"], snap["val_dice"]) == (2, "refined", 0.9)
+    assert (snap["version"], snap["stage"], snap["val_dice"], snap["start"]) == (2, "refined", 0.9, "fresh")
     assert torch.load(tmp_path / "liver" / "v0002.encoder.pt", weights_only=True)["w"].sum() == 3
     # a version kept for rollback only does not change what is served
     assert store.publish("liver", _head(3.0, 2), live=False) == 3 and store.snapshot()["liver"]["version"] == 2
@@ -59,7 +59,7 @@ def test_refined_versions_keep_their_encoder_stage_and_score_across_restart_and_
     head = again.heads()["liver"]
     assert head.stage == "refined" and head.encoder_file.endswith("v0002.encoder.pt")
     assert again.rollback("liver", 1) == 1 and again.heads()["liver"].encoder_file is None
-    assert again.snapshot()["liver"]["stage"] == "head"
+    assert again.snapshot()["liver"]["stage"] == "head" and again.snapshot()["liver"]["start"] is None
     assert again.rollback("liver", 3) == 3 and again.snapshot()["liver"]["n_labels"] == 2
 
 

@@ -77,6 +77,7 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     live = st[name]
     ref = live["refinement"]
     assert live["val_dice"] > ref["head_val_dice"], "published without beating the quick head"
+    assert live["start"] in ("warm", "fresh"), "a refined version names where its network started"
     res, params = client.infer("fewshot_seg", "cmr_30", {})
     assert params["head_stages"] == {name: "refined"} and params["head_versions"][name] == live["version"]
     pred = sitk.GetArrayFromImage(sitk.ReadImage(res)) == 1
@@ -266,9 +267,10 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     """From two labelled studies the run from the meta-learned weights and the run from fresh weights
     share the seconds and one guard: a candidate of either must beat the best of both so far and
     agree with the quick head on the anchors; only the warm run is distilled (never from two labels).
-    Whichever passes is an encoder and a head that the app serves like any refined version; the pair
-    resumes from its state, a single run's state continues the warm run, and with one label (or
-    `fresh=0`) the app runs the warm start alone."""
+    The seconds are shared equally until both runs have been validated, then the run whose held-out
+    Dice leads gets `lead` of them. Whichever passes is an encoder and a head that the app serves like
+    any refined version; the pair resumes from its state, a single run's state continues the warm run,
+    and with one label (or `fresh=0`) the app runs the warm start alone."""
     torch.manual_seed(0)
     (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
     adapter = SegAdapter(load_model(None), "cpu")
@@ -286,14 +288,27 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     assert any(not torch.equal(v, fresh[k]) for k, v in meta.items() if v.is_floating_point())
 
     starts, published = set(), []
-    for _ in range(24):
-        result = run.advance()
-        starts.add(run.start)
-        if result is not None and result[1]:
-            published.append((result[0], run.encoder_state(), run.head()))
+
+    def advance(n: int) -> None:
+        for _ in range(n):
+            result = run.advance()
+            starts.add(run.start)
+            if result is not None and result[1]:
+                published.append((result[0], run.encoder_state(), run.head()))
+
+    step = 0.0
+    while min(r.top for r in run.runs.values()) < 0:  # until both have been validated: equal shares
+        advance(1)
+        step = max(step, *(r.seconds / max(r.steps, 1) for r in run.runs.values()))
+        assert abs(run.warm.seconds - run.fresh.seconds) < 2.5 * step, "the seconds are not shared"
     assert starts == {"warm", "fresh"} and run.warm.steps and run.fresh.steps
-    slower, faster = sorted((run.warm.seconds, run.fresh.seconds))
-    assert faster - slower < 2.5 * max(r.seconds / r.steps for r in run.runs.values()), "the seconds are not shared"
+    leader, trailer = sorted(run.runs.values(), key=lambda r: r.top, reverse=True)
+    assert leader.top > trailer.top and run.share(leader) == cfg.lead and run.share(trailer) == 1 - cfg.lead
+    before = {id(r): r.seconds for r in run.runs.values()}
+    advance(16)
+    gained = {id(r): r.seconds - before[id(r)] for r in run.runs.values()}
+    if run.share(leader) == cfg.lead:  # still leading: it got most of the seconds since
+        assert gained[id(leader)] > 1.5 * gained[id(trailer)], gained
     assert run.warm.best == run.fresh.best == run.best  # one bar for both
     vals = [v for v, _, _ in published]
     assert all(b >= a + cfg.min_gain for a, b in zip(vals, vals[1:]))

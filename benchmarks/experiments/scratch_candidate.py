@@ -13,7 +13,8 @@ whole-volume Dice over the query studies of what is served:
 * `app`: what the app serves today: the quick head, then `core.refine.Refinement` (guarded: the
   middle third of the support's slices holding the structure held out, the quick head as teacher on
   the anchor studies) publishing each candidate that passes the guard (`--refine` changes its
-  settings, e.g. `min_agreement=0` drops the agreement check);
+  settings, e.g. `min_agreement=0` drops the agreement check; with two starts each row also gives
+  each run's seconds so far, `seconds_warm` and `seconds_fresh`);
 * `scratch`: `evaluate.ScratchTrainer` on every slice of the support, served as it is at each mark
   (no guard: the timeline's baseline);
 * `both`: the app's refinement and a `ScratchTrainer` on the same training slices (the held-out block
@@ -170,7 +171,8 @@ def run_draw(
             served.publish_refined(run)
         clock += time.process_time() - t0
         while pending and clock >= pending[0]:
-            record("app", pending.pop(0), served.dice(), served.kind, start=served.start)
+            split = {f"seconds_{k}": round(r.seconds, 1) for k, r in getattr(run, "runs", {}).items()}
+            record("app", pending.pop(0), served.dice(), served.kind, start=served.start, **split)
 
     # both: refinement and a scratch net on the same training slices take turns, one guard
     run = Refinement(ad, stacks, masks, quick, cfg, seed=draw, anchors=anchors)

@@ -21,7 +21,7 @@ the network cannot drift far from it there while it fits the labelled one.
 
 From two labelled studies on, a second run trains the same network from fresh weights beside the
 first, under the same guard (`TwoStartRefinement`): for a structure meta-training never saw, fresh
-weights can be the better start.
+weights can be the better start. The run ahead on the held-out study gets most of the seconds.
 
 A candidate must also agree with the quick head on a few other studies of the site, unlabelled ones
 included (`anchors`). One held-out study is a small check; the anchors keep a candidate from
@@ -78,8 +78,10 @@ class RefineConfig:
             the hardware does it natively (`core.precision`): 1.4-1.5x the steps per second on a CPU
             with AVX512-BF16. Validation and what is served stay in float32.
         fresh: from this many labelled studies holding the structure on, a second run trains the same
-            network from freshly drawn weights beside the run from the meta-learned ones, half the
-            seconds each, under one guard (`TwoStartRefinement`, `start_refinement`); 0: never.
+            network from freshly drawn weights beside the run from the meta-learned ones under one
+            guard (`TwoStartRefinement`, `start_refinement`); 0: never.
+        lead: with two starts, the share of the seconds that goes to the run whose best held-out Dice
+            leads, once both have been validated (0.5: equal shares whoever leads).
     """
 
     lr_encoder: float = 1e-3
@@ -96,6 +98,7 @@ class RefineConfig:
     crop: int = 0
     bf16: bool = True
     fresh: int = 2
+    lead: float = 0.75
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,6 +221,7 @@ class Refinement:
         self.steps = 0
         self.seconds = 0.0  # compute spent on this run (steps and validations)
         self.since_best = 0
+        self.top = -1.0  # this run's own best held-out Dice so far (-1: not validated yet)
         fg = [(j, i) for j, m in enumerate(self.masks) for i in self.train_idx[j] if bool(m[i].any())]
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
         self.pool_all = [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
@@ -312,6 +316,7 @@ class Refinement:
         self.model.encoder.net.eval()
         d = self.score(self.adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
+        self.top = max(self.top, d)
         self.agreement = None
         if better and self.anchors:
             self.agreement = self._agreement()
@@ -408,8 +413,11 @@ class TwoStartRefinement:
     not distilled towards the quick head, which would tie it to the head it is there to outgrow. The app
     runs two starts from two labelled studies on (`start_refinement`).
 
-    The seconds are shared equally; a run at its plateau gives its turns to the other. Same arguments
-    as `Refinement` (`state` may also be a single run's state: it continues the warm run).
+    The seconds follow the guard's ranking: equal shares until both runs have been validated, then
+    `RefineConfig.lead` of them to the run whose best held-out Dice leads. The meta-learned start keeps
+    most of the seconds on a structure it knows, and a fresh start that overtakes it gets them on one it
+    does not. A run at its plateau gives its turns to the other. Same arguments as `Refinement`
+    (`state` may also be a single run's state: it continues the warm run).
     """
 
     def __init__(
@@ -461,10 +469,18 @@ class TwoStartRefinement:
         """Where the latest step's network started from: "warm" or "fresh"."""
         return "warm" if self.last is self.warm else "fresh"
 
+    def share(self, run: Refinement) -> float:
+        """The share of the seconds `run` is due: `lead` when its best held-out Dice leads the other
+        run's, the rest when it trails, half before both have been validated or on a tie."""
+        other = self.fresh if run is self.warm else self.warm
+        if min(run.top, other.top) < 0 or run.top == other.top:
+            return 0.5
+        return self.cfg.lead if run.top > other.top else 1.0 - self.cfg.lead
+
     def advance(self) -> tuple[float, bool] | None:
-        """One step of the run with fewer seconds (of the one not at its plateau), then its validation
-        every `val_every` of its steps: (held-out Dice, publish?) or None."""
-        order = sorted(self.runs.values(), key=lambda r: (r.plateau, r.seconds))
+        """One step of the run furthest behind its share of the seconds (of the one not at its
+        plateau), then its validation every `val_every` of its steps: (held-out Dice, publish?) or None."""
+        order = sorted(self.runs.values(), key=lambda r: (r.plateau, r.seconds / max(self.share(r), 1e-6)))
         self.last = order[0]
         result = self.last.advance()
         if result is not None and result[1]:

@@ -59,9 +59,11 @@ class HeadStore(VersionedStore[Head]):
             rec.setdefault("by_version", {}).setdefault(v, {"stage": "head", "n_labels": n})
 
     def _summary(self, rec: dict) -> dict:
-        """The live version's stage (`head` / `refined`) and held-out Dice."""
+        """The live version's stage (`head` / `refined`), held-out Dice and, for a refined one, where its
+        network started (`warm`: the meta-learned weights, `fresh`: fresh ones)."""
         live = rec.get("by_version", {}).get(str(rec.get("version", 0)), {})
-        return {"stage": live.get("stage", "head") if rec.get("version") else None, "val_dice": live.get("val_dice")}
+        stage = live.get("stage", "head") if rec.get("version") else None
+        return {"stage": stage, "val_dice": live.get("val_dice"), "start": live.get("start")}
 
     def version_info(self, name: str, version: int | None = None) -> dict:
         """What is known of a version (default: the live one): stage, labels, held-out Dice.
