@@ -81,7 +81,8 @@ class RefineConfig:
             network from freshly drawn weights beside the run from the meta-learned ones under one
             guard (`TwoStartRefinement`, `start_refinement`); 0: never.
         lead: with two starts, the share of the seconds that goes to the run whose best held-out Dice
-            leads, once both have been validated (0.5: equal shares whoever leads).
+            leads, once both have been validated (0.5: equal shares whoever leads). Against equal
+            shares on 4 cardiac structures at k = 3 (3 draws): the same mean served Dice at 150 s.
     """
 
     lr_encoder: float = 1e-3
@@ -414,9 +415,10 @@ class TwoStartRefinement:
     runs two starts from two labelled studies on (`start_refinement`).
 
     The seconds follow the guard's ranking: equal shares until both runs have been validated, then
-    `RefineConfig.lead` of them to the run whose best held-out Dice leads. The meta-learned start keeps
-    most of the seconds on a structure it knows, and a fresh start that overtakes it gets them on one it
-    does not. A run at its plateau gives its turns to the other. Same arguments as `Refinement`
+    `RefineConfig.lead` of them to the run whose best held-out Dice leads, so the start that the guard
+    would publish from is the one that trains most (on cardiac MRI at k = 3 the meta-learned start kept
+    them on the LV blood pool, a fresh start took them on the RV). A run at its plateau gives its turns
+    to the other. Same arguments as `Refinement`
     (`state` may also be a single run's state: it continues the warm run).
     """
 
