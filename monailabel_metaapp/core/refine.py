@@ -418,8 +418,8 @@ class TwoStartRefinement:
     `RefineConfig.lead` of them to the run whose best held-out Dice leads, so the start that the guard
     would publish from is the one that trains most (on cardiac MRI at k = 3 the meta-learned start kept
     them on the LV blood pool, a fresh start took them on the RV). A run at its plateau gives its turns
-    to the other. Same arguments as `Refinement`
-    (`state` may also be a single run's state: it continues the warm run).
+    to the other. Same arguments as `Refinement` (`state` may also be a single run's state: it
+    continues the warm run).
     """
 
     def __init__(
