@@ -149,18 +149,23 @@ def test_refinement_resumes_from_its_checkpoint_after_kill_9(cmr_store, start_se
 # -- the core, without a server ------------------------------------------------------------------
 
 
-def test_the_guard_holds_out_the_last_study_with_the_structure_or_a_block_of_a_single_one():
+def test_the_guard_holds_out_the_middle_third_of_every_study_with_the_structure():
     a = torch.zeros(4, 8, 8, dtype=torch.bool)
-    a[1:3, 2:4, 2:4] = True
+    a[1:3, 2:4, 2:4] = True  # 2 slices hold the structure: one of them is held out
     empty = torch.zeros_like(a)
     train, val = study_split([a, a.clone(), empty])
-    assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
+    assert val == [[1], [1], []] and train == [[0, 2, 3], [0, 2, 3], [0, 1, 2, 3]]
     one = torch.zeros(12, 8, 8, dtype=torch.bool)
     one[2:11, 2:4, 2:4] = True  # 9 slices hold the structure: the middle 3 are held out, never trained on
     train, val = study_split([one, empty])
     assert val == [[5, 6, 7], []] and train == [[0, 1, 2, 3, 4, 8, 9, 10, 11], list(range(4))]
+    # the newest study held out whole, on request, once two studies hold the structure
+    train, val = study_split([a, a.clone(), empty], whole_study=True)
+    assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
+    assert study_split([one, empty], whole_study=True)[1] == [[5, 6, 7], []]  # one study: still a block
     assert study_split([empty, empty])[1] == [[], []]  # no study holds the structure: nothing to check on
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
+    assert RefineConfig.parse("whole_study=1").whole_study is True
 
 
 def test_a_window_of_a_slice_holding_the_structure_holds_some_of_it_at_a_varying_place():

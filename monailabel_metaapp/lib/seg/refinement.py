@@ -7,10 +7,10 @@ already under way gives the cores to them at once.
 A refined candidate that passes the guard is published as a new version of the structure (stage
 `refined`, its own encoder weights beside the head). A new label of a structure restarts its run
 warm, from its last state, with the new label included and a new budget; a run stops at a plateau
-of its Dice on the held-out study or at its budget. With one labelled study the guard holds out a
-block of its slices, and the run is distilled towards the quick head on other studies of the
-datastore (`core.refine`); from two labelled studies a second run from fresh weights trains beside
-it under the same guard (`core.refine.TwoStartRefinement`). Each run checkpoints atomically under
+of its Dice on the held-out slices (a block of every labelled study) or at its budget. With one
+labelled study the run is also distilled towards the quick head on other studies of the datastore
+(`core.refine`); from two labelled studies a second run from fresh weights trains beside it under
+the same guard (`core.refine.TwoStartRefinement`). Each run checkpoints atomically under
 `<store>/refine/`, and a restarted server resumes it.
 """
 
