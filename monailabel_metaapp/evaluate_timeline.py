@@ -109,7 +109,7 @@ def timeline_episode(
                         "agreement": guarded.agreement,
                     }
                 )
-            elif guarded.agreement is not None:  # better on the held-out study, refused by the anchors
+            elif guarded.agreement is not None:  # better on the held-out slices, refused by the anchors
                 record.setdefault("refused_disagreeing", []).append(
                     {"steps": guarded.steps, "val_dice": round(result[0], 4), "agreement": round(guarded.agreement, 4)}
                 )

@@ -62,7 +62,12 @@ def main() -> None:
         for (group, arm, mark), rs in sorted(cells.items())
     ]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "arms.json").write_text(json.dumps({"rows": rows, "runs": sources, "provenance": stamp()}, indent=1))
+    (a.out / "arms.json").write_text(
+        json.dumps(
+            {"rows": rows, "runs": sources, "provenance": stamp(sorted({d["settings"]["model"] for d in results}))},
+            indent=1,
+        )
+    )
     groups = sorted({r["group"] for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups):

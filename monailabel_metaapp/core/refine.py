@@ -12,8 +12,8 @@ quick head adapted on the same training slices and every candidate published bef
 are never trained on, and each study keeps its block as labels arrive, so a run continued warm after
 a new label has still never seen them. Holding out the newest study whole (`RefineConfig.whole_study`)
 is a check on a subject never trained on, but it costs that study's labels: at two labels the network
-trains on one study, and on cardiac MRI at three labels the served Dice 10 s after a save was 0.07
-lower in the mean of four structures (0.58 against 0.65; the same at 150 s, 0.71).
+trains on one study, and on cardiac MRI at three labels the served Dice in the mean of four
+structures was 0.57 against 0.65 10 s after a save and 0.70 against 0.72 at 150 s.
 
 With one labelled study the block is the only check, and the candidate is also distilled towards the
 quick head on the anchor studies (`RefineConfig.distill`). Held-out slices of the one study alone
@@ -88,8 +88,8 @@ class RefineConfig:
             shares on 4 cardiac structures at k = 3 (3 draws): the same mean served Dice at 150 s.
         whole_study: from two labelled studies on, the guard holds out the newest study whole instead
             of a block of every study (`study_split`). Against blocks on 4 cardiac structures at k = 3
-            (3 draws): 0.58 / 0.67 / 0.67 / 0.71 served at 10 / 30 / 60 / 150 s, blocks 0.65 / 0.69 /
-            0.69 / 0.71.
+            (3 draws, side by side): 0.57 / 0.68 / 0.67 / 0.70 served at 10 / 30 / 60 / 150 s, blocks
+            0.65 / 0.69 / 0.69 / 0.72.
     """
 
     lr_encoder: float = 1e-3
