@@ -38,26 +38,27 @@ REACHES = (1, 2, 4)
 THRESHOLDS = tuple(t / 10 for t in range(1, 10))
 
 
-def errors_near(session: MetaClicks, click: C.Click, ref: torch.Tensor) -> dict[int, dict[str, int]]:
-    """Wrong voxels within each multiple of the reach of `click`: shown before it, after the copy's
-    correction at 0.5, and at the copy's best threshold. The session itself is not changed."""
-    st, adapter, q = session.state, session.adapter, session.study
-    grid = [(*C.to_grid(click, q.geom, adapter.size), click.foreground)]
-    base = st.head if st.head is not None else st.start
-    head = C.correct_head(adapter, session.feats, st.grid + grid, base, new=grid, saved=st.saved)
-    prob = adapter.predict(q.stack, [head], feats=session.feats.float())[0]
+def click_and_count(session: MetaClicks, click: C.Click, ref: torch.Tensor) -> tuple:
+    """Apply `click` as the app does, then count the wrong voxels within each multiple of its reach:
+    shown before it, the corrected copy's label at 0.5, and the copy at its best threshold.
+    Returns (the new prediction on the original grid, {multiple: counts})."""
+    adapter, q = session.adapter, session.study
+    before = session.state.shown
+    pred = session.click(click)  # the app's correction: `state.head` is now the corrected copy
+    prob = adapter.predict(q.stack, [session.state.head], feats=session.feats.float())[0]
+    grid = [session.state.grid[-1]]
     spacing = grid_spacing(q.geom, adapter.size)
-    reach = C.reach_mm(st.shown, spacing)
+    reach = C.reach_mm(before, spacing)
     out = {}
     for m in REACHES:
-        near = C.near_clicks(grid, st.shown.shape, spacing, reach * m)
+        near = C.near_clicks(grid, before.shape, spacing, reach * m)
         wrong = [int(((prob >= t) != ref)[near].sum()) for t in THRESHOLDS]
         out[m] = {
-            "before": int((st.shown != ref)[near].sum()),
+            "before": int((before != ref)[near].sum()),
             "copy": wrong[THRESHOLDS.index(0.5)],
             "best_threshold": min(wrong),
         }
-    return out
+    return pred, out
 
 
 def main() -> None:
@@ -89,11 +90,11 @@ def main() -> None:
                     click = C.next_click(pred, ref, spacing_zyx(q))
                     if click is None:
                         break
-                    for m, counts in errors_near(session, click, grid_ref).items():
+                    pred, near_counts = click_and_count(session, click, grid_ref)
+                    for m, counts in near_counts.items():
                         for key, value in counts.items():
                             total[m][key] += value
                     n += 1
-                    pred = session.click(click)
         for m, counts in total.items():
             fixed = {k: round(1 - counts[k] / max(counts["before"], 1), 3) for k in ("copy", "best_threshold")}
             rows.append({"structure": name, "reach_x": m, "clicks": n, **counts, "share_fixed": fixed})
