@@ -341,9 +341,7 @@ def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_i
     with training_autocast("cpu", enabled=False):
         off = conv(x).dtype
     assert on == (torch.bfloat16 if bf16_native("cpu") else torch.float32) and off == torch.float32
-    yy, xx = torch.meshgrid(torch.arange(160), torch.arange(160), indexing="ij")
-    disk = ((yy - 80) ** 2 + (xx - 70) ** 2 < 20**2).expand(6, 160, 160)
-    stack = disk.float() + 0.1 * torch.randn(6, 160, 160)
+    stack, disk = _noisy_disk()
     adapter = SegAdapter(load_model(None), "cpu")
     run = Refinement(adapter, [stack], [disk], adapter.adapt([stack], [disk]), RefineConfig(augment=0.0))
     before = run.encoder_state()
@@ -353,6 +351,41 @@ def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_i
     assert all(v.dtype == before[k].dtype for k, v in after.items())
     assert all(v.dtype == torch.float32 for v in run.head().params.values())
     assert any(not torch.equal(v, before[k]) for k, v in after.items() if v.is_floating_point())
+
+
+def _noisy_disk() -> tuple[torch.Tensor, torch.Tensor]:
+    """(6 noisy slices, their disk mask): a study small enough for a few training steps in a test."""
+    yy, xx = torch.meshgrid(torch.arange(160), torch.arange(160), indexing="ij")
+    disk = ((yy - 80) ** 2 + (xx - 70) ** 2 < 20**2).expand(6, 160, 160)
+    return disk.float() + 0.1 * torch.randn(6, 160, 160), disk
+
+
+def test_with_a_moving_average_the_average_is_published_and_survives_a_restart():
+    """With `ema` the guard judges and publishes an average that trails the trained weights, so the
+    noise of the last step is not what goes live; a run continued from `state_dict()` publishes the
+    same average, and without `ema` the trained weights themselves are published."""
+    torch.manual_seed(0)
+    stack, disk = _noisy_disk()
+    adapter = SegAdapter(load_model(None), "cpu")
+    head = adapter.adapt([stack], [disk])
+    runs = {e: Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, ema=e)) for e in (0.0, 0.9)}
+    start = runs[0.9].encoder_state()
+    for run in runs.values():
+        for _ in range(3):
+            run.step()
+    trained = {k: v.detach() for k, v in runs[0.9].model.encoder.net.state_dict().items()}
+    average = runs[0.9].encoder_state()
+    keys = [k for k, v in start.items() if v.is_floating_point()]
+
+    def moved(w: dict) -> float:
+        return sum(float((w[k] - start[k]).norm() ** 2) for k in keys) ** 0.5
+
+    assert 0 < moved(average) < moved(trained)
+    plain = runs[0.0]
+    assert all(torch.equal(v, plain.model.encoder.net.state_dict()[k]) for k, v in plain.encoder_state().items())
+    again = Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, ema=0.9), state=runs[0.9].state_dict())
+    assert all(torch.equal(again.encoder_state()[k], average[k]) for k in keys)
+    assert all(torch.equal(v, runs[0.9].head().params[k]) for k, v in again.head().params.items())
 
 
 class _RunHeldMidStep:

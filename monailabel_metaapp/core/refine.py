@@ -15,6 +15,11 @@ is a check on a subject never trained on, but it costs that study's labels: at t
 trains on one study, and on cardiac MRI at three labels the served Dice in the mean of four
 structures was 0.57 against 0.65 10 s after a save and 0.70 against 0.72 at 150 s.
 
+What the guard judges and publishes is a moving average of the network's weights over its last few
+dozen steps (`RefineConfig.ema`), not the weights of the last step: with a batch of 4 slices a step
+moves the network by noise as much as by what it learned, and one step's luck on the held-out slices
+is not what should go live.
+
 With one labelled study the block is the only check, and the candidate is also distilled towards the
 quick head on the anchor studies (`RefineConfig.distill`). Held-out slices of the one study alone
 rewarded networks that learned where the structure sits in that study (on cardiac MRI a version
@@ -90,6 +95,11 @@ class RefineConfig:
             of a block of every study (`study_split`). Against blocks on 4 cardiac structures at k = 3
             (3 draws, side by side): 0.57 / 0.68 / 0.67 / 0.70 served at 10 / 30 / 60 / 150 s, blocks
             0.65 / 0.69 / 0.69 / 0.72.
+        ema: decay of an exponential moving average of the network's weights (encoder and head) that
+            the guard validates and that is published instead of the weights of the last step
+            (0: the last step's weights); the decay is shorter over the first steps. Against the last
+            step's weights on 4 cardiac structures at k = 3 (3 draws, side by side): 0.639 / 0.689 /
+            0.700 / 0.725 served at 10 / 30 / 60 / 150 s against 0.644 / 0.680 / 0.693 / 0.713.
     """
 
     lr_encoder: float = 1e-3
@@ -108,6 +118,7 @@ class RefineConfig:
     fresh: int = 2
     lead: float = 0.75
     whole_study: bool = False
+    ema: float = 0.97
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -252,6 +263,7 @@ class Refinement:
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
         if state is not None:
             self._load(state)
+        self._start_average(state)
 
     # -- training -----------------------------------------------------------------------------
     @property
@@ -273,8 +285,35 @@ class Refinement:
         loss.backward()
         self.opt.step()
         self.steps += 1
+        self._average()
         self.seconds += time.perf_counter() - t0
         return float(loss.detach())
+
+    def _start_average(self, state: dict | None) -> None:
+        """The network the guard judges and publishes: a moving average of the trained one
+        (`RefineConfig.ema`), or the trained one itself."""
+        self.avg_model, self.avg_params = self.model, self.params
+        if self.cfg.ema > 0:
+            self.avg_model = copy.deepcopy(self.model).eval()
+            self.avg_params = {k: v.detach().clone() for k, v in self.params.items()}
+            saved = (state or {}).get("average")
+            if saved:
+                self.avg_model.encoder.net.load_state_dict(saved["encoder"])
+                for k, v in saved["head"].items():
+                    if k in self.avg_params and self.avg_params[k].shape == v.shape:
+                        self.avg_params[k].copy_(v.to(self.device))
+        self.avg_adapter = SegAdapter(self.avg_model, self.device, steps=0)
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        """Move the average towards the weights of this step (a shorter memory over the first steps)."""
+        if self.avg_model is self.model:
+            return
+        w = 1.0 - min(self.cfg.ema, (1 + self.steps) / (10 + self.steps))
+        for a, p in zip(self.avg_model.encoder.net.parameters(), self.model.encoder.net.parameters()):
+            a.lerp_(p.detach(), w)
+        for k, v in self.params.items():
+            self.avg_params[k].lerp_(v.detach(), w)
 
     def _distill_loss(self) -> torch.Tensor:
         """Cross-entropy between the candidate's and the quick head's foreground probabilities on a
@@ -319,8 +358,8 @@ class Refinement:
         return self.score(adapter, head)
 
     def head(self) -> Head:
-        """The current head parameters as a `Head` (with the support's component share)."""
-        params = {k: v.detach().clone() for k, v in self.params.items()}
+        """The candidate's head parameters as a `Head` (with the support's component share)."""
+        params = {k: v.detach().clone() for k, v in self.avg_params.items()}
         params[COMPONENT_KEY] = torch.tensor(self.share)
         return Head(params=params, n_labels=len(self.stacks), seconds=self.seconds)
 
@@ -328,7 +367,7 @@ class Refinement:
         """(held-out Dice now, whether it is a candidate to publish: a new best by `min_gain`)."""
         t0 = time.perf_counter()
         self.model.encoder.net.eval()
-        d = self.score(self.adapter, self.head())
+        d = self.score(self.avg_adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
         self.top = max(self.top, d)
         self.agreement = None
@@ -347,7 +386,7 @@ class Refinement:
     def _agreement(self) -> float:
         """Mean Dice between the candidate's and the quick head's predictions on the anchor studies."""
         head = self.head()
-        scores = [pooled_dice([self.adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
+        scores = [pooled_dice([self.avg_adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
         return sum(scores) / len(scores)
 
     @property
@@ -367,18 +406,22 @@ class Refinement:
 
     # -- the result and its state ---------------------------------------------------------------
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        """The refined encoder's weights (posterior mean only: all inference needs)."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.encoder.net.state_dict().items()}
+        """The candidate's encoder weights (posterior mean only: all inference needs)."""
+        return {k: v.detach().cpu().clone() for k, v in self.avg_model.encoder.net.state_dict().items()}
 
     def state_dict(self) -> dict:
         """Everything to continue this run after a restart (plain tensors and numbers)."""
-        return {
-            "encoder": self.encoder_state(),
+        state = {
+            "encoder": {k: v.detach().cpu().clone() for k, v in self.model.encoder.net.state_dict().items()},
             "head": {k: v.detach().cpu().clone() for k, v in self.params.items()},
             "optimizer": self.opt.state_dict(),
             "steps": self.steps,
             "seconds": self.seconds,
         }
+        if self.avg_model is not self.model:
+            head = {k: v.detach().cpu().clone() for k, v in self.avg_params.items()}
+            state["average"] = {"encoder": self.encoder_state(), "head": head}
+        return state
 
     def _load(self, state: dict) -> None:
         self.model.encoder.net.load_state_dict(state["encoder"])
