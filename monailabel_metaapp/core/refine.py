@@ -229,7 +229,6 @@ class Refinement:
         self.share = largest_component_share(self.masks)
         self.model = copy.deepcopy(adapter.model).to(self.device)
         self.model.encoder.net.train()
-        self.adapter = SegAdapter(self.model, self.device, steps=0)
         self.params = {
             k: v.detach().clone().to(self.device).requires_grad_(True)
             for k, v in head.params.items()
@@ -299,10 +298,8 @@ class Refinement:
             saved = (state or {}).get("average")
             if saved:
                 self.avg_model.encoder.net.load_state_dict(saved["encoder"])
-                for k, v in saved["head"].items():
-                    if k in self.avg_params and self.avg_params[k].shape == v.shape:
-                        self.avg_params[k].copy_(v.to(self.device))
-        self.avg_adapter = SegAdapter(self.avg_model, self.device, steps=0)
+                self._copy_head(self.avg_params, saved["head"])
+        self.adapter = SegAdapter(self.avg_model, self.device, steps=0)  # the candidate's, as `head()` is
 
     @torch.no_grad()
     def _average(self) -> None:
@@ -367,7 +364,7 @@ class Refinement:
         """(held-out Dice now, whether it is a candidate to publish: a new best by `min_gain`)."""
         t0 = time.perf_counter()
         self.model.encoder.net.eval()
-        d = self.score(self.avg_adapter, self.head())
+        d = self.score(self.adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
         self.top = max(self.top, d)
         self.agreement = None
@@ -386,7 +383,7 @@ class Refinement:
     def _agreement(self) -> float:
         """Mean Dice between the candidate's and the quick head's predictions on the anchor studies."""
         head = self.head()
-        scores = [pooled_dice([self.avg_adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
+        scores = [pooled_dice([self.adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
         return sum(scores) / len(scores)
 
     @property
@@ -423,12 +420,16 @@ class Refinement:
             state["average"] = {"encoder": self.encoder_state(), "head": head}
         return state
 
+    @torch.no_grad()
+    def _copy_head(self, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+        """Copy saved head parameters in place (a parameter of another shape keeps its value)."""
+        for k, v in saved.items():
+            if k in params and params[k].shape == v.shape:
+                params[k].copy_(v.to(self.device))
+
     def _load(self, state: dict) -> None:
         self.model.encoder.net.load_state_dict(state["encoder"])
-        with torch.no_grad():
-            for k, v in state["head"].items():
-                if k in self.params and self.params[k].shape == v.shape:
-                    self.params[k].copy_(v.to(self.device))
+        self._copy_head(self.params, state["head"])
         lrs = [g["lr"] for g in self.opt.param_groups]  # this run's rates, not those the state was saved with
         try:
             self.opt.load_state_dict(state["optimizer"])
