@@ -63,28 +63,47 @@ def arms(adapter: SegAdapter, studies) -> dict:
     }
 
 
-def plot(result: dict, png: Path) -> None:
+def median_step_seconds(runs: dict, rounds: int, steps: int) -> dict[str, tuple[float, float]]:
+    """name -> median seconds per step of each of its two steppers; the arms alternate in rounds so that
+    drift in the machine's load falls on all alike, each after a warm-up step outside the clock."""
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, pair in runs.items():
+            for i, step in enumerate(pair):
+                step()
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times.setdefault((name, i), []).append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[(name, 0)]), statistics.median(times[(name, 1)])) for name in runs}
+
+
+def plot_pairs(result: dict, png: Path, keys: tuple[str, str], labels: tuple[str, str], title: str) -> None:
+    """Bars of each row's two seconds per step (`keys`), the ratio above the second."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    names = [r["arm"] for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.bar([i - 0.2 for i in x], [r["float32_s"] for r in rows], 0.4, label="float32")
-    ax.bar([i + 0.2 for i in x], [r["bf16_s"] for r in rows], 0.4, label="bfloat16 autocast")
+    ax.bar([i - 0.2 for i in x], [r[keys[0]] for r in rows], 0.4, label=labels[0])
+    ax.bar([i + 0.2 for i in x], [r[keys[1]] for r in rows], 0.4, label=labels[1])
     for i, r in zip(x, rows):
-        ax.text(i + 0.2, r["bf16_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(list(x), names)
+        ax.text(i + 0.2, r[keys[1]], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(x), [r["arm"] for r in rows])
     ax.set_ylabel("seconds per training step (median)")
     cpu = result.get("provenance", {}).get("host", {}).get("cpu", "")
-    ax.set_title(f"a training step on one thread: {cpu}", fontsize=9)
+    ax.set_title(f"{title} on one thread: {cpu}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+
+
+def plot(result: dict, png: Path) -> None:
+    plot_pairs(result, png, ("float32_s", "bf16_s"), ("float32", "bfloat16 autocast"), "a training step")
 
 
 def main() -> None:
@@ -97,19 +116,8 @@ def main() -> None:
     torch.set_num_threads(1)
     adapter = SegAdapter(load_model(None, "cpu"), "cpu")
     studies = load_eval_studies(a.studies, adapter.size)
-    runs = arms(adapter, studies)
-    times: dict[tuple[str, int], list[float]] = {}
-    for _ in range(a.rounds):
-        for name, pair in runs.items():
-            for precision, step in enumerate(pair):
-                step()  # a warm-up step (first-call allocations) outside the clock
-                for _ in range(a.steps):
-                    t0 = time.perf_counter()
-                    step()
-                    times.setdefault((name, precision), []).append(time.perf_counter() - t0)
     rows = []
-    for name in runs:
-        f32, b16 = (statistics.median(times[(name, p)]) for p in (0, 1))
+    for name, (f32, b16) in median_step_seconds(arms(adapter, studies), a.rounds, a.steps).items():
         rows.append({"arm": name, "float32_s": round(f32, 4), "bf16_s": round(b16, 4), "speedup": round(f32 / b16, 2)})
         print(f"{name:12s} float32 {f32:.3f} s  bfloat16 {b16:.3f} s  {f32 / b16:.2f}x")
     result = {

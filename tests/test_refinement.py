@@ -78,6 +78,9 @@ def test_refined_version_goes_live_restarts_on_save_survives_restart_and_rolls_b
     ref = live["refinement"]
     assert live["val_dice"] > ref["head_val_dice"], "published without beating the quick head"
     assert live["start"] in ("warm", "fresh"), "a refined version names where its network started"
+    starts = ref["starts"]  # two labels: both starts train, each shows its seconds and best held-out Dice
+    assert set(starts) == {"warm", "fresh"} and starts[live["start"]]["best_val_dice"] is not None
+    assert 0 < sum(s["seconds"] for s in starts.values()) <= ref["seconds"] + 0.2
     res, params = client.infer("fewshot_seg", "cmr_30", {})
     assert params["head_stages"] == {name: "refined"} and params["head_versions"][name] == live["version"]
     pred = sitk.GetArrayFromImage(sitk.ReadImage(res)) == 1
@@ -273,7 +276,7 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     share the seconds and one guard: a candidate of either must beat the best of both so far and
     agree with the quick head on the anchors; only the warm run is distilled (never from two labels).
     The seconds are shared equally until both runs have been validated, then the run whose held-out
-    Dice leads gets `lead` of them. Whichever passes is an encoder and a head that the app serves like
+    Dice leads at equal compute gets `lead` of them. Whichever passes is an encoder and a head that the app serves like
     any refined version; the pair resumes from its state, a single run's state continues the warm run,
     and with one label (or `fresh=0`) the app runs the warm start alone."""
     torch.manual_seed(0)
@@ -328,6 +331,14 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     assert single.warm.steps == run.warm.steps and single.fresh.steps == 0
     alone = start_refinement(adapter, [s1, s2], [m1, m2], quick, RefineConfig(fresh=0), state=run.state_dict())
     assert isinstance(alone, Refinement) and alone.steps == run.warm.steps
+
+    # the lead goes to the start ahead at equal compute, not to the one with the best Dice so far: a
+    # fresh start at 0.65 after 10 s leads a warm one that had 0.60 after 10 s and 0.70 after 30 s
+    run.warm.history, run.warm.top, run.warm.seconds = [(10.0, 0.60), (30.0, 0.70)], 0.70, 30.0
+    run.fresh.history, run.fresh.top, run.fresh.seconds = [(10.0, 0.65)], 0.65, 10.0
+    assert run.share(run.fresh) == cfg.lead and run.share(run.warm) == 1 - cfg.lead
+    run.warm.history = [(10.0, 0.66), (30.0, 0.70)]
+    assert run.share(run.warm) == cfg.lead and run.share(run.fresh) == 1 - cfg.lead
 
 
 def test_refinement_trains_in_bfloat16_only_where_native_and_keeps_its_weights_in_float32():

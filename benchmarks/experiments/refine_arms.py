@@ -3,11 +3,14 @@ in their `--refine` settings (e.g. `lead=0.75` against `lead=0.5`), on the same 
 and draws.
 
 Each input is a `scratch_candidate.py --methods app --shots K --refine ...` result (draws merged with
-its `--combine`). An arm is named by the refine settings in which the inputs of one structure differ.
+its `--combine`). An arm is named by the refine settings in which the inputs of one structure differ,
+or by `--arms` (one name per input, in order) when the arms differ in their code instead: each input
+then ran from its own checkout, and its `provenance` names the commit.
 Writes `arms.json` (mean served Dice per structure, arm and mark, with each draw's values, the start
 it served and each run's seconds) and `arms.png` (one panel per structure, one line per arm).
 
     python benchmarks/experiments/refine_arms.py --runs A_lead75.json A_lead50.json ... --out DIR
+    python benchmarks/experiments/refine_arms.py --runs A_old.json A_new.json --arms before after --out DIR
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ def arm_names(settings: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True)
+    ap.add_argument("--arms", nargs="+", help="each input's arm name (default: from the refine settings)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    if a.arms and len(a.arms) != len(a.runs):
+        ap.error(f"--arms names {len(a.arms)} arms for {len(a.runs)} inputs")
     results = [json.loads(f.read_text()) for f in a.runs]
     group_of = [f"{Path(d['settings']['model']).stem} / {d['settings']['structure']}" for d in results]
     arm_of = [""] * len(results)
     for group in set(group_of):
         members = [i for i, g in enumerate(group_of) if g == group]
         for i, name in zip(members, arm_names([results[i]["settings"]["refine"] for i in members])):
-            arm_of[i] = name
+            arm_of[i] = a.arms[i] if a.arms else name
     cells: dict[tuple, list[dict]] = {}
     sources = []
     for f, d, group, arm in zip(a.runs, results, group_of, arm_of):

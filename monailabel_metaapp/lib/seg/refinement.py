@@ -281,6 +281,15 @@ class RefinementWorker:
                 "head_val_dice": None if run.baseline is None else round(run.baseline, 4),
                 "labels": len(run.stacks),
             }
+            if isinstance(run, TwoStartRefinement):  # which start leads, and the seconds each has had
+                self._status[name]["starts"] = {
+                    k: {
+                        "seconds": round(r.seconds, 1),
+                        "steps": r.steps,
+                        "best_val_dice": round(r.top, 4) if r.top >= 0 else None,  # None: not validated yet
+                    }
+                    for k, r in run.runs.items()
+                }
             self._cv.notify_all()
 
     def _status_from(self, state: dict, finished: str) -> dict:
