@@ -106,16 +106,21 @@ def plot(result: dict, png: Path) -> None:
     plot_pairs(result, png, ("float32_s", "bf16_s"), ("float32", "bfloat16 autocast"), "a training step")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def setup(description: str, out: Path) -> tuple[argparse.Namespace, SegAdapter, list]:
+    """(arguments, the shipped model's adapter on one thread, the studies) of a step-cost comparison."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--studies", default=str(REPO / "sample_studies"))
     ap.add_argument("--steps", type=int, default=8, help="timed steps per arm and round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=out)
     a = ap.parse_args()
     torch.set_num_threads(1)
     adapter = SegAdapter(load_model(None, "cpu"), "cpu")
-    studies = load_eval_studies(a.studies, adapter.size)
+    return a, adapter, load_eval_studies(a.studies, adapter.size)
+
+
+def main() -> None:
+    a, adapter, studies = setup(__doc__.split("\n\n")[0], OUT)
     rows = []
     for name, (f32, b16) in median_step_seconds(arms(adapter, studies), a.rounds, a.steps).items():
         rows.append({"arm": name, "float32_s": round(f32, 4), "bf16_s": round(b16, 4), "speedup": round(f32 / b16, 2)})

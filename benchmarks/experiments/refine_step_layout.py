@@ -16,7 +16,6 @@ Results: benchmarks/results/refine_step_layout.json + .png
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,13 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from refine_step_precision import median_step_seconds, plot_pairs  # noqa: E402
+from refine_step_precision import median_step_seconds, plot_pairs, setup  # noqa: E402
 
 from monailabel_metaapp.core.adaptation import SegAdapter  # noqa: E402
-from monailabel_metaapp.core.checkpoint import load_model  # noqa: E402
 from monailabel_metaapp.core.precision import training_autocast  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E402
-from monailabel_metaapp.evaluate import load_eval_studies  # noqa: E402
 from monailabel_metaapp.evaluate_common import write_result  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
 
@@ -67,15 +64,7 @@ def plot(result: dict, png: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--studies", default=str(REPO / "sample_studies"))
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per arm and round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=OUT)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    adapter = SegAdapter(load_model(None, "cpu"), "cpu")
-    studies = load_eval_studies(a.studies, adapter.size)
+    a, adapter, studies = setup(__doc__.split("\n\n")[0], OUT)
     rows = []
     for name, (first, last) in median_step_seconds(arms(adapter, studies), a.rounds, a.steps).items():
         speedup = round(first / last, 2)

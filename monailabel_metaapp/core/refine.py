@@ -543,9 +543,10 @@ class TwoStartRefinement:
         """The share of the seconds `run` is due: `lead` when it leads the other run at equal compute, the
         rest when it trails, half before both have been validated or on a tie. At equal compute: the
         run that has had fewer seconds is judged by its best held-out Dice so far, the other by its best
-        within as many seconds. Judged by their best so far alone, the run that leads early keeps the
-        lead because it trains more: on the held-out RV blood pool the fresh start overtook the warm one
-        only on the draws where it did so early."""
+        within as many seconds. Judged by their best so far alone, the warm run leads from its first
+        validation and keeps the lead on the seconds it gives: on the held-out RV blood pool at three
+        labels a fresh version was served at 150 s on 1 draw of 3, at equal compute on all 3 (0.73
+        against 0.67 served)."""
         other = self.fresh if run is self.warm else self.warm
         if min(run.top, other.top) < 0:
             return 0.5
