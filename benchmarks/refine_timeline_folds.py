@@ -4,7 +4,9 @@ the same seconds (`metaapp evaluate seg --timeline`), on the 10 held-out studies
 
 The folds run side by side, one torch thread each (each method's clock counts its own compute, so
 sharing the cores does not favour one). A fold whose JSON is already in --out is not run again.
-Then every fold's rows are combined into all.json + all.png (one panel per k, mean over structures).
+Then every fold's rows are combined into all.json + all.png (one panel per k, mean over structures);
+all.json's `targets` lists where the served model is behind scratch at a mark >= 10 s and its mean at
+150 s against scratch's + 0.03, and the table of the docs is printed.
 
     python benchmarks/refine_timeline_folds.py --models DIR [--shots 1,3,5] [--marks 2,10,30,60,150]
         [--queries 4] [--out benchmarks/results/refine_timeline_loso]
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,8 +70,10 @@ def combine(files: list[Path], out: Path, title: str = TITLE) -> Path:
         for g in d.get("guard", []):
             guard[(g["structure"], g["shots"])] = g
         sources.append({"file": str(f), "settings": d["settings"], "provenance": d["provenance"]})
+    flat = [r for key in sorted(rows) for r in rows[key]]
     result = {
-        "rows": [r for key in sorted(rows) for r in rows[key]],
+        "rows": flat,
+        "targets": targets(flat),
         "guard": [guard[k] for k in sorted(guard)],
         "sources": sources,
         "provenance": stamp([w for s in sources for w in s["provenance"]["weights"]]),
@@ -77,6 +82,41 @@ def combine(files: list[Path], out: Path, title: str = TITLE) -> Path:
     (out / "all.json").write_text(json.dumps(result, indent=1))
     plot_timeline(result["rows"], out / "all.png", title)
     return out / "all.json"
+
+
+def targets(rows: list[dict], floor: float = 10.0, last: float = 150.0, margin: float = 0.03) -> dict:
+    """What the served model (`meta`) must do against `scratch` given the same seconds: every
+    (structure, k, mark >= floor) where it is behind, and the mean at `last` over structures and k
+    against scratch's plus `margin`."""
+    dice = {(r["structure"], r["shots"], r["method"], r["seconds"]): r["dice_mean"] for r in rows}
+    behind = [
+        {"structure": s, "shots": k, "seconds": t, "meta": d, "scratch": dice[(s, k, "scratch", t)]}
+        for (s, k, m, t), d in sorted(dice.items())
+        if m == "meta" and t >= floor and (s, k, "scratch", t) in dice and d < dice[(s, k, "scratch", t)]
+    ]
+    at_last = [(d, dice[(s, k, "scratch", t)]) for (s, k, m, t), d in dice.items() if m == "meta" and t == last]
+    meta = statistics.fmean(a for a, _ in at_last) if at_last else None
+    scratch = statistics.fmean(b for _, b in at_last) if at_last else None
+    return {
+        "behind_scratch": behind,
+        f"mean_{last:g}s": {"meta": meta, "scratch": scratch, "margin": margin},
+        "met": not behind and meta is not None and meta >= scratch + margin,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the docs' table: one line per k, structure and method, one column per mark."""
+    marks = sorted({r["seconds"] for r in rows})
+    order = {"meta": 0, "candidate": 1, "finetune": 2, "scratch": 3}
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r["shots"], r["structure"], order.get(r["method"], 9), r["method"]), {})[r["seconds"]] = r
+    head = "| k | structure | method | " + " | ".join(f"{t:g} s" for t in marks) + " |"
+    lines = [head, "|" + "---|" * (3 + len(marks))]
+    for (k, s, _, m), by in sorted(cells.items()):
+        name = "meta (served)" if m == "meta" else m
+        lines.append(f"| {k} | {s} | {name} | " + " | ".join(f"{by[t]['dice_mean']:.2f}" for t in marks) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -96,7 +136,11 @@ def main() -> None:
         files = run_folds(a.models, a.shots, a.marks, a.queries, a.out)
     else:
         ap.error("give --models (run the folds) or --combine (combine fold JSONs)")
-    print(combine(files, a.out, a.title))
+    out = combine(files, a.out, a.title)
+    result = json.loads(out.read_text())
+    print(markdown(result["rows"]))
+    print(json.dumps(result["targets"], indent=1))
+    print(out)
 
 
 if __name__ == "__main__":
