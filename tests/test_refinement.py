@@ -334,8 +334,8 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
 
     # the lead goes to the start ahead at equal compute, not to the one with the best Dice so far: a
     # fresh start at 0.65 after 10 s leads a warm one that had 0.60 after 10 s and 0.70 after 30 s
-    run.warm.history, run.warm.top, run.warm.seconds = [(10.0, 0.60), (30.0, 0.70)], 0.70, 30.0
-    run.fresh.history, run.fresh.top, run.fresh.seconds = [(10.0, 0.65)], 0.65, 10.0
+    run.warm.history, run.warm.seconds = [(10.0, 0.60), (30.0, 0.70)], 30.0
+    run.fresh.history, run.fresh.seconds = [(10.0, 0.65)], 10.0
     assert run.share(run.fresh) == cfg.lead and run.share(run.warm) == 1 - cfg.lead
     run.warm.history = [(10.0, 0.66), (30.0, 0.70)]
     assert run.share(run.warm) == cfg.lead and run.share(run.fresh) == 1 - cfg.lead

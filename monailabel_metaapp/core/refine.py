@@ -246,7 +246,6 @@ class Refinement:
         self.steps = 0
         self.seconds = 0.0  # compute spent on this run (steps and validations)
         self.since_best = 0
-        self.top = -1.0  # this run's own best held-out Dice so far (-1: not validated yet)
         self.history: list[tuple[float, float]] = []  # (seconds, held-out Dice) of each validation
         fg = [(j, i) for j, m in enumerate(self.masks) for i in self.train_idx[j] if bool(m[i].any())]
         self.pool_fg = fg or [(j, i) for j in range(len(stacks)) for i in self.train_idx[j]]
@@ -369,7 +368,6 @@ class Refinement:
         self.model.encoder.net.eval()
         d = self.score(self.adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
-        self.top = max(self.top, d)
         self.history.append((self.seconds + time.perf_counter() - t0, d))
         self.agreement = None
         if better and self.anchors:
@@ -389,6 +387,11 @@ class Refinement:
         head = self.head()
         scores = [pooled_dice([self.adapter.predict(st, [head])[0]], [ref]) for st, ref in self.anchors]
         return sum(scores) / len(scores)
+
+    @property
+    def top(self) -> float:
+        """This run's own best held-out Dice so far (-1: not validated yet)."""
+        return max((d for _, d in self.history), default=-1.0)
 
     def top_by(self, seconds: float) -> float:
         """Best held-out Dice of the validations made within its first `seconds` of compute (its first
@@ -550,9 +553,8 @@ class TwoStartRefinement:
         other = self.fresh if run is self.warm else self.warm
         if min(run.top, other.top) < 0:
             return 0.5
-        seconds = min(run.seconds, other.seconds)
-        mine = run.top_by(seconds) if run.seconds > other.seconds else run.top
-        theirs = other.top_by(seconds) if other.seconds > run.seconds else other.top
+        seconds = min(run.seconds, other.seconds)  # the run behind in seconds counts all it has validated
+        mine, theirs = run.top_by(seconds), other.top_by(seconds)
         if mine == theirs:
             return 0.5
         return self.cfg.lead if mine > theirs else 1.0 - self.cfg.lead
