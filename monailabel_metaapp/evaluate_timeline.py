@@ -78,12 +78,16 @@ def timeline_episode(
     """Run every method up to the last mark on one support; return (method, mark) -> what is served
     (("head"|"net", weights...) or the scratch trainer's state) and the guard's record. `anchors` are
     other studies' images (the guard's agreement check), as the app takes them from its datastore."""
-    feats = [adapter.embed(st) for st in stacks]  # the app has them cached from the study's inference
+    # the app has every study's embeddings cached from inference and active-learning scoring
+    feats = [adapter.embed(st) for st in stacks]
+    anchor_feats = [adapter.embed(st) for st in anchors or []]
     t0 = compute_seconds()
     head = adapter.adapt(stacks, masks, feats=feats)
     head_seconds = compute_seconds() - t0
-    t0 = compute_seconds()  # the app builds both runs after the save too: their seconds count
-    guarded = start_refinement(adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors)
+    t0 = compute_seconds()  # the app builds the guard after the save too: its seconds count
+    guarded = start_refinement(
+        adapter, stacks, masks, head, cfg, seed=seed, anchors=anchors, feats=feats, anchor_feats=anchor_feats
+    )
     build_seconds = compute_seconds() - t0
     served: dict = {"version": ("head", None, head)}
     record = {

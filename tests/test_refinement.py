@@ -271,14 +271,32 @@ def test_core_refinement_beats_the_quick_head_on_the_held_out_study_and_resumes_
     assert again.score(again.adapter, again.head()) == run.score(run.adapter, run.head())
 
 
+def test_the_guard_judges_the_quick_head_alike_on_cached_embeddings(shared):
+    """The app hands the guard the embeddings it cached from inference and active-learning scoring
+    (the support's and the anchors', in half precision): the bar a candidate must beat and the quick
+    head's predictions on the anchors are those of embedding the studies afresh in full precision."""
+    (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
+    adapter = SegAdapter(load_model(None), "cpu")
+    head = adapter.adapt([s1], [m1])
+    fresh = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(), anchors=[s3])
+    half = [adapter.embed(s).to(torch.float16).float() for s in (s1, s2, s3)]
+    cached = Refinement(
+        adapter, [s1, s2], [m1, m2], head, RefineConfig(), anchors=[s3], feats=half[:2], anchor_feats=half[2:]
+    )
+    assert abs(cached.baseline - fresh.baseline) < 0.01, (cached.baseline, fresh.baseline)
+    assert pooled_dice([cached.anchors[0][1].float()], [fresh.anchors[0][1]]) > 0.99
+
+
 def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_version_serves_alike(shared):
     """From two labelled studies the run from the meta-learned weights and the run from fresh weights
     share the seconds and one guard: a candidate of either must beat the best of both so far and
     agree with the quick head on the anchors; only the warm run is distilled (never from two labels).
-    The seconds are shared equally until both runs have been validated, then the run whose held-out
-    Dice leads at equal compute gets `lead` of them. Whichever passes is an encoder and a head that the app serves like
-    any refined version; the pair resumes from its state, a single run's state continues the warm run,
-    and with one label (or `fresh=0`) the app runs the warm start alone."""
+    The warm run trains alone until its first validation (the first version can go live as soon as
+    with one run), then the fresh run starts and the seconds are shared equally until both runs have
+    been validated, then the run whose held-out Dice leads at equal compute gets `lead` of them.
+    Whichever passes is an encoder and a head that the app serves like any refined version; the pair
+    resumes from its state, a single run's state continues the warm run, and with one label (or
+    `fresh=0`) the app runs the warm start alone."""
     torch.manual_seed(0)
     (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
     adapter = SegAdapter(load_model(None), "cpu")
@@ -288,13 +306,9 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     assert isinstance(start_refinement(adapter, [s1], [m1], one, cfg, anchors=[s3]), Refinement)
     assert isinstance(start_refinement(adapter, [s1], [m1], one, RefineConfig(fresh=1)), TwoStartRefinement)
     run = start_refinement(adapter, [s1, s2], [m1, m2], quick, cfg, anchors=[s3])
-    assert isinstance(run, TwoStartRefinement)
-    assert run.fresh.anchors is run.warm.anchors and run.fresh.baseline == run.warm.baseline
+    assert isinstance(run, TwoStartRefinement) and run.fresh is None and set(run.runs) == {"warm"}
     meta = adapter.model.encoder.net.state_dict()
-    fresh = run.fresh.encoder_state()
     assert all(torch.equal(v, run.warm.encoder_state()[k]) for k, v in meta.items())
-    assert any(not torch.equal(v, fresh[k]) for k, v in meta.items() if v.is_floating_point())
-
     starts, published = set(), []
 
     def advance(n: int) -> None:
@@ -304,11 +318,19 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
             if result is not None and result[1]:
                 published.append((result[0], run.encoder_state(), run.head()))
 
-    step = 0.0
-    while min(r.top for r in run.runs.values()) < 0:  # until both have been validated: equal shares
+    while not run.warm.history:  # the warm run alone until its first validation
         advance(1)
-        step = max(step, *(r.seconds / max(r.steps, 1) for r in run.runs.values()))
-        assert abs(run.warm.seconds - run.fresh.seconds) < 2.5 * step, "the seconds are not shared"
+    assert starts == {"warm"} and run.warm.steps == cfg.val_every and run.fresh is None
+    advance(1)  # then the fresh run starts, behind in seconds: it takes the step
+    assert run.start == "fresh" and run.fresh.steps == 1 and run.warm.steps == cfg.val_every
+    assert run.fresh.anchors is run.warm.anchors and run.fresh.baseline == run.warm.baseline
+    assert run.fresh.best == run.warm.best  # one bar for both from the start
+    fresh = run.fresh.encoder_state()
+    assert any(not torch.equal(v, fresh[k]) for k, v in meta.items() if v.is_floating_point())
+    while min(r.top for r in run.runs.values()) < 0:  # until both have been validated: equal shares
+        behind = min(run.runs.values(), key=lambda r: r.seconds)
+        advance(1)
+        assert run.last is behind, "equal shares: the run behind in seconds trains"
     assert starts == {"warm", "fresh"} and run.warm.steps and run.fresh.steps
     leader, trailer = sorted(run.runs.values(), key=lambda r: r.top, reverse=True)
     assert leader.top > trailer.top and run.share(leader) == cfg.lead and run.share(trailer) == 1 - cfg.lead
@@ -328,7 +350,7 @@ def test_from_two_labels_two_starts_take_turns_under_one_guard_and_either_versio
     assert (again.warm.steps, again.fresh.steps) == (run.warm.steps, run.fresh.steps)
     assert all(torch.equal(v, run.fresh.encoder_state()[k]) for k, v in again.fresh.encoder_state().items())
     single = start_refinement(adapter, [s1, s2], [m1, m2], quick, cfg, state=run.warm.state_dict())
-    assert single.warm.steps == run.warm.steps and single.fresh.steps == 0
+    assert single.warm.steps == run.warm.steps and single.fresh is None
     alone = start_refinement(adapter, [s1, s2], [m1, m2], quick, RefineConfig(fresh=0), state=run.state_dict())
     assert isinstance(alone, Refinement) and alone.steps == run.warm.steps
 

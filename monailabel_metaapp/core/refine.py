@@ -200,6 +200,10 @@ class Refinement:
             with the quick head on them (None: no such check).
         judged_like: another run of the same structure and labels whose guard this one shares (the
             quick head's held-out score and its predictions on the anchors), instead of its own.
+        feats: embeddings of each whole stack under `adapter`'s encoder, as the app caches them from
+            inference (None: the guard embeds the stacks).
+        anchor_feats: the same for each anchor study (None: the quick head's predictions on the anchors
+            embed them).
     """
 
     start = "warm"  # where its network started: the meta-learned weights (see `TwoStartRefinement`)
@@ -217,6 +221,8 @@ class Refinement:
         floor: float | None = None,
         anchors: list[torch.Tensor] | None = None,
         judged_like: Refinement | None = None,
+        feats: list[torch.Tensor] | None = None,
+        anchor_feats: list[torch.Tensor] | None = None,
     ):
         self.cfg = cfg or RefineConfig()
         self.device = adapter.device
@@ -253,9 +259,10 @@ class Refinement:
         if judged_like is not None:
             self.baseline, self.anchors, self.teacher = judged_like.baseline, judged_like.anchors, []
         else:
-            self.baseline = self._head_baseline(adapter) if self.checkable else None
+            self.baseline = self._head_baseline(adapter, feats) if self.checkable else None
             needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both
-            teacher = [(st, adapter.predict(st, [head])[0]) for st in needed]
+            cached = anchor_feats or [None] * len(needed)
+            teacher = [(st, adapter.predict(st, [head], feats=f)[0]) for st, f in zip(needed, cached)]
             self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
             self.teacher = teacher if distilling else []
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
@@ -340,21 +347,26 @@ class Refinement:
 
     # -- validation and the guard ---------------------------------------------------------------
     @torch.no_grad()
-    def score(self, adapter: SegAdapter, head: Head) -> float:
-        """Dice of (adapter, head) on the held-out slices of all studies together."""
+    def score(self, adapter: SegAdapter, head: Head, feats: list[torch.Tensor] | None = None) -> float:
+        """Dice of (adapter, head) on the held-out slices of all studies together (`feats`: the whole
+        stacks' embeddings under `adapter`, when they are at hand)."""
         probs, refs = [], []
-        for stack, mask, idx in zip(self.stacks, self.masks, self.val_idx):
+        for j, (stack, mask, idx) in enumerate(zip(self.stacks, self.masks, self.val_idx)):
             if idx:
-                probs.append(adapter.predict(stack, [head], feats=adapter.embed(stack, idx))[0])
+                f = feats[j][idx].to(adapter.device) if feats is not None else adapter.embed(stack, idx)
+                probs.append(adapter.predict(stack, [head], feats=f)[0])
                 refs.append(mask[idx])
         return pooled_dice(probs, refs)
 
-    def _head_baseline(self, adapter: SegAdapter) -> float:
-        """The quick head's recipe on the same training slices, scored on the held-out ones."""
+    def _head_baseline(self, adapter: SegAdapter, feats: list[torch.Tensor] | None) -> float:
+        """The quick head's recipe on the same training slices, scored on the held-out ones. Slices are
+        embedded within their whole study, so that each sees its true neighbours (`context`)."""
+        feats = feats if feats is not None else [adapter.embed(st) for st in self.stacks]
         keep = [j for j, idx in enumerate(self.train_idx) if idx and bool(self.masks[j][idx].any())]
         stacks = [self.stacks[j][self.train_idx[j]] for j in keep]
-        head = adapter.adapt(stacks, [self.masks[j][self.train_idx[j]] for j in keep])
-        return self.score(adapter, head)
+        train_feats = [feats[j][self.train_idx[j]] for j in keep]
+        head = adapter.adapt(stacks, [self.masks[j][self.train_idx[j]] for j in keep], feats=train_feats)
+        return self.score(adapter, head, feats)
 
     def head(self) -> Head:
         """The candidate's head parameters as a `Head` (with the support's component share)."""
@@ -485,7 +497,10 @@ class TwoStartRefinement:
     not distilled towards the quick head, which would tie it to the head it is there to outgrow. The app
     runs two starts from two labelled studies on (`start_refinement`).
 
-    The seconds follow the guard's ranking: equal shares until both runs have been validated, then
+    The warm run trains alone until its first validation, so that the first refined version can go live
+    as soon as one run alone would publish it; the fresh run is built then (a head adapted on freshly
+    drawn weights costs as much as the quick head). The seconds then follow the guard's ranking: equal
+    shares until both runs have been validated, then
     `RefineConfig.lead` of them to the run whose best held-out Dice leads at equal compute, so the start
     that learns faster is the one that trains most (on cardiac MRI at k = 3 the meta-learned start kept
     them on the LV blood pool, a fresh start took them on the RV). A run at its plateau gives its turns
@@ -504,38 +519,58 @@ class TwoStartRefinement:
         state: dict | None = None,
         floor: float | None = None,
         anchors: list[torch.Tensor] | None = None,
+        feats: list[torch.Tensor] | None = None,
+        anchor_feats: list[torch.Tensor] | None = None,
     ):
         state = state or {}
         warm_state = state.get("warm", state if "encoder" in state else None)
         self.warm = Refinement(
-            adapter, stacks, masks, head, cfg, seed=seed, state=warm_state, floor=floor, anchors=anchors
-        )
-        fresh = fresh_adapter(adapter, seed)
-        fresh_cfg = RefineConfig(**{**self.warm.cfg.to_dict(), "distill": 0.0})
-        self.fresh = Refinement(
-            fresh,
+            adapter,
             stacks,
             masks,
-            fresh.adapt(stacks, masks),
-            fresh_cfg,
+            head,
+            cfg,
             seed=seed,
-            state=state.get("fresh"),
+            state=warm_state,
+            floor=floor,
+            anchors=anchors,
+            feats=feats,
+            anchor_feats=anchor_feats,
+        )
+        self._adapter, self._seed = adapter, seed
+        self.fresh: Refinement | None = None  # built at the warm run's first validation (or from a state)
+        if state.get("fresh") is not None:
+            self.start_fresh(state["fresh"])
+        self.last = self.warm  # the run of the latest step: whose candidate `head` and `encoder_state` give
+
+    def start_fresh(self, state: dict | None = None) -> None:
+        """Build the fresh run now (`advance` builds it at the warm run's first validation)."""
+        fresh = fresh_adapter(self._adapter, self._seed)
+        self.fresh = Refinement(
+            fresh,
+            self.warm.stacks,
+            self.warm.masks,
+            fresh.adapt(self.warm.stacks, self.warm.masks),
+            RefineConfig(**{**self.warm.cfg.to_dict(), "distill": 0.0}),
+            seed=self._seed,
+            state=state,
             judged_like=self.warm,  # one guard: the quick head's held-out score and anchors judge both
         )
-        self.best = self.warm.best
-        self.last = self.warm  # the run of the latest step: whose candidate `head` and `encoder_state` give
+        self.fresh.best = self.warm.best
 
     @property
     def runs(self) -> dict[str, Refinement]:
-        return {"warm": self.warm, "fresh": self.fresh}
+        """The runs started so far: the warm one, and the fresh one from the warm one's first validation."""
+        return {"warm": self.warm} if self.fresh is None else {"warm": self.warm, "fresh": self.fresh}
 
     @property
     def best(self) -> float:
-        return max(self.warm.best, self.fresh.best)
+        return max(r.best for r in self.runs.values())
 
     @best.setter
     def best(self, value: float) -> None:
-        self.warm.best = self.fresh.best = value
+        for r in self.runs.values():
+            r.best = value
 
     @property
     def start(self) -> str:
@@ -550,6 +585,8 @@ class TwoStartRefinement:
         validation and keeps the lead on the seconds it gives: on the held-out RV blood pool at three
         labels a fresh version was served at 150 s on 1 draw of 3, at equal compute on all 3 (0.73
         against 0.67 served)."""
+        if self.fresh is None:
+            return 1.0 if run is self.warm else 0.0
         other = self.fresh if run is self.warm else self.warm
         if min(run.top, other.top) < 0:
             return 0.5
@@ -561,9 +598,15 @@ class TwoStartRefinement:
 
     def advance(self) -> tuple[float, bool] | None:
         """One step of the run furthest behind its share of the seconds (of the one not at its
-        plateau), then its validation every `val_every` of its steps: (held-out Dice, publish?) or None."""
-        order = sorted(self.runs.values(), key=lambda r: (r.plateau, r.seconds / max(self.share(r), 1e-6)))
-        self.last = order[0]
+        plateau; the warm one alone until its first validation), then its validation every `val_every`
+        of its steps: (held-out Dice, publish?) or None."""
+        if self.fresh is None and self.warm.history:
+            self.start_fresh()
+        if self.fresh is None:
+            self.last = self.warm
+        else:
+            order = sorted(self.runs.values(), key=lambda r: (r.plateau, r.seconds / max(self.share(r), 1e-6)))
+            self.last = order[0]
         result = self.last.advance()
         if result is not None and result[1]:
             self.best = result[0]
@@ -579,7 +622,8 @@ class TwoStartRefinement:
         return self.warm.score(adapter, head)
 
     def state_dict(self) -> dict:
-        return {"warm": self.warm.state_dict(), "fresh": self.fresh.state_dict(), "steps": self.steps}
+        fresh = None if self.fresh is None else self.fresh.state_dict()
+        return {"warm": self.warm.state_dict(), "fresh": fresh, "steps": self.steps}
 
     @property
     def baseline(self) -> float | None:
@@ -603,15 +647,15 @@ class TwoStartRefinement:
 
     @property
     def steps(self) -> int:
-        return self.warm.steps + self.fresh.steps
+        return sum(r.steps for r in self.runs.values())
 
     @property
     def seconds(self) -> float:
-        return self.warm.seconds + self.fresh.seconds
+        return sum(r.seconds for r in self.runs.values())
 
     @property
     def plateau(self) -> bool:
-        return self.warm.plateau and self.fresh.plateau
+        return self.fresh is not None and self.warm.plateau and self.fresh.plateau
 
 
 def start_refinement(
@@ -623,6 +667,8 @@ def start_refinement(
     seed: int = 0,
     state: dict | None = None,
     anchors: list[torch.Tensor] | None = None,
+    feats: list[torch.Tensor] | None = None,
+    anchor_feats: list[torch.Tensor] | None = None,
 ) -> Refinement | TwoStartRefinement:
     """The guarded refinement the app runs: two starts once `RefineConfig.fresh` labelled studies hold
     the structure, else the warm one alone. With one label the guard's held-out block cannot tell a
@@ -630,7 +676,11 @@ def start_refinement(
     that passed it took the RV blood pool, which the shipped model knows, from 0.64 to 0.32 on other
     studies, agreement check and all; hence two labels by default."""
     if cfg.fresh and sum(bool(m.any()) for m in masks) >= cfg.fresh:
-        return TwoStartRefinement(adapter, stacks, masks, head, cfg, seed=seed, state=state, anchors=anchors)
+        return TwoStartRefinement(
+            adapter, stacks, masks, head, cfg, seed, state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
+        )
     if state is not None and "warm" in state:  # a two-start run's state: continue its warm run
         state = state["warm"]
-    return Refinement(adapter, stacks, masks, head, cfg, seed=seed, state=state, anchors=anchors)
+    return Refinement(
+        adapter, stacks, masks, head, cfg, seed, state=state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
+    )

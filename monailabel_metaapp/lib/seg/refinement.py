@@ -211,7 +211,8 @@ class RefinementWorker:
         if not items or live is None:
             return None, [], 0.0
         adapter, _ = svc.live()
-        stacks, masks = svc.support(items, adapter)
+        stacks, masks, feats = svc.labelled(items, adapter)
+        feats = [f.float() for f in feats]  # cached: the guard scores the quick head on them
         labels = [image_id for image_id, _ in items]
         if not any(study_split(masks)[1]):  # no label holds the structure: nothing to check a version on
             with self._cv:
@@ -224,12 +225,21 @@ class RefinementWorker:
             floor_adapter = refined_adapter(adapter, torch.load(live.encoder_file, weights_only=True))
         else:
             floor_adapter = None
-        anchors = self._anchors(set(labels), adapter)
+        anchors, anchor_feats = self._anchors(set(labels), adapter)
         # the warm run starts from, and is distilled towards, the quick head on the meta-learned encoder;
         # a live refined version's head belongs to its own encoder
-        quick = live if live.stage != REFINED else adapter.adapt(stacks, masks)
+        quick = live if live.stage != REFINED else adapter.adapt(stacks, masks, feats=feats)
         run = start_refinement(
-            adapter, stacks, masks, quick, self.cfg, seed=len(labels), state=state and state["run"], anchors=anchors
+            adapter,
+            stacks,
+            masks,
+            quick,
+            self.cfg,
+            seed=len(labels),
+            state=state and state["run"],
+            anchors=anchors,
+            feats=feats,
+            anchor_feats=anchor_feats,
         )
         if floor_adapter is not None:
             run.best = max(run.best, run.score(floor_adapter, live))
@@ -244,17 +254,21 @@ class RefinementWorker:
         )
         return run, labels, spent
 
-    def _anchors(self, labelled: set[str], adapter) -> list[torch.Tensor]:
-        """Slices of up to ANCHORS other studies of the datastore (the guard's agreement check)."""
+    def _anchors(self, labelled: set[str], adapter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(slices, cached embeddings) of up to ANCHORS other studies of the datastore (the guard's
+        agreement check)."""
         ds = self.service.datastore
         others = [i for i in sorted(ds.list_images()) if i not in labelled][:ANCHORS]
-        out = []
+        stacks, feats = [], []
         for image_id in others:
             try:
-                out.append(self.service.study(ds.get_image_uri(image_id), adapter)[0])
+                stack, _, f = self.service.study(ds.get_image_uri(image_id), adapter)
             except Exception as e:  # an unreadable study is no anchor
                 logger.warning("refinement skips %s as an anchor: %s", image_id, e)
-        return out
+                continue
+            stacks.append(stack)
+            feats.append(f.float())
+        return stacks, feats
 
     def _publish(self, name: str, run: Refinement | TwoStartRefinement, head, encoder: dict, val: float) -> None:
         head.stage = REFINED
@@ -284,11 +298,11 @@ class RefinementWorker:
             if isinstance(run, TwoStartRefinement):  # which start leads, and the seconds each has had
                 self._status[name]["starts"] = {
                     k: {
-                        "seconds": round(r.seconds, 1),
-                        "steps": r.steps,
-                        "best_val_dice": round(r.top, 4) if r.top >= 0 else None,  # None: not validated yet
+                        "seconds": round(r.seconds, 1) if r else 0.0,
+                        "steps": r.steps if r else 0,  # the fresh run starts at the warm run's first validation
+                        "best_val_dice": round(r.top, 4) if r and r.top >= 0 else None,  # None: not validated yet
                     }
-                    for k, r in run.runs.items()
+                    for k, r in (("warm", run.warm), ("fresh", run.fresh))
                 }
             self._cv.notify_all()
 
