@@ -279,7 +279,7 @@ def test_the_guard_judges_the_quick_head_alike_on_cached_embeddings(shared):
     adapter = SegAdapter(load_model(None), "cpu")
     head = adapter.adapt([s1], [m1])
     fresh = Refinement(adapter, [s1, s2], [m1, m2], head, RefineConfig(), anchors=[s3])
-    half = [adapter.embed(s).to(torch.float16).float() for s in (s1, s2, s3)]
+    half = [adapter.embed(s).to(torch.float16) for s in (s1, s2, s3)]  # as the app caches them
     cached = Refinement(
         adapter, [s1, s2], [m1, m2], head, RefineConfig(), anchors=[s3], feats=half[:2], anchor_feats=half[2:]
     )

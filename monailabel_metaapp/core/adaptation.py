@@ -114,7 +114,8 @@ class SegAdapter:
             stacks: (S, size, size) image stacks.
             masks: (S, size, size) binary masks of the structure, one per stack.
             steps: inner-loop steps (default: the adapter's).
-            feats: cached embeddings of each whole stack (None: embed the support slices now).
+            feats: cached embeddings of each whole stack, in any float precision (None: embed the support
+                slices now).
         """
         t0 = time.perf_counter()
         fs, ms = [], []
@@ -123,7 +124,8 @@ class SegAdapter:
             idx = self.support_slices(mask)
             if len(idx) > per_study:
                 idx = [idx[j] for j in np.linspace(0, len(idx) - 1, per_study).round().astype(int)]
-            f = feats[i][idx].to(self.device) if feats is not None and feats[i] is not None else self.embed(stack, idx)
+            cached = feats is not None and feats[i] is not None
+            f = feats[i][idx].to(self.device, torch.float32) if cached else self.embed(stack, idx)
             fs.append(f)
             ms.append(mask[idx].float().to(self.device))
         head = self.adapt_features(torch.cat(fs), torch.cat(ms), steps)
@@ -158,9 +160,9 @@ class SegAdapter:
         Args:
             stack: a study's slices on the model grid.
             heads: adapted heads (all on this adapter's encoder).
-            feats: the stack's embeddings, when cached.
+            feats: the stack's embeddings, when cached (in any float precision).
         """
-        feats = self.embed(stack) if feats is None else feats.to(self.device)
+        feats = self.embed(stack) if feats is None else feats.to(self.device, torch.float32)
         feats = feats.contiguous(memory_format=torch.channels_last)
         out = []
         for h in heads:

@@ -201,7 +201,8 @@ class Refinement:
         judged_like: another run of the same structure and labels whose guard this one shares (the
             quick head's held-out score and its predictions on the anchors), instead of its own.
         feats: embeddings of each whole stack under `adapter`'s encoder, as the app caches them from
-            inference (None: the guard embeds the stacks).
+            inference (half precision is fine: each slice is used in float32; None: the guard embeds
+            the stacks).
         anchor_feats: the same for each anchor study (None: the quick head's predictions on the anchors
             embed them).
     """

@@ -211,8 +211,7 @@ class RefinementWorker:
         if not items or live is None:
             return None, [], 0.0
         adapter, _ = svc.live()
-        stacks, masks, feats = svc.labelled(items, adapter)
-        feats = [f.float() for f in feats]  # cached: the guard scores the quick head on them
+        stacks, masks, feats = svc.labelled(items, adapter)  # feats: cached, the guard scores the quick head on them
         labels = [image_id for image_id, _ in items]
         if not any(study_split(masks)[1]):  # no label holds the structure: nothing to check a version on
             with self._cv:
@@ -267,7 +266,7 @@ class RefinementWorker:
                 logger.warning("refinement skips %s as an anchor: %s", image_id, e)
                 continue
             stacks.append(stack)
-            feats.append(f.float())
+            feats.append(f)
         return stacks, feats
 
     def _publish(self, name: str, run: Refinement | TwoStartRefinement, head, encoder: dict, val: float) -> None:
