@@ -128,7 +128,7 @@ class ClickCorrections:
         best, best_p = None, -1.0
         for name, head in live.items():
             own, own_feats = self.service.head_features(path, feats, adapter, head)
-            probs = own.predict(stack, [head], feats=own_feats.float())[0]
+            probs = own.predict(stack, [head], feats=own_feats)[0]
             p = float(np.mean([float(probs[s, y, x]) for s, y, x in (to_grid(c, geom, own.size) for c in fg)]))
             if p > best_p:
                 best, best_p = name, p

@@ -75,7 +75,7 @@ class SegInference:
             head: the structure's head.
         """
         own, feats = self.head_features(path, feats, adapter, head)
-        return own.predict(stack, [head], feats=feats.float())
+        return own.predict(stack, [head], feats=feats)
 
     def head_features(self, path: str, feats, adapter: SegAdapter, head: Head) -> tuple[SegAdapter, torch.Tensor]:
         """The adapter a head runs on and the study's embeddings under it: the shared ones (`feats`)

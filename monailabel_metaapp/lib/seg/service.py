@@ -243,7 +243,7 @@ class SegService(SegInference):
         with GATE.busy():
             adapter, _ = self.live()
             stacks, masks, feats = self.labelled(items, adapter)
-            head = adapter.adapt(stacks, masks, feats=[f.float() for f in feats])
+            head = adapter.adapt(stacks, masks, feats=feats)  # half precision: adapt casts the slices it takes
             # listeners first: the scorer then waits for this adaptation to end, so a client that sees the
             # new version never sees the old scores marked fresh
             self.notify(name)
