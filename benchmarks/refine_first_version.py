@@ -36,14 +36,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from monailabel_metaapp.core.adaptation import dice  # noqa: E402
 from monailabel_metaapp.core.refine import (  # noqa: E402
     RefineConfig,
     TwoStartRefinement,
     refined_adapter,
     start_refinement,
 )
-from monailabel_metaapp.evaluate import _probs_to_mask, setup  # noqa: E402
+from monailabel_metaapp.evaluate import mean_query_dice, setup  # noqa: E402
 from monailabel_metaapp.evaluate_common import plot_curves, write_result  # noqa: E402
 from monailabel_metaapp.evaluate_timeline import ANCHORS, compute_seconds  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
@@ -75,12 +74,6 @@ def first_version(adapter, stacks, masks, head, anchors, cached, anchor_cached, 
     return {"build": build, "train": compute_seconds() - t1, "version": version}
 
 
-def query_dice(ad, head, query, value: int) -> float:
-    """Mean whole-volume Dice of (ad, head) over the query studies, on their original grids."""
-    preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
-    return statistics.fmean(dice(p, q.ref == value) for p, q in zip(preds, query))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", required=True)
@@ -110,7 +103,7 @@ def main() -> None:
                 t0 = compute_seconds()
                 head = adapter.adapt(stacks, masks, feats=cached)
                 head_seconds = compute_seconds() - t0
-                quick = query_dice(adapter, head, query, v)
+                quick = mean_query_dice(adapter, head, query, v)
                 for arm in ARMS:  # same supports, anchors and seeds for both
                     torch.manual_seed(d)
                     r = first_version(adapter, stacks, masks, head, anchors, cached, anchor_cached, arm, a.cap)
@@ -119,7 +112,7 @@ def main() -> None:
                     row |= {key: round(val, 2) for key, val in r.items()}
                     row["seconds"] = round(head_seconds + r["build"] + r["train"], 2) if version else None
                     row["quick_head_dice"] = round(quick, 4)
-                    row["dice"] = round(query_dice(version[0], version[1], query, v), 4) if version else None
+                    row["dice"] = round(mean_query_dice(version[0], version[1], query, v), 4) if version else None
                     row["start"], row["steps"] = (version[2], version[3]) if version else (None, None)
                     rows.append(row)
                     print(row, flush=True)

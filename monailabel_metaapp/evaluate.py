@@ -102,6 +102,12 @@ def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) ->
     return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
 
+def mean_query_dice(ad: SegAdapter, head: Head, query: list[EvalStudy], value: int) -> float:
+    """Mean whole-volume Dice of (ad, head) over the query studies, on their original grids."""
+    preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
+    return statistics.fmean(dice(p, q.ref == value) for p, q in zip(preds, query))
+
+
 class ScratchTrainer:
     """A 2D MONAI UNet from random init, trained step by step on every slice of the support studies.
 

@@ -421,6 +421,57 @@ def test_with_a_moving_average_the_average_is_published_and_survives_a_restart()
     assert all(torch.equal(v, runs[0.9].head().params[k]) for k, v in again.head().params.items())
 
 
+def test_a_fresh_start_on_the_light_network_is_served_and_reloaded_like_any_version(tmp_path):
+    """With `fresh_emb` the fresh run trains the light network; its version's weights, saved as the app
+    saves them and loaded without pickles, rebuild that network for serving, and its state resumes."""
+    torch.manual_seed(0)
+    (s1, m1), (s2, m2) = _noisy_disk(), _noisy_disk()
+    adapter = SegAdapter(load_model(None), "cpu")
+    cfg = RefineConfig(augment=0.0, fresh_emb=8, val_every=2)
+    run = start_refinement(adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg)
+    run.start_fresh()
+    for _ in range(2):
+        run.fresh.step()
+    assert run.fresh.model.cfg.backbone == "unet" and run.warm.model.cfg.backbone == "basicunet"
+    path = tmp_path / "v0002.encoder.pt"
+    torch.save(run.fresh.encoder_state(), path)
+    served = refined_adapter(adapter, torch.load(path, weights_only=True))
+    assert (served.model.cfg.backbone, served.model.cfg.emb) == ("unet", 8)
+    assert served.predict(s1, [run.fresh.head()])[0].shape == s1.shape
+    again = start_refinement(adapter, [s1, s2], [m1, m2], run.warm.head(), cfg, state=run.state_dict())
+    assert again.fresh.steps == 2 and all(
+        torch.equal(v, again.fresh.encoder_state()[k]) for k, v in run.fresh.encoder_state().items()
+    )
+    with pytest.raises(RuntimeError):  # weights of neither network are refused, not served half-loaded
+        refined_adapter(adapter, {"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)})
+
+
+def test_with_one_label_the_candidate_blends_the_trained_weights_with_where_they_started():
+    """With `wise` < 1 and one label, what the guard judges and publishes lies that share of the way from
+    the meta-learned encoder and the quick head to the trained average; from two labels, or at 1, it is
+    the trained average itself."""
+    torch.manual_seed(0)
+    stack, disk = _noisy_disk()
+    adapter = SegAdapter(load_model(None), "cpu")
+    head = adapter.adapt([stack], [disk])
+    runs = {w: Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, wise=w)) for w in (1.0, 0.5)}
+    start = runs[0.5].encoder_state()
+    for run in runs.values():
+        for _ in range(3):
+            run.step()
+        run.validate()
+    keys = [k for k, v in start.items() if v.is_floating_point()]
+    avg = {k: v.detach() for k, v in runs[0.5].avg_model.encoder.net.state_dict().items()}
+    blended = runs[0.5].encoder_state()
+    assert all(torch.allclose(blended[k], (start[k] + avg[k]) / 2, atol=1e-6) for k in keys)
+    plain = runs[1.0]
+    assert all(torch.equal(v, plain.avg_model.encoder.net.state_dict()[k]) for k, v in plain.encoder_state().items())
+    scale = runs[0.5].head().params["log_scale"]
+    assert torch.allclose(scale, (head.params["log_scale"] + runs[0.5].avg_params["log_scale"]) / 2)
+    two = Refinement(adapter, [stack, stack], [disk, disk], head, RefineConfig(wise=0.5))
+    assert two.cand_model is two.avg_model, "from two labels nothing blends"
+
+
 class _RunHeldMidStep:
     """A run whose first step finds a better candidate while an administrator rolls the structure back."""
 

@@ -9,13 +9,15 @@ at each mark by its mean whole-volume Dice over the query studies:
   (the timeline's `finetune`);
 * `fresh`: the same network and recipe from freshly drawn weights (`core.refine.fresh_adapter`),
   with a head adapted on those weights;
+* `light`: the same recipe from freshly drawn weights of the light network the app's fresh start
+  trains (`RefineConfig.fresh_emb`, `networks.light_config`);
 * `scratch`: `evaluate.ScratchTrainer`, a MONAI UNet from random init (the timeline's baseline).
 Marks are process CPU seconds of each method's own steps on one thread (building the runs and
 scoring are not counted). Draws as in `metaapp evaluate seg --timeline` (`--draws 0` is its repeat 0).
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/fresh_start.py --studies DIR --structure 600
         --model FOLD.pt [--shots 1] [--draws 0,1,2] [--queries 4] [--marks 10,30,60,150]
-        [--methods meta,fresh,scratch] --out F.json
+        [--methods meta,fresh,light,scratch] --out F.json
     ... --combine A.json B.json --out F.json   (merge per-draw files)
 """
 
@@ -32,15 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from one_label_signals import mean_query_dice  # noqa: E402
 from scratch_candidate import draw_studies, mean_at, scratch_dice  # noqa: E402
 
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, fresh_adapter, refined_adapter  # noqa: E402
-from monailabel_metaapp.evaluate import ScratchTrainer  # noqa: E402
+from monailabel_metaapp.evaluate import ScratchTrainer, mean_query_dice  # noqa: E402
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
 
-METHODS = ("meta", "fresh", "scratch")
+METHODS = ("meta", "fresh", "light", "scratch")
 
 
 def run_draw(studies: str, value: int, model: str, shots: int, queries: int, draw: int, marks, methods) -> list[dict]:
@@ -53,7 +54,7 @@ def run_draw(studies: str, value: int, model: str, shots: int, queries: int, dra
             net = ScratchTrainer(stacks, masks, ad.device, draw)
             step, score = net.step, lambda net=net: scratch_dice(net, query, value, quick.one_piece)
         else:
-            start = ad if method == "meta" else fresh_adapter(ad, draw)
+            start = ad if method == "meta" else fresh_adapter(ad, draw, cfg.fresh_emb if method == "light" else 0)
             head = quick if method == "meta" else start.adapt(stacks, masks)
             run = Refinement(start, stacks, masks, head, cfg, seed=draw, guard=False)
 

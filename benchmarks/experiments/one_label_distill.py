@@ -28,11 +28,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from one_label_signals import mean_query_dice, one_label_draw  # noqa: E402
+from one_label_signals import one_label_draw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from monailabel_metaapp.core.adaptation import SegAdapter  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E402
+from monailabel_metaapp.evaluate import mean_query_dice  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
 

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from monailabel_metaapp.core.adaptation import SegAdapter, dice  # noqa: E402
+from monailabel_metaapp.core.adaptation import SegAdapter  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, pooled_dice  # noqa: E402
-from monailabel_metaapp.evaluate import _probs_to_mask, setup  # noqa: E402
+from monailabel_metaapp.evaluate import mean_query_dice, setup  # noqa: E402
 from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
@@ -81,12 +81,6 @@ def one_label_draw(studies: str, value: int, model: str | None, queries: int, dr
     anchors = [s.stack for s in order[1 + queries : 1 + queries + ANCHORS]]
     mask = support.lstack == value
     return base, support, query, anchors, mask, base.adapt([support.stack], [mask])
-
-
-def mean_query_dice(ad: SegAdapter, head, query, value: int) -> float:
-    """Mean whole-volume Dice of (ad, head) over the query studies, on their original grids."""
-    preds = [_probs_to_mask(ad.predict(q.stack, [head]), q.geom, head.one_piece) for q in query]
-    return sum(dice(p, q.ref == value) for p, q in zip(preds, query)) / len(query)
 
 
 def trace(studies: str, value: int, model: str | None, queries: int, steps: int, every: int) -> dict:

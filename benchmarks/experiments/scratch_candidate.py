@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from one_label_signals import mean_query_dice, one_label_draw  # noqa: E402
+from one_label_signals import one_label_draw  # noqa: E402
 
 from monailabel_metaapp.core.refine import (  # noqa: E402
     RefineConfig,
@@ -58,7 +58,7 @@ from monailabel_metaapp.core.refine import (  # noqa: E402
     refined_adapter,
     start_refinement,
 )
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice, setup  # noqa: E402
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice, mean_query_dice, setup  # noqa: E402
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
 from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402

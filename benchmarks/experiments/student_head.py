@@ -37,13 +37,13 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from one_label_signals import mean_query_dice, one_label_draw  # noqa: E402
+from one_label_signals import one_label_draw  # noqa: E402
 
 from monailabel_metaapp.core.episodes import with_context  # noqa: E402
 from monailabel_metaapp.core.inner_loop import seg_loss  # noqa: E402
 from monailabel_metaapp.core.precision import training_autocast  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement  # noqa: E402
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice  # noqa: E402
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice, mean_query_dice  # noqa: E402
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
 

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, UNet
 
 from monailabel_metaapp.core.variational import VariationalNet, param_key
 
@@ -29,6 +29,7 @@ class SegModelConfig:
     context: int = 1  # neighbouring slices on each side fed as channels (0 = 2D, 1 = 2.5D)
     features: tuple[int, ...] = (16, 16, 32, 64, 128, 32)
     emb: int = 32  # embedding channels
+    backbone: str = "basicunet"  # "basicunet" (features: 6 widths) or "unet" (MONAI UNet, stride-2 levels)
     n_fg: int = 2  # foreground prototypes
     n_bg: int = 8  # background prototypes
     prior_sigma: float = 0.1  # std of the Gaussian prior p(theta)
@@ -56,8 +57,22 @@ class VariationalEncoder(VariationalNet):
     """
 
     def __init__(self, cfg: SegModelConfig):
-        net = BasicUNet(spatial_dims=2, in_channels=1 + 2 * cfg.context, out_channels=cfg.emb, features=cfg.features)
+        channels = 1 + 2 * cfg.context
+        if cfg.backbone == "basicunet":
+            net = BasicUNet(spatial_dims=2, in_channels=channels, out_channels=cfg.emb, features=cfg.features)
+        elif cfg.backbone == "unet":
+            strides = (2,) * (len(cfg.features) - 1)
+            net = UNet(2, channels, cfg.emb, channels=cfg.features, strides=strides, num_res_units=1)
+        else:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}: expected 'basicunet' or 'unet'")
         super().__init__(net, cfg.prior_sigma, cfg.init_log_sigma)
+
+
+def light_config(cfg: SegModelConfig, emb: int) -> SegModelConfig:
+    """A light network for a refinement from fresh weights (`RefineConfig.fresh_emb`): MONAI's UNet with
+    the first convolution already at stride 2 (the scratch baseline's layout) and `emb` embedding
+    channels, where the shared encoder's decoder runs two 32-channel convolutions at full resolution."""
+    return replace(cfg, backbone="unet", features=(16, 32, 64, 128), emb=emb)
 
 
 class PrototypeHead(nn.Module):
