@@ -143,10 +143,12 @@ def served_version(
     refine_seconds: float = 0.0,
     anchors: list[EvalStudy] | None = None,
     seed: int = 0,
+    carry: dict | None = None,
 ):
     """(adapter, head, saved support) a correction starts from after k saved labels: the quick head as
     the app adapts it or, with `refine_seconds`, the version the guarded refinement serves after that
-    long; the saved labels' support slices (features, masks) are embedded by that version's encoder."""
+    long (with `carry`, the refinement goes on warm from the previous call's run, `served_after`); the
+    saved labels' support slices (features, masks) are embedded by that version's encoder."""
     if not support:
         return adapter, None, None
     stacks = [s.stack for s in support]
@@ -154,7 +156,14 @@ def served_version(
     own, head = adapter, adapter.adapt(stacks, masks)
     if refine_seconds > 0:
         own, head = served_after(
-            adapter, stacks, masks, head, refine_seconds, seed=seed, anchors=[s.stack for s in anchors or []]
+            adapter,
+            stacks,
+            masks,
+            head,
+            refine_seconds,
+            seed=seed,
+            anchors=[s.stack for s in anchors or []],
+            carry=carry,
         )
     return own, head, saved_support(own, masks, lambda n, idx: own.embed(stacks[n], idx))
 
@@ -272,8 +281,8 @@ def simulate_annotator(
     prediction from the labels saved so far, clicks until Dice reaches `target` (or `cap` clicks),
     then saves the finished label, which the next study's head learns from. With `refine_seconds`,
     the same loop again (method `meta_refined`) where the structure's refinement runs that long after
-    each save, from the quick head of the labels saved so far (the app continues its last run warm
-    instead). Rows: one per structure, method, repeat and study, with the clicks it took."""
+    each save, going on warm from its run over the labels saved before, as the app's does. Rows: one
+    per structure, method, repeat and study, with the clicks it took."""
     dev = pick_device(device)
     adapter = SegAdapter(load_model(model, dev), dev, steps=DEFAULT_ADAPT_STEPS)
     data = load_eval_studies(studies, adapter.size)
@@ -286,8 +295,9 @@ def simulate_annotator(
         for r in range(repeats):
             order = random.Random(f"{seed}-annotator-{v}-{r}").sample(pool, min(n_studies, len(pool)))
             anchors = [s for s in pool if s not in order][:ANCHORS]
+            carry: dict = {}  # the refinement's state from one save to the next
             for i, q in enumerate(order):
-                own, head, saved = served_version(adapter, order[:i], v, seconds, anchors, seed + r)
+                own, head, saved = served_version(adapter, order[:i], v, seconds, anchors, seed + r, carry)
                 session = MetaClicks(own, q, head, saved)
                 ref, sp = q.ref == v, spacing_zyx(q)
                 pred = session.first()

@@ -162,11 +162,14 @@ def served_after(
     cfg: RefineConfig | None = None,
     seed: int = 0,
     anchors: list[torch.Tensor] | None = None,
+    carry: dict | None = None,
 ) -> tuple[SegAdapter, object]:
     """(adapter, head) the app serves once the structure's guarded refinement has run `seconds` of
     compute after the save: the last version that passed the guard (its head's `stage` "refined"), or
-    the quick head `head`."""
-    run = start_refinement(adapter, stacks, masks, head, cfg or RefineConfig(), seed=seed, anchors=anchors)
+    the quick head `head`. With `carry`, the run goes on warm from `carry["state"]` (a run over the
+    labels before this save, as the app's does) and leaves its own state there."""
+    state = (carry or {}).get("state")
+    run = start_refinement(adapter, stacks, masks, head, cfg or RefineConfig(), seed=seed, state=state, anchors=anchors)
     served = (adapter, head)
     t0 = compute_seconds()
     while run.checkable and compute_seconds() - t0 < seconds:
@@ -174,6 +177,8 @@ def served_after(
         if result is not None and result[1]:
             served = (refined_adapter(adapter, run.encoder_state()), run.head())
             served[1].stage = REFINED
+    if carry is not None:
+        carry["state"] = run.state_dict()
     return served
 
 

@@ -30,6 +30,7 @@ from monailabel_metaapp.core.refine import (
     study_split,
 )
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
+from monailabel_metaapp.evaluate_timeline import served_after
 from monailabel_metaapp.lib.seg.refinement import HELD, RefinementWorker
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -442,6 +443,10 @@ def test_a_fresh_start_on_the_light_network_is_served_and_reloaded_like_any_vers
     assert again.fresh.steps == 2 and all(
         torch.equal(v, again.fresh.encoder_state()[k]) for k, v in run.fresh.encoder_state().items()
     )
+    other = start_refinement(adapter, [s1, s2], [m1, m2], run.warm.head(), RefineConfig(), state=run.state_dict())
+    assert other.fresh.steps == 0 and other.warm.steps == run.warm.steps, (
+        "a state of another fresh network starts afresh"
+    )
     with pytest.raises(RuntimeError):  # weights of neither network are refused, not served half-loaded
         refined_adapter(adapter, {"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)})
 
@@ -456,10 +461,9 @@ def test_with_one_label_the_candidate_blends_the_trained_weights_with_where_they
     head = adapter.adapt([stack], [disk])
     runs = {w: Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, wise=w)) for w in (1.0, 0.5)}
     start = runs[0.5].encoder_state()
-    for run in runs.values():
+    for run in runs.values():  # no validation: what is published follows the steps all the same
         for _ in range(3):
             run.step()
-        run.validate()
     keys = [k for k, v in start.items() if v.is_floating_point()]
     avg = {k: v.detach() for k, v in runs[0.5].avg_model.encoder.net.state_dict().items()}
     blended = runs[0.5].encoder_state()
@@ -470,6 +474,21 @@ def test_with_one_label_the_candidate_blends_the_trained_weights_with_where_they
     assert torch.allclose(scale, (head.params["log_scale"] + runs[0.5].avg_params["log_scale"]) / 2)
     two = Refinement(adapter, [stack, stack], [disk, disk], head, RefineConfig(wise=0.5))
     assert two.cand_model is two.avg_model, "from two labels nothing blends"
+
+
+def test_the_simulated_annotator_refines_on_from_its_last_run_after_each_save():
+    """`served_after` with a carry, as the annotator loop of `evaluate clicks` calls it after each save:
+    the run over two labels goes on from the run over the first, as the app's refinement does."""
+    torch.manual_seed(0)
+    (s1, m1), (s2, m2) = _noisy_disk(), _noisy_disk()
+    adapter = SegAdapter(load_model(None), "cpu")
+    cfg, carry = RefineConfig(augment=0.0, val_every=2), {}
+    served_after(adapter, [s1], [m1], adapter.adapt([s1], [m1]), 1.0, cfg, carry=carry)
+    first = carry["state"]["steps"]
+    assert first > 0
+    # given no time of its own, the run over two labels still holds the steps of the run before it
+    served_after(adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), 0.0, cfg, carry=carry)
+    assert carry["state"]["warm"]["steps"] == first, "the warm run continued from the first label's run"
 
 
 class _RunHeldMidStep:

@@ -106,7 +106,7 @@ class RefineConfig:
             (0: the last step's weights); the decay is shorter over the first steps. Against the last
             step's weights on 4 cardiac structures at k = 3 (3 draws, side by side): 0.639 / 0.689 /
             0.700 / 0.725 served at 10 / 30 / 60 / 150 s against 0.644 / 0.680 / 0.693 / 0.713.
-        wise: with one labelled study (the run distilled from the quick head), the candidate lies this
+        wise: with one labelled study and `distill` > 0 (never a fresh run), the candidate lies this
             share of the way from its start (the meta-learned encoder and the quick head) to the
             trained weights (their moving average); 1: the trained weights. Interpolating towards the
             start keeps what fine-tuning on little data forgets (WiSE-FT, Wortsman et al., CVPR 2022).
@@ -254,7 +254,7 @@ class Refinement:
             if k != COMPONENT_KEY
         }
         distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
-        self.blends = distilling and self.cfg.wise < 1  # the warm run from one label (fresh runs never distil)
+        self.blends = distilling and self.cfg.wise < 1  # one label, distill > 0: never a fresh run
         self.opt = torch.optim.Adam(
             [
                 {"params": list(self.model.encoder.net.parameters()), "lr": self.cfg.lr_encoder},
@@ -403,6 +403,7 @@ class Refinement:
 
     def head(self) -> Head:
         """The candidate's head parameters as a `Head` (with the support's component share)."""
+        self._blend()
         params = {k: v.detach().clone() for k, v in self.cand_params.items()}
         params[COMPONENT_KEY] = torch.tensor(self.share)
         return Head(params=params, n_labels=len(self.stacks), seconds=self.seconds)
@@ -411,7 +412,6 @@ class Refinement:
         """(held-out Dice now, whether it is a candidate to publish: a new best by `min_gain`)."""
         t0 = time.perf_counter()
         self.model.encoder.net.eval()
-        self._blend()
         d = self.score(self.adapter, self.head())
         better = d >= self.best + self.cfg.min_gain
         self.history.append((self.seconds + time.perf_counter() - t0, d))
@@ -464,6 +464,7 @@ class Refinement:
     # -- the result and its state ---------------------------------------------------------------
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The candidate's encoder weights (posterior mean only: all inference needs)."""
+        self._blend()
         return {k: v.detach().cpu().clone() for k, v in self.cand_model.encoder.net.state_dict().items()}
 
     def state_dict(self) -> dict:
@@ -508,8 +509,7 @@ def refined_adapter(base: SegAdapter, encoder: dict[str, torch.Tensor]) -> SegAd
     if set(encoder) == set(base.model.encoder.net.state_dict()):
         model = copy.deepcopy(base.model)
     else:
-        with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the random state as it was
-            model = _light_model(base, _light_emb(encoder))
+        model = _light_model(base, _light_emb(encoder))
     model.encoder.net.load_state_dict(encoder)
     return SegAdapter(model.eval(), base.device, steps=0, chunk=base.chunk, max_slices=base.max_slices)
 
@@ -607,17 +607,16 @@ class TwoStartRefinement:
         self.last = self.warm  # the run of the latest step: whose candidate `head` and `encoder_state` give
 
     def start_fresh(self, state: dict | None = None) -> None:
-        """Build the fresh run now (`advance` builds it at the warm run's first validation)."""
+        """Build the fresh run now (`advance` builds it at the warm run's first validation). A state of
+        another fresh network (`fresh_emb` changed since it was saved) is dropped: the run starts afresh."""
         fresh = fresh_adapter(self._adapter, self._seed, self.warm.cfg.fresh_emb)
-        self.fresh = Refinement(
-            fresh,
-            self.warm.stacks,
-            self.warm.masks,
-            fresh.adapt(self.warm.stacks, self.warm.masks),
-            RefineConfig(**{**self.warm.cfg.to_dict(), "distill": 0.0}),
-            seed=self._seed,
-            state=state,
-            judged_like=self.warm,  # one guard: the quick head's held-out score and anchors judge both
+        cfg = RefineConfig(**{**self.warm.cfg.to_dict(), "distill": 0.0})
+        head = fresh.adapt(self.warm.stacks, self.warm.masks)
+        shapes = {k: v.shape for k, v in fresh.model.encoder.net.state_dict().items()}
+        if state is not None and {k: v.shape for k, v in state["encoder"].items()} != shapes:
+            state = None
+        self.fresh = Refinement(  # one guard: the quick head's held-out score and anchors judge both
+            fresh, self.warm.stacks, self.warm.masks, head, cfg, self._seed, state=state, judged_like=self.warm
         )
         self.fresh.best = self.warm.best
 
