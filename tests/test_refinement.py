@@ -24,6 +24,7 @@ from monailabel_metaapp.core.refine import (
     Refinement,
     TwoStartRefinement,
     agreement_needed,
+    fresh_adapter,
     pooled_dice,
     refined_adapter,
     start_refinement,
@@ -447,6 +448,8 @@ def test_a_fresh_start_on_the_light_network_is_served_and_reloaded_like_any_vers
     assert other.fresh.steps == 0 and other.warm.steps == run.warm.steps, (
         "a state of another fresh network starts afresh"
     )
+    rng = torch.random.get_rng_state()
+    assert fresh_adapter(adapter, 3, 8).model.cfg.emb == 8 and torch.equal(rng, torch.random.get_rng_state())
     with pytest.raises(RuntimeError):  # weights of neither network are refused, not served half-loaded
         refined_adapter(adapter, {"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)})
 

@@ -538,11 +538,10 @@ def _light_model(base: SegAdapter, emb: int) -> FewShotSegModel:
 def fresh_adapter(base: SegAdapter, seed: int, emb: int = 0) -> SegAdapter:
     """An adapter whose encoder has freshly drawn weights (MONAI's default init, seeded; the global random
     state is left as it was): of the base one's architecture, or with `emb` > 0 of the light network."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # refined_adapter builds the light network again: inside too
         torch.manual_seed(seed)
         model = _light_model(base, emb) if emb else type(base.model)(base.model.cfg)
-        weights = model.encoder.net.state_dict()
-    return refined_adapter(base, weights)
+        return refined_adapter(base, model.encoder.net.state_dict())
 
 
 class TwoStartRefinement:
