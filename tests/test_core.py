@@ -310,3 +310,30 @@ def test_a_click_changes_the_label_only_near_itself_and_keeps_what_earlier_click
     second = apply_clicks(adapter, stack, geom, feats, state, [Click((48, 48, 19), False)])
     assert np.array_equal(second[:12], first[:12]), "the label around the first point changed"
     assert not second[19, 48, 48]
+
+
+def test_a_foreground_click_only_adds_to_the_label_and_a_background_click_only_removes():
+    """The annotator's intent has a sign: within a click's reach the copy of the head may only add
+    structure for a foreground point and only remove it for a background one, so a click never
+    takes away what the annotator did not point at (nor leaks where they asked to cut)."""
+    arr = np.zeros((24, 96, 96), np.float32)
+    zz, yy, xx = np.mgrid[:24, :96, :96]
+    ring = ((yy - 48) ** 2 + (xx - 48) ** 2 <= 256) & ((yy - 48) ** 2 + (xx - 48) ** 2 > 64)
+    arr[(np.abs(zz - 12) <= 6) & ring] = 1.0  # a bright ring, a dim core
+    arr[(np.abs(zz - 12) <= 6) & ((yy - 48) ** 2 + (xx - 48) ** 2 <= 64)] = 0.6
+    img = sitk.GetImageFromArray(arr + 0.05 * np.random.default_rng(1).standard_normal(arr.shape).astype(np.float32))
+    img.SetSpacing((1.5, 1.5, 5.0))
+    adapter = SegAdapter(load_model(None), "cpu")
+    stack, geom = to_slices(img, adapter.size)
+    feats = adapter.embed(stack)
+    state = Corrections(start=None, saved=None, one_piece=False)
+    shown = apply_clicks(adapter, stack, geom, feats, state, [Click((48, 62, 12), True)])  # on the ring
+    for click in [Click((48, 48, 12), True), Click((48, 48, 10), False), Click((60, 48, 14), True)]:
+        after = apply_clicks(adapter, stack, geom, feats, state, [click])
+        if click.foreground:
+            assert not (shown & ~after).any(), f"a foreground click at {click.ijk} removed structure"
+        else:
+            assert not (after & ~shown).any(), f"a background click at {click.ijk} added structure"
+        assert after[click.ijk[::-1]] == click.foreground or not click.foreground
+        assert (after != shown).any(), f"the click at {click.ijk} changed nothing"
+        shown = after

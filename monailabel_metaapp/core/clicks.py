@@ -7,8 +7,8 @@ background click as a background one), then a few Meta-SGD steps fit the head to
 neighbourhoods and to the structure's saved labels together, so that a click fixes the open study
 without undoing what the saved labels taught. With no saved label and no head (points alone), the
 prototypes start from the clicks, and pixels far from every foreground click on the clicked slices
-stand in, weakly, for background. The corrected head's prediction is shown only near the clicks
-(`apply_clicks`), so one click cannot undo the structure far from it.
+stand in, weakly, for background. The corrected head's prediction is shown only near the clicks and
+only with the click's sign (`apply_clicks`), so one click cannot undo the structure far from it.
 """
 
 from __future__ import annotations
@@ -345,8 +345,11 @@ def apply_clicks(
     new clicks: within `reach_mm` of one (3D) the label follows the copy, farther away it stays as it
     was, so a head moved by a click cannot undo the structure elsewhere, nor what earlier clicks
     fixed (re-predicting near every earlier click let one background click on a cardiac myocardium
-    take its label from 9485 voxels to 1096). With points alone, or when nothing was shown before,
-    the copy's prediction is shown everywhere.
+    take its label from 9485 voxels to 1096). The change has the click's sign: near a foreground
+    click the label only gains what the copy adds, near a background click it only loses what the
+    copy removes (where both reach, it follows the copy), so a click never undoes what the annotator
+    did not point at. With points alone, or when nothing was shown before, the copy's prediction is
+    shown everywhere.
 
     Args:
         adapter: the encoder's adapter (the head's own, for a refined head).
@@ -368,13 +371,20 @@ def apply_clicks(
         shown = adapter.predict(stack, [state.head], feats=feats.float())[0] >= 0.5
     else:  # only the slices within reach of a new click are predicted again
         spacing = grid_spacing(geom, adapter.size)
-        near = near_clicks(grid_new, before.shape, spacing, reach_mm(before, spacing))
+        reach = reach_mm(before, spacing)
+        near_fg = near_clicks([c for c in grid_new if c[3]], before.shape, spacing, reach)
+        near_bg = near_clicks([c for c in grid_new if not c[3]], before.shape, spacing, reach)
+        near = near_fg | near_bg
         idx = torch.nonzero(near.flatten(1).any(1)).flatten()
         ys, xs = window(near)  # the head sees only the box within reach (same values there as on whole slices)
         corrected = adapter.predict(stack[:, ys, xs][idx], [state.head], feats=feats[..., ys, xs][idx].float())[0]
         shown = before.clone()
         box = shown[:, ys, xs]  # a view: writing into it writes into `shown`
-        box[idx] = torch.where(near[:, ys, xs][idx], corrected >= 0.5, box[idx])
+        old, moved = box[idx], corrected >= 0.5
+        fg, bg = near_fg[:, ys, xs][idx], near_bg[:, ys, xs][idx]
+        # near a foreground click only what the copy adds, near a background one only what it removes
+        signed = torch.where(fg & ~bg, old | moved, torch.where(bg & ~fg, old & moved, moved))
+        box[idx] = torch.where(fg | bg, signed, old)
     state.shown = shown
     mask = stack_to_original(shown.float()[None], geom)[0] >= 0.5
     state.mask = keep_clicked(mask, [c.ijk[::-1] for c in state.clicks if c.foreground], state.one_piece)
