@@ -80,6 +80,9 @@ class RefineConfig:
             predictions on slices of the anchor studies are pulled towards the quick head's (the
             teacher: the meta-learned network adapted to this structure). 0 trains on the label alone.
         distill_batch: anchor slices per step of the distillation term.
+        distill_confidence: > 0.5: the distillation term counts only the pixels where the quick head
+            is sure (foreground probability >= this or <= 1 - this; averaged over all pixels, so a
+            head unsure of a structure it does not know pulls less); 0: every pixel.
         crop: side of the random window of each slice a step trains on (0 = whole slices). A
             96-pixel window of a 160-pixel slice costs a third of the step, yet on cardiac MRI three
             times the steps served less in the same seconds than whole slices did.
@@ -123,6 +126,7 @@ class RefineConfig:
     min_agreement: float = 0.5
     distill: float = 1.0
     distill_batch: int = 4
+    distill_confidence: float = 0.0
     crop: int = 0
     bf16: bool = True
     fresh: int = 2
@@ -361,7 +365,11 @@ class Refinement:
         p = torch.stack([self.teacher[j][1][i] for j, i in pick]).to(self.device)
         x, p = self._window(*augment(x, p, self.rng, self.cfg.augment))
         logits = self.model.head.logits(self._embed(x), self.params)
-        return F.binary_cross_entropy_with_logits(logits, p)
+        c = self.cfg.distill_confidence
+        if c <= 0.5:
+            return F.binary_cross_entropy_with_logits(logits, p)
+        sure = ((p >= c) | (p <= 1.0 - c)).float()
+        return (F.binary_cross_entropy_with_logits(logits, p, reduction="none") * sure).mean()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's forward pass of a training step, in bfloat16 where native (`RefineConfig.bf16`);
