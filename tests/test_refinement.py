@@ -479,6 +479,29 @@ def test_with_one_label_the_candidate_blends_the_trained_weights_with_where_they
     assert two.cand_model is two.avg_model, "from two labels nothing blends"
 
 
+def test_with_keep_volume_only_a_candidate_that_shrinks_on_other_studies_is_pulled_back():
+    """`keep_volume`: the distillation term leaves the candidate alone while its foreground on the
+    anchor slices keeps that share of the quick head's, whatever its shape, and pulls it back up when
+    it shrinks below (fine-tuning on one study sank structures the model knew by shrinking them on
+    other studies)."""
+    torch.manual_seed(0)
+    (stack, disk), (other, _) = _noisy_disk(), _noisy_disk()
+    adapter = SegAdapter(load_model(None), "cpu")
+    head = adapter.adapt([stack], [disk])
+    run = Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, keep_volume=0.7), anchors=[other])
+    assert run.teacher
+    assert float(run._distill_loss()) == 0.0, "the candidate is the quick head"
+    with torch.no_grad():
+        run.params["bias"] += 5.0  # more foreground than the head: no pull
+    assert float(run._distill_loss()) == 0.0
+    with torch.no_grad():
+        run.params["bias"] -= 40.0  # nothing left
+    loss = run._distill_loss()
+    assert float(loss) > 0.5
+    loss.backward()
+    assert float(run.params["bias"].grad) < 0, "a descent step raises the bias: the foreground grows back"
+
+
 def test_the_simulated_annotator_refines_on_from_its_last_run_after_each_save():
     """`served_after` with a carry, as the annotator loop of `evaluate clicks` calls it after each save:
     the run over two labels goes on from the run over the first, as the app's refinement does."""

@@ -70,12 +70,22 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def combine(files: list[Path], out: Path) -> None:
-    traces = [json.loads(Path(f).read_text()) | {"file": Path(f).name} for f in files]
-    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 3.2), squeeze=False)
-    summary = []
-    for t, ax in zip(traces, axes[0]):
+    """One panel and one summary row per model, structure and draw; traces of the same one (variants
+    run in separate processes) are merged."""
+    traces: dict[str, dict] = {}
+    for f in files:
+        t = json.loads(Path(f).read_text())
         st = t["settings"]
         name = f"{Path(st['model']).stem} / {st['structure']} / draw {st['draw']}"
+        if name in traces:
+            traces[name]["curves"] |= t["curves"]
+            traces[name]["file"] += f", {Path(f).name}"
+        else:
+            traces[name] = t | {"file": Path(f).name}
+    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 3.2), squeeze=False)
+    summary = []
+    for (name, t), ax in zip(traces.items(), axes[0]):
+        st = t["settings"]
         row = {"trace": t["file"], "name": name}
         for v, c in t["curves"].items():
             q = [r["query"] for r in c["rows"]]
@@ -90,7 +100,7 @@ def combine(files: list[Path], out: Path) -> None:
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "distill.png", dpi=110)
-    weights = sorted({w for t in traces for w in t["provenance"]["weights"]})
+    weights = sorted({w for t in traces.values() for w in t["provenance"]["weights"]})
     (out / "distill.json").write_text(json.dumps({"summary": summary, "provenance": stamp(weights)}, indent=1))
 
 
