@@ -333,6 +333,7 @@ def test_a_foreground_click_only_adds_to_the_label_and_a_background_click_only_r
     for click in [Click((48, 48, 12), True), Click((48, 48, 10), False), Click((60, 48, 14), True)]:
         after = apply_clicks(adapter, stack, geom, feats, state, [click])
         if click.foreground:
+            assert after[click.ijk[::-1]], f"the foreground click at {click.ijk} is not in the label"
             assert not (shown & ~after).any(), f"a foreground click at {click.ijk} removed structure"
         else:
             assert not (after & ~shown).any(), f"a background click at {click.ijk} added structure"
