@@ -318,6 +318,32 @@ def test_a_click_changes_the_label_only_near_itself_and_keeps_what_earlier_click
     assert not second[19, 48, 48]
 
 
+def test_a_click_leaves_alone_what_lies_nearer_a_point_of_the_other_sign():
+    """Two touching look-alike disks: a foreground point on the first takes in both, a background
+    point cuts the second away. A foreground point where they touch must not bring back what lies
+    nearer the background point than any foreground point: the annotator's nearest point says what
+    a voxel is."""
+    arr = np.zeros((24, 96, 96), np.float32)
+    zz, yy, xx = np.mgrid[:24, :96, :96]
+    slab = np.abs(zz - 12) <= 4
+    arr[slab & ((yy - 48) ** 2 + (xx - 40) ** 2 <= 100)] = 1.0  # the structure
+    arr[slab & ((yy - 48) ** 2 + (xx - 54) ** 2 <= 100)] = 1.0  # a look-alike touching it
+    adapter, stack, geom, feats = _click_study(arr, seed=2)
+    state = Corrections(start=None, saved=None, one_piece=False)
+    fg1, bg, fg2 = Click((38, 48, 12), True), Click((56, 48, 12), False), Click((46, 52, 13), True)
+    assert apply_clicks(adapter, stack, geom, feats, state, [fg1])[12, 48, 56], "the look-alike was not taken in"
+    cut = apply_clicks(adapter, stack, geom, feats, state, [bg])
+    after = apply_clicks(adapter, stack, geom, feats, state, [fg2])
+
+    def mm_from(c: Click) -> np.ndarray:  # distance of every voxel from a point (5 x 1.5 x 1.5 mm voxels)
+        i, j, k = c.ijk
+        return np.sqrt((5.0 * (zz - k)) ** 2 + (1.5 * (yy - j)) ** 2 + (1.5 * (xx - i)) ** 2)
+
+    nearer_bg = mm_from(bg) < np.minimum(mm_from(fg1), mm_from(fg2)) - 3.0  # 3 mm: the model grid's resampling
+    assert not ((after != cut) & nearer_bg).any(), "the foreground point changed voxels nearer the background point"
+    assert after[fg2.ijk[::-1]]
+
+
 def test_a_foreground_click_only_adds_to_the_label_and_a_background_click_only_removes():
     """The annotator's intent has a sign: within a click's reach the copy of the head may only add
     structure for a foreground point and only remove it for a background one, so a click never

@@ -8,7 +8,8 @@ neighbourhoods and to the structure's saved labels together, so that a click fix
 without undoing what the saved labels taught. With no saved label and no head (points alone), the
 prototypes start from the clicks, and pixels far from every foreground click on the clicked slices
 stand in, weakly, for background. The corrected head's prediction is shown only near the clicks and
-only with the click's sign (`apply_clicks`), so one click cannot undo the structure far from it.
+only with the sign of the click nearest to each voxel (`apply_clicks`), so one click cannot undo the
+structure far from it, nor what a nearer click of the other sign fixed.
 """
 
 from __future__ import annotations
@@ -345,11 +346,12 @@ def apply_clicks(
     new clicks: within `reach_mm` of one (3D) the label follows the copy, farther away it stays as it
     was, so a head moved by a click cannot undo the structure elsewhere, nor what earlier clicks
     fixed (re-predicting near every earlier click let one background click on a cardiac myocardium
-    take its label from 9485 voxels to 1096). The change has the click's sign: near a foreground
-    click the label only gains what the copy adds, near a background click it only loses what the
-    copy removes (where both reach, it follows the copy), so a click never undoes what the annotator
-    did not point at. With points alone, or when nothing was shown before, the copy's prediction is
-    shown everywhere.
+    take its label from 9485 voxels to 1096). The change has the sign of the click nearest to each
+    voxel, earlier clicks included: near a foreground click the label only gains what the copy adds,
+    near a background click it only loses what the copy removes, and a voxel nearer a click of the
+    other sign stays as it is, so a click never undoes what the annotator did not point at (a
+    foreground click does not bring back a leak that a nearer background click cut). With points
+    alone, or when nothing was shown before, the copy's prediction is shown everywhere.
 
     Args:
         adapter: the encoder's adapter (the head's own, for a refined head).
@@ -382,9 +384,13 @@ def apply_clicks(
         box = shown[:, ys, xs]  # a view: writing into it writes into `shown`
         old, moved = box[idx], corrected >= 0.5
         fg, bg = near_fg[:, ys, xs][idx], near_bg[:, ys, xs][idx]
-        # near a foreground click only what the copy adds, near a background one only what it removes
-        signed = torch.where(fg & ~bg, old | moved, torch.where(bg & ~fg, old & moved, moved))
-        box[idx] = torch.where(fg | bg, signed, old)
+        # a voxel takes the sign of the click nearest to it, earlier clicks included: within reach of a
+        # new foreground click it may only gain what the copy adds, of a background click only lose
+        zs = idx.float() * spacing[0]
+        fg_side = click_distance([c for c in state.grid if c[3]], zs, ys, xs, spacing) < click_distance(
+            [c for c in state.grid if not c[3]], zs, ys, xs, spacing
+        )
+        box[idx] = torch.where(fg & fg_side, old | moved, torch.where(bg & ~fg_side, old & moved, old))
     state.shown = shown
     mask = stack_to_original(shown.float()[None], geom)[0] >= 0.5
     state.mask = keep_clicked(mask, [c.ijk[::-1] for c in state.clicks if c.foreground], state.one_piece)
@@ -401,6 +407,20 @@ def reach_mm(mask: torch.Tensor, spacing: tuple[float, float, float]) -> float:
     """
     volume = float(mask.sum()) * float(np.prod(spacing))
     return max(MIN_REACH_MM, REACH * (3 * volume / (4 * np.pi)) ** (1 / 3))
+
+
+def click_distance(
+    grid: list[tuple[int, int, int, bool]], zs: torch.Tensor, ys: slice, xs: slice, spacing: tuple[float, float, float]
+) -> torch.Tensor:
+    """(len(zs), rows, columns) distance in mm from each voxel of a box of the model grid to the
+    nearest of `grid`'s clicks (inf with none). zs: the box's slice positions in mm."""
+    rows = torch.arange(ys.start, ys.stop, dtype=torch.float32) * spacing[1]
+    cols = torch.arange(xs.start, xs.stop, dtype=torch.float32) * spacing[2]
+    zz, yy, xx = torch.meshgrid(zs, rows, cols, indexing="ij")
+    d2 = torch.full(zz.shape, float("inf"))
+    for s, y, x, _ in grid:
+        d2 = torch.minimum(d2, (zz - s * spacing[0]) ** 2 + (yy - y * spacing[1]) ** 2 + (xx - x * spacing[2]) ** 2)
+    return d2.sqrt()
 
 
 def near_clicks(
