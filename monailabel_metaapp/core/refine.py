@@ -85,9 +85,10 @@ class RefineConfig:
             head's (a hinge on the summed probabilities). Where fine-tuning on one study sinks a
             structure the model knows, its predictions elsewhere shrink; a floor on their volume does
             not tie a structure the model does not know to the head's shape. At 0.7 on 6 cardiac
-            structures (one draw each, served at 150 s): +0.03-0.04 on each held-out structure, and on
-            the shipped model's +0.02 / +0.07 and -0.10 (LV blood pool, a worse version the guard
-            published at 30 s); 0 (the whole shape) stays the default until more draws decide.
+            structures (2 draws, served at 150 s): held-out myocardium / LV blood pool / RV blood pool
+            +0.07 / +0.04 / 0.00, the shipped model's +0.01 / -0.05 / +0.07 (its LV blood pool lost
+            through a worse version the guard published at 30 s), so 0 (the whole shape) stays the
+            default.
         crop: side of the random window of each slice a step trains on (0 = whole slices). A
             96-pixel window of a 160-pixel slice costs a third of the step, yet on cardiac MRI three
             times the steps served less in the same seconds than whole slices did.
