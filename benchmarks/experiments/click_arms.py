@@ -67,6 +67,10 @@ def main() -> None:
         ],
         "provenance": stamp([]),
     }
+    # the weights every arm ran with, from the inputs' own provenance
+    out["provenance"]["weights"] = {
+        path: sha for d in results for path, sha in ((d.get("provenance") or {}).get("weights") or {}).items()
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "arms.json").write_text(json.dumps(out, indent=1))
     shots = sorted({r["shots"] for r in rows})
