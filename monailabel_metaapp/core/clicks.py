@@ -434,13 +434,8 @@ def near_clicks(
         spacing: its spacing (slice, row, column) in mm.
         reach: the distance in mm.
     """
-    axes = [torch.arange(n, dtype=torch.float32) * sp for n, sp in zip(shape, spacing)]
-    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-    near = torch.zeros(shape, dtype=torch.bool)
-    for s, y, x, _ in grid:
-        d2 = (zz - s * spacing[0]) ** 2 + (yy - y * spacing[1]) ** 2 + (xx - x * spacing[2]) ** 2
-        near |= d2 <= reach**2
-    return near
+    zs = torch.arange(shape[0], dtype=torch.float32) * spacing[0]
+    return click_distance(grid, zs, slice(0, shape[1]), slice(0, shape[2]), spacing) <= reach
 
 
 def keep_clicked(mask: np.ndarray, fg_zyx: list[tuple[int, int, int]], one_piece: bool) -> np.ndarray:
