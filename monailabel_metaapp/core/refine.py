@@ -119,9 +119,6 @@ class RefineConfig:
             share of the way from its start (the meta-learned encoder and the quick head) to the
             trained weights (their moving average); 1: the trained weights. Interpolating towards the
             start keeps what fine-tuning on little data forgets (WiSE-FT, Wortsman et al., CVPR 2022).
-        teacher_follows: with one labelled study, each candidate the guard accepts becomes the teacher
-            on the anchors in place of the quick head, so the run is held to the best version so far
-            rather than pulled back towards the head it has already beaten.
     """
 
     lr_encoder: float = 1e-3
@@ -144,7 +141,6 @@ class RefineConfig:
     whole_study: bool = False
     ema: float = 0.97
     wise: float = 1.0
-    teacher_follows: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -436,9 +432,6 @@ class Refinement:
         if better and self.anchors:
             self.agreement = self._agreement()
             better = self.agreement >= agreement_needed(self.baseline, self.cfg.min_agreement)
-        if better and self.teacher and self.cfg.teacher_follows:  # the accepted candidate teaches from now on
-            head = self.head()
-            self.teacher = [(st, self.adapter.predict(st, [head])[0]) for st, _ in self.teacher]
         self.model.encoder.net.train()
         self.seconds += time.perf_counter() - t0
         if better:
