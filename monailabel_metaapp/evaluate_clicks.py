@@ -306,19 +306,21 @@ def simulate_annotator(
                     c = next_click(pred, ref, sp)
                     pred = session.click(c)
                     dices.append(dice(pred, ref))
-                rows.append(
-                    {
-                        "structure": name,
-                        "method": method,
-                        "repeat": r,
-                        "study": i + 1,
-                        "saved_labels": i,
-                        "stage": head.stage if head is not None else "points alone",
-                        "clicks": clicks_to_reach(dices, target, cap),
-                        "dice_opened": round(dices[0], 4),
-                        "dice_saved": round(dices[-1], 4),
-                    }
-                )
+                row = {
+                    "structure": name,
+                    "method": method,
+                    "repeat": r,
+                    "study": i + 1,
+                    "saved_labels": i,
+                    "stage": head.stage if head is not None else "points alone",
+                    "clicks": clicks_to_reach(dices, target, cap),
+                    "dice_opened": round(dices[0], 4),
+                    "dice_saved": round(dices[-1], 4),
+                }
+                if head is not None and head.stage == REFINED:  # what the quick head would have opened with
+                    quick = adapter.adapt([s.stack for s in order[:i]], [s.lstack == v for s in order[:i]])
+                    row["dice_opened_head"] = round(dice(MetaClicks(adapter, q, quick, None).first(), ref), 4)
+                rows.append(row)
                 bar.update(1)
     bar.close()
     return rows
