@@ -119,9 +119,6 @@ class RefineConfig:
             share of the way from its start (the meta-learned encoder and the quick head) to the
             trained weights (their moving average); 1: the trained weights. Interpolating towards the
             start keeps what fine-tuning on little data forgets (WiSE-FT, Wortsman et al., CVPR 2022).
-        distill_by_head: the distillation term's weight is `distill` times the quick head's own Dice
-            on the held-out block, so a head that misses the structure teaches little (the way
-            `agreement_needed` scales the agreement it asks for).
     """
 
     lr_encoder: float = 1e-3
@@ -144,7 +141,6 @@ class RefineConfig:
     whole_study: bool = False
     ema: float = 0.97
     wise: float = 1.0
-    distill_by_head: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,8 +289,6 @@ class Refinement:
             self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
             self.teacher = teacher if distilling else []
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
-        scale = min(1.0, max(0.0, self.baseline)) if self.cfg.distill_by_head and self.baseline is not None else 1.0
-        self.distill_weight = self.cfg.distill * scale
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
         self.origin = None  # (encoder parameters, head) where the run started, when its candidate blends
@@ -320,7 +314,7 @@ class Refinement:
         x, y = self._window(*augment(x, y, self.rng, self.cfg.augment))
         loss = seg_loss(self.model.head.logits(self._embed(x), self.params), y)
         if self.teacher:
-            loss = loss + self.distill_weight * self._distill_loss()
+            loss = loss + self.cfg.distill * self._distill_loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
