@@ -4,7 +4,6 @@ network goes live only when it beats the quick head on a labelled study it was n
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from monailabel.client import MONAILabelClient
 
 from monailabel_metaapp.core.adaptation import SegAdapter
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.core.episodes import random_crop
 from monailabel_metaapp.core.precision import bf16_native, training_autocast
 from monailabel_metaapp.core.refine import (
     RefineConfig,
@@ -164,39 +162,13 @@ def test_the_guard_holds_out_the_middle_third_of_every_study_with_the_structure(
     one[2:11, 2:4, 2:4] = True  # 9 slices hold the structure: the middle 3 are held out, never trained on
     train, val = study_split([one, empty])
     assert val == [[5, 6, 7], []] and train == [[0, 1, 2, 3, 4, 8, 9, 10, 11], list(range(4))]
-    # the newest study held out whole, on request, once two studies hold the structure
-    train, val = study_split([a, a.clone(), empty], whole_study=True)
-    assert val == [[], [0, 1, 2, 3], []] and train == [[0, 1, 2, 3], [], [0, 1, 2, 3]]
-    assert study_split([one, empty], whole_study=True)[1] == [[5, 6, 7], []]  # one study: still a block
     assert study_split([empty, empty])[1] == [[], []]  # no study holds the structure: nothing to check on
     assert pooled_dice([torch.ones(2, 2)], [torch.ones(2, 2)]) == 1.0
-    assert RefineConfig.parse("whole_study=1").whole_study is True
-
-
-def test_a_window_of_a_slice_holding_the_structure_holds_some_of_it_at_a_varying_place():
-    """Refinement steps on windows (`RefineConfig.crop`): a window of a labelled slice must show the
-    structure (else the step learns only background), at varying places, with the image and the mask
-    cut at the same place."""
-    rows, cols = torch.meshgrid(torch.arange(160.0), torch.arange(160.0), indexing="ij")
-    x = torch.stack([rows, cols, rows * 0])[None].repeat(8, 1, 1, 1)  # each pixel carries its position
-    y = torch.zeros(8, 160, 160)
-    y[:4, 140:150, 5:15] = 1  # a small structure in a corner of four slices; the other four are empty
-    rng, places = random.Random(0), set()
-    for _ in range(10):
-        xw, yw = random_crop(x, y, 96, rng)
-        assert xw.shape == (8, 3, 96, 96) and yw.shape == (8, 96, 96)
-        assert all(bool(w.any()) for w in yw[:4])
-        for b in range(8):
-            top, left = int(xw[b, 0, 0, 0]), int(xw[b, 1, 0, 0])
-            assert torch.equal(yw[b], y[b, top : top + 96, left : left + 96])
-            places.add((top, left))
-    assert len(places) > 10
-    assert random_crop(x, y, 200, rng)[0].shape == x.shape  # a window larger than the slice is the slice
 
 
 def test_refinement_settings_parse_from_text_and_an_unknown_one_is_refused():
-    cfg = RefineConfig.parse("crop=96, distill=0.5")
-    assert cfg.crop == 96 and isinstance(cfg.crop, int) and cfg.distill == 0.5
+    cfg = RefineConfig.parse("val_every=30, distill=0.5")
+    assert cfg.val_every == 30 and isinstance(cfg.val_every, int) and cfg.distill == 0.5
     assert cfg.lr_encoder == RefineConfig().lr_encoder
     with pytest.raises(ValueError, match="crops"):
         RefineConfig.parse("crops=96")
@@ -452,54 +424,6 @@ def test_a_fresh_start_on_the_light_network_is_served_and_reloaded_like_any_vers
     assert fresh_adapter(adapter, 3, 8).model.cfg.emb == 8 and torch.equal(rng, torch.random.get_rng_state())
     with pytest.raises(RuntimeError):  # weights of neither network are refused, not served half-loaded
         refined_adapter(adapter, {"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)})
-
-
-def test_with_one_label_the_candidate_blends_the_trained_weights_with_where_they_started():
-    """With `wise` < 1 and one label, what the guard judges and publishes lies that share of the way from
-    the meta-learned encoder and the quick head to the trained average; from two labels, or at 1, it is
-    the trained average itself."""
-    torch.manual_seed(0)
-    stack, disk = _noisy_disk()
-    adapter = SegAdapter(load_model(None), "cpu")
-    head = adapter.adapt([stack], [disk])
-    runs = {w: Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, wise=w)) for w in (1.0, 0.5)}
-    start = runs[0.5].encoder_state()
-    for run in runs.values():  # no validation: what is published follows the steps all the same
-        for _ in range(3):
-            run.step()
-    keys = [k for k, v in start.items() if v.is_floating_point()]
-    avg = {k: v.detach() for k, v in runs[0.5].avg_model.encoder.net.state_dict().items()}
-    blended = runs[0.5].encoder_state()
-    assert all(torch.allclose(blended[k], (start[k] + avg[k]) / 2, atol=1e-6) for k in keys)
-    plain = runs[1.0]
-    assert all(torch.equal(v, plain.avg_model.encoder.net.state_dict()[k]) for k, v in plain.encoder_state().items())
-    scale = runs[0.5].head().params["log_scale"]
-    assert torch.allclose(scale, (head.params["log_scale"] + runs[0.5].avg_params["log_scale"]) / 2)
-    two = Refinement(adapter, [stack, stack], [disk, disk], head, RefineConfig(wise=0.5))
-    assert two.cand_model is two.avg_model, "from two labels nothing blends"
-
-
-def test_with_keep_volume_only_a_candidate_that_shrinks_on_other_studies_is_pulled_back():
-    """`keep_volume`: the distillation term leaves the candidate alone while its foreground on the
-    anchor slices keeps that share of the quick head's, whatever its shape, and pulls it back up when
-    it shrinks below (fine-tuning on one study sank structures the model knew by shrinking them on
-    other studies)."""
-    torch.manual_seed(0)
-    (stack, disk), (other, _) = _noisy_disk(), _noisy_disk()
-    adapter = SegAdapter(load_model(None), "cpu")
-    head = adapter.adapt([stack], [disk])
-    run = Refinement(adapter, [stack], [disk], head, RefineConfig(augment=0.0, keep_volume=0.7), anchors=[other])
-    assert run.teacher
-    assert float(run._distill_loss()) == 0.0, "the candidate is the quick head"
-    with torch.no_grad():
-        run.params["bias"] += 5.0  # more foreground than the head: no pull
-    assert float(run._distill_loss()) == 0.0
-    with torch.no_grad():
-        run.params["bias"] -= 40.0  # nothing left
-    loss = run._distill_loss()
-    assert float(loss) > 0.5
-    loss.backward()
-    assert float(run.params["bias"].grad) < 0, "a descent step raises the bias: the foreground grows back"
 
 
 def test_the_simulated_annotator_refines_on_from_its_last_run_after_each_save():

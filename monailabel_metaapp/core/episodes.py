@@ -227,28 +227,6 @@ def augment(
     return x, y
 
 
-def random_crop(x: torch.Tensor, y: torch.Tensor, size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random size x size window of each (C, H, W) image and its (H, W) mask or probabilities.
-
-    A window of a slice that holds the structure (y >= 0.5) contains a random pixel of it at a random
-    place in the window; windows of other slices are uniform. Training on windows
-    costs a fraction of whole slices per step, and the network is fully convolutional."""
-    n, _, h, w = x.shape
-    size_h, size_w = min(size, h), min(size, w)
-    xs, ys = [], []
-    for b in range(n):
-        fg = torch.nonzero(y[b] >= 0.5)
-        if fg.shape[0]:
-            r, c = (int(v) for v in fg[rng.randrange(fg.shape[0])])
-            top = rng.randint(max(0, r - size_h + 1), min(r, h - size_h))
-            left = rng.randint(max(0, c - size_w + 1), min(c, w - size_w))
-        else:
-            top, left = rng.randint(0, h - size_h), rng.randint(0, w - size_w)
-        xs.append(x[b, :, top : top + size_h, left : left + size_w])
-        ys.append(y[b, top : top + size_h, left : left + size_w])
-    return torch.stack(xs), torch.stack(ys)
-
-
 class EpisodeSampler:
     """Draws labelled and self-supervised episodes from a list of studies."""
 

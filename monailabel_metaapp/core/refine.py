@@ -10,10 +10,10 @@ structure. The refined network trains on the rest of every study; a candidate is
 its Dice on the held-out slices of all studies together beats, by `RefineConfig.min_gain`, both the
 quick head adapted on the same training slices and every candidate published before it. The blocks
 are never trained on, and each study keeps its block as labels arrive, so a run continued warm after
-a new label has still never seen them. Holding out the newest study whole (`RefineConfig.whole_study`)
-is a check on a subject never trained on, but it costs that study's labels: at two labels the network
-trains on one study, and on cardiac MRI at three labels the served Dice in the mean of four
-structures was 0.57 against 0.65 10 s after a save and 0.70 against 0.72 at 150 s.
+a new label has still never seen them. Holding out the newest study whole instead would check on a
+subject never trained on, but it costs that study's labels: at two labels the network trains on one
+study, and on cardiac MRI at three labels the served Dice in the mean of four structures was 0.57
+against 0.65 10 s after a save and 0.70 against 0.72 at 150 s.
 
 What the guard judges and publishes is a moving average of the network's weights over its last few
 dozen steps (`RefineConfig.ema`), not the weights of the last step: with a batch of 4 slices a step
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from monailabel_metaapp.core.adaptation import COMPONENT_KEY, Head, SegAdapter, largest_component_share
-from monailabel_metaapp.core.episodes import augment, random_crop, with_context
+from monailabel_metaapp.core.episodes import augment, with_context
 from monailabel_metaapp.core.inner_loop import seg_loss
 from monailabel_metaapp.core.networks import FewShotSegModel, light_config
 from monailabel_metaapp.core.precision import training_autocast
@@ -80,18 +80,6 @@ class RefineConfig:
             predictions on slices of the anchor studies are pulled towards the quick head's (the
             teacher: the meta-learned network adapted to this structure). 0 trains on the label alone.
         distill_batch: anchor slices per step of the distillation term.
-        keep_volume: > 0: instead of the quick head's every pixel, the distillation term asks only that
-            the candidate's foreground on the anchor slices keep at least this share of the quick
-            head's (a hinge on the summed probabilities). Where fine-tuning on one study sinks a
-            structure the model knows, its predictions elsewhere shrink; a floor on their volume does
-            not tie a structure the model does not know to the head's shape. At 0.7 on 6 cardiac
-            structures (2 draws, served at 150 s): held-out myocardium / LV blood pool / RV blood pool
-            +0.07 / +0.04 / 0.00, the shipped model's +0.01 / -0.05 / +0.07 (its LV blood pool lost
-            through a worse version the guard published at 30 s), so 0 (the whole shape) stays the
-            default.
-        crop: side of the random window of each slice a step trains on (0 = whole slices). A
-            96-pixel window of a 160-pixel slice costs a third of the step, yet on cardiac MRI three
-            times the steps served less in the same seconds than whole slices did.
         bf16: run the encoder's forward pass of each training step under bfloat16 autocast where
             the hardware does it natively (`core.precision`): 1.4-1.5x the steps per second on a CPU
             with AVX512-BF16. Validation and what is served stay in float32.
@@ -106,19 +94,11 @@ class RefineConfig:
             leads at equal compute (`TwoStartRefinement.share`), once both have been validated (0.5:
             equal shares whoever leads). Against equal
             shares on 4 cardiac structures at k = 3 (3 draws): the same mean served Dice at 150 s.
-        whole_study: from two labelled studies on, the guard holds out the newest study whole instead
-            of a block of every study (`study_split`). Against blocks on 4 cardiac structures at k = 3
-            (3 draws, side by side): 0.57 / 0.68 / 0.67 / 0.70 served at 10 / 30 / 60 / 150 s, blocks
-            0.65 / 0.69 / 0.69 / 0.72.
         ema: decay of an exponential moving average of the network's weights (encoder and head) that
             the guard validates and that is published instead of the weights of the last step
             (0: the last step's weights); the decay is shorter over the first steps. Against the last
             step's weights on 4 cardiac structures at k = 3 (3 draws, side by side): 0.639 / 0.689 /
             0.700 / 0.725 served at 10 / 30 / 60 / 150 s against 0.644 / 0.680 / 0.693 / 0.713.
-        wise: with one labelled study and `distill` > 0 (never a fresh run), the candidate lies this
-            share of the way from its start (the meta-learned encoder and the quick head) to the
-            trained weights (their moving average); 1: the trained weights. Interpolating towards the
-            start keeps what fine-tuning on little data forgets (WiSE-FT, Wortsman et al., CVPR 2022).
     """
 
     lr_encoder: float = 1e-3
@@ -132,22 +112,18 @@ class RefineConfig:
     min_agreement: float = 0.5
     distill: float = 1.0
     distill_batch: int = 4
-    keep_volume: float = 0.0
-    crop: int = 0
     bf16: bool = True
     fresh: int = 2
     fresh_emb: int = 0
     lead: float = 0.75
-    whole_study: bool = False
     ema: float = 0.97
-    wise: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def parse(cls, text: str) -> RefineConfig:
-        """'crop=96,distill=0' -> the defaults with those fields set (an unknown field is an error)."""
+        """'lr_encoder=3e-4,distill=0' -> the defaults with those fields set (an unknown field is an error)."""
         fields = {}
         for item in filter(None, (t.strip() for t in text.split(","))):
             key, sep, value = item.partition("=")
@@ -165,24 +141,17 @@ def agreement_needed(head_dice: float, share: float) -> float:
     return share * max(0.0, head_dice)
 
 
-def study_split(masks: list[torch.Tensor], whole_study: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+def study_split(masks: list[torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
     """(training slices, held-out slices) per study. Every study holding the structure holds out a
     block: the middle third of its slices that hold it (at least one); its other slices train. With
-    `whole_study` and two or more studies holding it, the last of them is held out whole instead and
-    every slice of the others trains. With none, nothing is held out (the guard cannot check).
+    none, nothing is held out (the guard cannot check).
 
     Args:
         masks: (S, size, size) binary masks of the structure, one per labelled study.
-        whole_study: hold out the newest study whole (from two studies holding the structure on).
     """
     train = [list(range(m.shape[0])) for m in masks]
     val: list[list[int]] = [[] for _ in masks]
-    holding = [j for j, m in enumerate(masks) if bool(m.any())]
-    if whole_study and len(holding) >= 2:
-        j = holding[-1]
-        train[j], val[j] = [], list(range(masks[j].shape[0]))
-        return train, val
-    for j in holding:
+    for j in (j for j, m in enumerate(masks) if bool(m.any())):
         rows = [i for i in range(masks[j].shape[0]) if bool(masks[j][i].any())]
         n = max(1, len(rows) // 3)
         start = (len(rows) - n) // 2
@@ -252,7 +221,7 @@ class Refinement:
         self.stacks, self.masks = stacks, [m.bool() for m in masks]
         self.guard = guard
         if guard:
-            self.train_idx, self.val_idx = study_split(self.masks, self.cfg.whole_study)
+            self.train_idx, self.val_idx = study_split(self.masks)
         else:
             self.train_idx, self.val_idx = [list(range(m.shape[0])) for m in self.masks], [[] for _ in self.masks]
         self.share = largest_component_share(self.masks)
@@ -264,7 +233,6 @@ class Refinement:
             if k != COMPONENT_KEY
         }
         distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
-        self.blends = distilling and self.cfg.wise < 1  # one label, distill > 0: never a fresh run
         self.opt = torch.optim.Adam(
             [
                 {"params": list(self.model.encoder.net.parameters()), "lr": self.cfg.lr_encoder},
@@ -291,10 +259,6 @@ class Refinement:
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
         self.best = max(x for x in (self.baseline, floor, -1.0) if x is not None)
-        self.origin = None  # (encoder parameters, head) where the run started, when its candidate blends
-        if self.blends:
-            encoder = [p.detach().clone() for p in self.model.encoder.net.parameters()]
-            self.origin = (encoder, {k: v.detach().clone() for k, v in self.params.items()})
         if state is not None:
             self._load(state)
         self._start_average(state)
@@ -311,7 +275,7 @@ class Refinement:
         pick = [self._draw() for _ in range(self.cfg.batch)]
         x = torch.cat([with_context(self.stacks[j], [i], self.context) for j, i in pick]).to(self.device)
         y = torch.stack([self.masks[j][i].float() for j, i in pick]).to(self.device)
-        x, y = self._window(*augment(x, y, self.rng, self.cfg.augment))
+        x, y = augment(x, y, self.rng, self.cfg.augment)
         loss = seg_loss(self.model.head.logits(self._embed(x), self.params), y)
         if self.teacher:
             loss = loss + self.cfg.distill * self._distill_loss()
@@ -334,23 +298,7 @@ class Refinement:
             if saved:
                 self.avg_model.encoder.net.load_state_dict(saved["encoder"])
                 self._copy_head(self.avg_params, saved["head"])
-        self.cand_model, self.cand_params = self.avg_model, self.avg_params
-        if self.origin is not None:
-            self.cand_model = copy.deepcopy(self.avg_model).eval()
-            self.cand_params = {k: v.detach().clone() for k, v in self.avg_params.items()}
-        self.adapter = SegAdapter(self.cand_model, self.device, steps=0)  # the candidate's, as `head()` is
-
-    @torch.no_grad()
-    def _blend(self) -> None:
-        """The candidate: `wise` of the way from the start to the averaged weights (`RefineConfig.wise`)."""
-        if self.origin is None:
-            return
-        start, head = self.origin
-        for c, a, o in zip(self.cand_model.encoder.net.parameters(), self.avg_model.encoder.net.parameters(), start):
-            torch.lerp(o, a, self.cfg.wise, out=c)
-        for k, v in self.avg_params.items():
-            o = head.get(k)
-            self.cand_params[k].copy_(torch.lerp(o, v, self.cfg.wise) if o is not None and o.shape == v.shape else v)
+        self.adapter = SegAdapter(self.avg_model, self.device, steps=0)  # the candidate's, as `head()` is
 
     @torch.no_grad()
     def _average(self) -> None:
@@ -369,11 +317,8 @@ class Refinement:
         pick = [self.pool_teacher[self.rng.randrange(len(self.pool_teacher))] for _ in range(self.cfg.distill_batch)]
         x = torch.cat([with_context(self.teacher[j][0], [i], self.context) for j, i in pick]).to(self.device)
         p = torch.stack([self.teacher[j][1][i] for j, i in pick]).to(self.device)
-        x, p = self._window(*augment(x, p, self.rng, self.cfg.augment))
+        x, p = augment(x, p, self.rng, self.cfg.augment)
         logits = self.model.head.logits(self._embed(x), self.params)
-        if self.cfg.keep_volume > 0:
-            wanted = self.cfg.keep_volume * p.sum()
-            return F.relu(wanted - torch.sigmoid(logits).sum()) / (p.sum() + 1.0)
         return F.binary_cross_entropy_with_logits(logits, p)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,9 +328,6 @@ class Refinement:
         with training_autocast(self.device, self.cfg.bf16):
             feats = self.model.embed(x)
         return feats.to(torch.float32, memory_format=torch.channels_last)
-
-    def _window(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return random_crop(x, y, self.cfg.crop, self.rng) if self.cfg.crop else (x, y)
 
     def _draw(self) -> tuple[int, int]:
         pool = self.pool_fg if self.rng.random() < 0.75 else self.pool_all
@@ -416,8 +358,7 @@ class Refinement:
 
     def head(self) -> Head:
         """The candidate's head parameters as a `Head` (with the support's component share)."""
-        self._blend()
-        params = {k: v.detach().clone() for k, v in self.cand_params.items()}
+        params = {k: v.detach().clone() for k, v in self.avg_params.items()}
         params[COMPONENT_KEY] = torch.tensor(self.share)
         return Head(params=params, n_labels=len(self.stacks), seconds=self.seconds)
 
@@ -477,8 +418,7 @@ class Refinement:
     # -- the result and its state ---------------------------------------------------------------
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The candidate's encoder weights (posterior mean only: all inference needs)."""
-        self._blend()
-        return {k: v.detach().cpu().clone() for k, v in self.cand_model.encoder.net.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.avg_model.encoder.net.state_dict().items()}
 
     def state_dict(self) -> dict:
         """Everything to continue this run after a restart (plain tensors and numbers)."""
