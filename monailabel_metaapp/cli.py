@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--refine",
         default="",
-        help="seg --timeline: refinement settings over the app's, e.g. lr_encoder=3e-4,distill=0 (fields of RefineConfig)",
+        help="seg --timeline: refinement settings over the app's, e.g. distill=0,ema=0 (fields of RefineConfig)",
     )
     s.add_argument(
         "--joint",
