@@ -307,8 +307,6 @@ def saved_support(
 
 REACH = 0.7  # a click changes the label shown within this share of the structure's equivalent radius...
 MIN_REACH_MM = 10.0  # ...and at least this far
-FOREGROUND_REACH = 0.7  # a foreground click's gain reaches this share of that: what a gain misses, the next click
-# adds, but a gain that runs on into look-alike tissue beside the structure costs a background click to undo
 
 
 @dataclass
@@ -376,7 +374,7 @@ def apply_clicks(
     else:  # only the slices within reach of a new click are predicted again
         spacing = grid_spacing(geom, adapter.size)
         reach = reach_mm(before, spacing)
-        near_fg = near_clicks([c for c in grid_new if c[3]], before.shape, spacing, FOREGROUND_REACH * reach)
+        near_fg = near_clicks([c for c in grid_new if c[3]], before.shape, spacing, reach)
         near_bg = near_clicks([c for c in grid_new if not c[3]], before.shape, spacing, reach)
         near = near_fg | near_bg
         idx = torch.nonzero(near.flatten(1).any(1)).flatten()
