@@ -98,6 +98,13 @@ def setup(
     return dev, adapter, data, labels or structure_labels(studies, data)
 
 
+def draw_order(pool: list, seed: int, value: int, k: int, repeat: int) -> list:
+    """The seeded order of a structure's studies for draw `repeat` at k shots: the first k are the
+    support, the next ones the queries. Every segmentation evaluation draws its pairs this way, so that
+    two scripts score the same (support, query) pairs."""
+    return random.Random(f"{seed}-{value}-{k}-{repeat}").sample(pool, len(pool))
+
+
 def _probs_to_mask(probs: torch.Tensor, geom: SliceGeometry, one_piece: bool) -> np.ndarray:
     return probabilities_to_labels(stack_to_original(probs, geom), [1], one_piece=one_piece) == 1
 
@@ -256,8 +263,7 @@ def evaluate_seg(
                 bar.update(repeats)
                 continue
             for r in range(repeats):
-                rng = random.Random(f"{seed}-{v}-{k}-{r}")
-                order = rng.sample(pool, len(pool))
+                order = draw_order(pool, seed, v, k, r)
                 support, query = order[:k], order[k : k + queries]
                 stacks = [s.stack for s in support]
                 masks = [s.lstack == v for s in support]

@@ -14,7 +14,6 @@ that a busy machine neither favours one nor shortens what any of them gets:
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
@@ -30,7 +29,7 @@ from monailabel_metaapp.core.refine import (
     refined_adapter,
     start_refinement,
 )
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, setup
+from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice_row, draw_order, setup
 from monailabel_metaapp.evaluate_common import plot_curves
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp
 
@@ -217,8 +216,7 @@ def evaluate_timeline(
                 if len(pool) < k + 1:
                     bar.update(1)
                     continue
-                rng = random.Random(f"{seed}-{v}-{k}-{r}")
-                order = rng.sample(pool, len(pool))
+                order = draw_order(pool, seed, v, k, r)
                 support, query = order[:k], order[k : k + queries]
                 anchors = [s.stack for s in order[k + queries : k + queries + ANCHORS]]
                 masks = [s.lstack == v for s in support]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice  # noqa: E402
 from monailabel_metaapp.core.checkpoint import load_model  # noqa: E402
-from monailabel_metaapp.evaluate import _probs_to_mask, load_eval_studies  # noqa: E402
+from monailabel_metaapp.evaluate import _probs_to_mask, draw_order, load_eval_studies  # noqa: E402
 from monailabel_metaapp.evaluate_common import write_result  # noqa: E402
 from monailabel_metaapp.shared_data import CMR_STRUCTURES, cmr_view, require_shared_datasets  # noqa: E402
 
@@ -46,7 +45,7 @@ def score(members: dict[str, Path], value: int, shots: list[int], repeats: int, 
     values: dict[tuple, list[float]] = {}
     for k in shots:
         for r in range(repeats):
-            order = random.Random(f"0-{value}-{k}-{r}").sample(pool, len(pool))
+            order = draw_order(pool, 0, value, k, r)
             support, query = order[:k], order[k : k + queries]
             heads = {n: ad.adapt([s.stack for s in support], [s.lstack == value for s in support])
                      for n, ad in adapters.items()}  # fmt: skip
