@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 from pathlib import Path
 
 import matplotlib
@@ -40,7 +39,7 @@ from tqdm import tqdm  # noqa: E402
 
 from monailabel_metaapp.core.adaptation import SegAdapter  # noqa: E402
 from monailabel_metaapp.core.refine import RefineConfig, Refinement, pooled_dice  # noqa: E402
-from monailabel_metaapp.evaluate import mean_query_dice, setup  # noqa: E402
+from monailabel_metaapp.evaluate import draw_order, mean_query_dice, setup  # noqa: E402
 from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG, stamp  # noqa: E402
 
@@ -76,7 +75,7 @@ def one_label_draw(studies: str, value: int, model: str | None, queries: int, dr
     `metaapp evaluate seg --timeline` at one label (`draw` is its repeat)."""
     _, base, data, _ = setup(studies, {"s": value}, model, "cpu")
     pool = [s for s in data if (s.ref == value).any()]
-    order = random.Random(f"0-{value}-1-{draw}").sample(pool, len(pool))
+    order = draw_order(pool, 0, value, 1, draw)
     support, query = order[0], order[1 : 1 + queries]
     anchors = [s.stack for s in order[1 + queries : 1 + queries + ANCHORS]]
     mask = support.lstack == value

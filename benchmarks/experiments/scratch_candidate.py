@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,14 @@ from monailabel_metaapp.core.refine import (  # noqa: E402
     refined_adapter,
     start_refinement,
 )
-from monailabel_metaapp.evaluate import ScratchTrainer, _probs_to_mask, dice, mean_query_dice, setup  # noqa: E402
+from monailabel_metaapp.evaluate import (  # noqa: E402
+    ScratchTrainer,
+    _probs_to_mask,
+    dice,
+    draw_order,
+    mean_query_dice,
+    setup,
+)
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
 from monailabel_metaapp.evaluate_timeline import ANCHORS  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
@@ -117,7 +123,7 @@ def draw_studies(studies: str, value: int, model: str, shots: int, queries: int,
         return ad, [support], query, anchors, [mask], quick
     _, ad, data, _ = setup(studies, {"s": value}, model, "cpu")
     pool = [s for s in data if (s.ref == value).any()]
-    order = random.Random(f"0-{value}-{shots}-{draw}").sample(pool, len(pool))
+    order = draw_order(pool, 0, value, shots, draw)
     support, query = order[:shots], order[shots : shots + queries]
     anchors = [s.stack for s in order[shots + queries : shots + queries + ANCHORS]]
     masks = [s.lstack == value for s in support]

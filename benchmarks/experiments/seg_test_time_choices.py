@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from monailabel_metaapp.core.adaptation import SegAdapter, dice
 from monailabel_metaapp.core.checkpoint import load_model
-from monailabel_metaapp.evaluate import _oracle, _probs_to_mask, load_eval_studies
+from monailabel_metaapp.evaluate import _oracle, _probs_to_mask, draw_order, load_eval_studies
 from monailabel_metaapp.provenance import stamp
 from monailabel_metaapp.shared_data import cmr_view, require_shared_datasets
 
@@ -83,7 +82,7 @@ def run_fold(model: str, value: int, folder: Path, repeats: int) -> dict:
     seconds: dict[str, list[float]] = {}
     for k in (1, 3, 5):
         for r in range(repeats):
-            order = random.Random(f"0-{value}-{k}-{r}").sample(data, len(data))
+            order = draw_order(data, 0, value, k, r)
             support, query = order[:k], order[k : k + 5]
             stacks, masks = [s.stack for s in support], [s.lstack == value for s in support]
             for steps in STEPS:

@@ -20,7 +20,6 @@ Writes the JSON and a PNG beside it.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
@@ -29,7 +28,14 @@ from tqdm import tqdm
 from monailabel_metaapp.core.adaptation import Head, SegAdapter, dice, largest_component
 from monailabel_metaapp.core.checkpoint import load_model
 from monailabel_metaapp.core.networks import prototypes
-from monailabel_metaapp.evaluate import _probs_to_mask, dice_row, load_eval_studies, plot_rows, structure_labels
+from monailabel_metaapp.evaluate import (
+    _probs_to_mask,
+    dice_row,
+    draw_order,
+    load_eval_studies,
+    plot_rows,
+    structure_labels,
+)
 from monailabel_metaapp.evaluate_common import int_list, write_result
 from monailabel_metaapp.provenance import SHIPPED_SEG
 
@@ -71,8 +77,7 @@ def main() -> None:
         pool = [s for s in data if (s.ref == v).any()]
         for k in shots:
             for r in range(a.repeats):
-                rng = random.Random(f"{a.seed}-{v}-{k}-{r}")  # the draws of `metaapp evaluate seg`
-                order = rng.sample(pool, len(pool))
+                order = draw_order(pool, a.seed, v, k, r)  # the draws of `metaapp evaluate seg`
                 support, query = order[:k], order[k : k + a.queries]
                 head = adapter.adapt([s.stack for s in support], [s.lstack == v for s in support])
                 for q in query:
