@@ -11,7 +11,10 @@ at each mark by its mean whole-volume Dice over the query studies:
   with a head adapted on those weights;
 * `light`: the same recipe from freshly drawn weights of the light network the app's fresh start
   trains (`RefineConfig.fresh_emb`, `networks.light_config`);
-* `scratch`: `evaluate.ScratchTrainer`, a MONAI UNet from random init (the timeline's baseline).
+* `scratch`: `evaluate.ScratchTrainer`, a MONAI UNet from random init (the timeline's baseline);
+* `meta_kd`, `fresh_kd`: `meta` and `fresh` with the app's one-label teacher: the candidate's
+  predictions on the anchor studies are pulled towards the quick head's (`RefineConfig.distill`), the
+  quick head of the meta-learned encoder for both. `meta_kd` is the app's run at one label, unguarded.
 Marks are process CPU seconds of each method's own steps on one thread (building the runs and
 scoring are not counted). Draws as in `metaapp evaluate seg --timeline` (`--draws 0` is its repeat 0).
 
@@ -41,22 +44,28 @@ from monailabel_metaapp.evaluate import ScratchTrainer, mean_query_dice  # noqa:
 from monailabel_metaapp.evaluate_common import int_list, write_result  # noqa: E402
 from monailabel_metaapp.provenance import SHIPPED_SEG  # noqa: E402
 
-METHODS = ("meta", "fresh", "light", "scratch")
+METHODS = ("meta", "fresh", "light", "scratch", "meta_kd", "fresh_kd")
 
 
 def run_draw(studies: str, value: int, model: str, shots: int, queries: int, draw: int, marks, methods) -> list[dict]:
-    ad, support, query, _, masks, quick = draw_studies(studies, value, model, shots, queries, draw)
+    ad, support, query, anchors, masks, quick = draw_studies(studies, value, model, shots, queries, draw)
     stacks = [s.stack for s in support]
     rows = [{"draw": draw, "method": "quick head", "seconds": 0.0, "dice": mean_query_dice(ad, quick, query, value)}]
     cfg = RefineConfig(distill=0.0)
+    teacher = [(st, ad.predict(st, [quick])[0]) for st in anchors]  # the quick head's, as the app distils
     for method in methods:
         if method == "scratch":
             net = ScratchTrainer(stacks, masks, ad.device, draw)
             step, score = net.step, lambda net=net: scratch_dice(net, query, value, quick.one_piece)
         else:
-            start = ad if method == "meta" else fresh_adapter(ad, draw, cfg.fresh_emb if method == "light" else 0)
-            head = quick if method == "meta" else start.adapt(stacks, masks)
+            warm = method.startswith("meta")
+            start = ad if warm else fresh_adapter(ad, draw, cfg.fresh_emb if method == "light" else 0)
+            head = quick if warm else start.adapt(stacks, masks)
             run = Refinement(start, stacks, masks, head, cfg, seed=draw, guard=False)
+            if method.endswith("_kd"):
+                run.cfg = RefineConfig(distill=1.0)
+                run.teacher = teacher
+                run.pool_teacher = [(j, i) for j, (_, p) in enumerate(teacher) for i in range(p.shape[0])]
 
             def score(run=run, start=start) -> float:
                 run.model.encoder.net.eval()
