@@ -213,6 +213,33 @@ def test_a_second_label_continues_the_run_without_the_teacher_at_the_current_pac
     assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder != 3e-4
 
 
+def test_with_one_label_a_fresh_start_is_judged_and_taught_by_the_live_head_and_goes_on_at_two_labels(shared):
+    """`fresh_first`: from one label the run trains freshly drawn weights, while the live quick head of
+    the meta-learned encoder sets the guard's bar and teaches on the anchors, exactly as for the warm
+    run; when a second label arrives that run goes on as the fresh one of the two starts, and the warm
+    one starts from the meta-learned weights."""
+    (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
+    adapter = SegAdapter(load_model(None), "cpu")
+    quick = adapter.adapt([s1], [m1])
+    cfg = RefineConfig(val_every=4, fresh_first=True)
+    warm = start_refinement(adapter, [s1], [m1], quick, RefineConfig(val_every=4), anchors=[s3])
+    run = start_refinement(adapter, [s1], [m1], quick, cfg, anchors=[s3])
+    assert isinstance(run, Refinement) and (warm.start, run.start) == ("warm", "fresh")
+    meta = adapter.model.encoder.net.state_dict()
+    assert any(not torch.equal(v, run.encoder_state()[k]) for k, v in meta.items() if v.is_floating_point())
+    assert run.baseline == pytest.approx(warm.baseline)  # the live head's bar, not a fresh head's
+    assert len(run.teacher) == 1 and torch.equal(run.teacher[0][1], warm.teacher[0][1])
+    for _ in range(cfg.val_every):
+        run.advance()
+    assert run.history and run.state_dict()["start"] == "fresh"
+    again = start_refinement(adapter, [s1], [m1], quick, cfg, state=run.state_dict(), anchors=[s3])
+    assert again.start == "fresh" and again.steps == run.steps
+    assert start_refinement(adapter, [s1], [m1], quick, cfg, state=warm.state_dict()).steps == 0
+    two = start_refinement(adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg, state=run.state_dict())
+    assert isinstance(two, TwoStartRefinement) and two.fresh is not None and two.fresh.steps == run.steps
+    assert two.warm.steps == 0 and all(torch.equal(v, two.warm.encoder_state()[k]) for k, v in meta.items())
+
+
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():
     """The agreement asked for on other studies scales with the quick head's own held-out Dice: a head
     at 0.03 (the RV blood pool of a held-out-structure fold) asks for almost none, a good head for

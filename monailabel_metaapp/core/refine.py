@@ -90,6 +90,10 @@ class RefineConfig:
             at stride 2, this many embedding channels; `networks.light_config`); 0: the shared encoder's
             own architecture. On the held-out cardiac folds at k = 3 and 5 the light network (16
             channels) served 0.71 / 0.76 at 150 s against 0.72 / 0.80: cheaper steps did not buy Dice.
+        fresh_first: with one labelled study, refine from freshly drawn weights (`fresh_adapter`) instead
+            of the meta-learned ones, distilled towards the quick head on the anchors like the warm run
+            and judged by the same guard; from two labels on that run continues as the fresh one of the
+            two starts.
         lead: with two starts, the share of the seconds that goes to the run whose best held-out Dice
             leads at equal compute (`TwoStartRefinement.share`), once both have been validated (0.5:
             equal shares whoever leads). Against equal
@@ -115,6 +119,7 @@ class RefineConfig:
     bf16: bool = True
     fresh: int = 2
     fresh_emb: int = 0
+    fresh_first: bool = False
     lead: float = 0.75
     ema: float = 0.97
 
@@ -190,6 +195,8 @@ class Refinement:
             with the quick head on them (None: no such check).
         judged_like: another run of the same structure and labels whose guard this one shares (the
             quick head's held-out score and its predictions on the anchors), instead of its own.
+        start_from: (adapter, head) whose network this run trains when it is not the live one (a fresh
+            start, `fresh_adapter`); the live `adapter` and `head` still judge it and teach it.
         feats: embeddings of each whole stack under `adapter`'s encoder, as the app caches them from
             inference (half precision is fine: each slice is used in float32; None: the guard embeds
             the stacks).
@@ -214,8 +221,12 @@ class Refinement:
         judged_like: Refinement | None = None,
         feats: list[torch.Tensor] | None = None,
         anchor_feats: list[torch.Tensor] | None = None,
+        start_from: tuple[SegAdapter, Head] | None = None,
     ):
         self.cfg = cfg or RefineConfig()
+        if start_from is not None:
+            self.start = "fresh"
+        trained, trained_head = start_from or (adapter, head)
         self.device = adapter.device
         self.context = adapter.model.cfg.context
         self.stacks, self.masks = stacks, [m.bool() for m in masks]
@@ -225,11 +236,11 @@ class Refinement:
         else:
             self.train_idx, self.val_idx = [list(range(m.shape[0])) for m in self.masks], [[] for _ in self.masks]
         self.share = largest_component_share(self.masks)
-        self.model = copy.deepcopy(adapter.model).to(self.device)
+        self.model = copy.deepcopy(trained.model).to(self.device)
         self.model.encoder.net.train()
         self.params = {
             k: v.detach().clone().to(self.device).requires_grad_(True)
-            for k, v in head.params.items()
+            for k, v in trained_head.params.items()
             if k != COMPONENT_KEY
         }
         distilling = self.cfg.distill > 0 and sum(bool(m.any()) for m in self.masks) == 1
@@ -428,6 +439,7 @@ class Refinement:
             "optimizer": self.opt.state_dict(),
             "steps": self.steps,
             "seconds": self.seconds,
+            "start": self.start,
         }
         if self.avg_model is not self.model:
             head = {k: v.detach().cpu().clone() for k, v in self.avg_params.items()}
@@ -538,7 +550,9 @@ class TwoStartRefinement:
         anchor_feats: list[torch.Tensor] | None = None,
     ):
         state = state or {}
-        warm_state = state.get("warm", state if "encoder" in state else None)
+        single = state if "encoder" in state else {}  # one run's state: it continues the run of its start
+        warm_state = state.get("warm", single if single and single.get("start", "warm") == "warm" else None)
+        fresh_state = state.get("fresh", single if single and single.get("start") == "fresh" else None)
         self.warm = Refinement(
             adapter,
             stacks,
@@ -554,8 +568,8 @@ class TwoStartRefinement:
         )
         self._adapter, self._seed = adapter, seed
         self.fresh: Refinement | None = None  # built at the warm run's first validation (or from a state)
-        if state.get("fresh") is not None:
-            self.start_fresh(state["fresh"])
+        if fresh_state:
+            self.start_fresh(fresh_state)
         self.last = self.warm  # the run of the latest step: whose candidate `head` and `encoder_state` give
 
     def start_fresh(self, state: dict | None = None) -> None:
@@ -688,13 +702,31 @@ def start_refinement(
     the structure, else the warm one alone. With one label the guard's held-out block cannot tell a
     fresh candidate that fits that study from one that segments others: on cardiac MRI fresh versions
     that passed it took the RV blood pool, which the shipped model knows, from 0.64 to 0.32 on other
-    studies, agreement check and all; hence two labels by default."""
-    if cfg.fresh and sum(bool(m.any()) for m in masks) >= cfg.fresh:
+    studies, agreement check and all; hence two labels by default. With one label and
+    `RefineConfig.fresh_first` the one run starts from fresh weights, taught by the quick head."""
+    labelled = sum(bool(m.any()) for m in masks)
+    if cfg.fresh and labelled >= cfg.fresh:
         return TwoStartRefinement(
             adapter, stacks, masks, head, cfg, seed, state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
         )
     if state is not None and "warm" in state:  # a two-start run's state: continue its warm run
         state = state["warm"]
+    start_from = None
+    if cfg.fresh_first and labelled == 1:
+        fresh = fresh_adapter(adapter, seed, cfg.fresh_emb)
+        start_from = (fresh, fresh.adapt(stacks, masks))
+        if state is not None and state.get("start", "warm") != "fresh":
+            state = None  # a warm run's state does not continue a fresh start
     return Refinement(
-        adapter, stacks, masks, head, cfg, seed, state=state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
+        adapter,
+        stacks,
+        masks,
+        head,
+        cfg,
+        seed,
+        state=state,
+        anchors=anchors,
+        feats=feats,
+        anchor_feats=anchor_feats,
+        start_from=start_from,
     )
