@@ -30,6 +30,7 @@ from monailabel_metaapp.core.refine import (
 )
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.evaluate_timeline import served_after
+from monailabel_metaapp.lib.configs.fewshot_seg import refine_config
 from monailabel_metaapp.lib.seg.refinement import HELD, RefinementWorker
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -174,6 +175,13 @@ def test_refinement_settings_parse_from_text_and_an_unknown_one_is_refused():
         RefineConfig.parse("crops=96")
 
 
+def test_the_app_conf_declares_structures_new_to_the_encoder():
+    """`refine_unseen true` reaches the app's refinement settings; refinement stays off unless asked for."""
+    assert refine_config({}) is None and refine_config({"refine_unseen": "true"}) is None
+    assert refine_config({"refine": "true"}).fresh_first is False
+    assert refine_config({"refine": "true", "refine_unseen": "true"}).fresh_first is True
+
+
 def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(shared):
     """One labelled study: a block of its slices checks the candidate, and distillation on an
     unlabelled study keeps the candidate's prediction there closer to the quick head's than fitting
@@ -213,11 +221,11 @@ def test_a_second_label_continues_the_run_without_the_teacher_at_the_current_pac
     assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder != 3e-4
 
 
-def test_with_one_label_a_fresh_start_is_judged_and_taught_by_the_live_head_and_goes_on_at_two_labels(shared):
-    """`fresh_first`: from one label the run trains freshly drawn weights, while the live quick head of
-    the meta-learned encoder sets the guard's bar and teaches on the anchors, exactly as for the warm
-    run; when a second label arrives that run goes on as the fresh one of the two starts, and the warm
-    one starts from the meta-learned weights."""
+def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_at_one_label_and_goes_on_at_two(shared):
+    """`fresh_first` (conf `refine_unseen`): from one label the run trains freshly drawn weights with no
+    teacher and no agreement check, while the live quick head of the meta-learned encoder still sets
+    the guard's bar on the held-out block; when a second label arrives that run goes on as the fresh
+    one of the two starts, under the full guard, and the warm one starts from the meta-learned weights."""
     (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
     adapter = SegAdapter(load_model(None), "cpu")
     quick = adapter.adapt([s1], [m1])
@@ -228,7 +236,8 @@ def test_with_one_label_a_fresh_start_is_judged_and_taught_by_the_live_head_and_
     meta = adapter.model.encoder.net.state_dict()
     assert any(not torch.equal(v, run.encoder_state()[k]) for k, v in meta.items() if v.is_floating_point())
     assert run.baseline == pytest.approx(warm.baseline)  # the live head's bar, not a fresh head's
-    assert len(run.teacher) == 1 and torch.equal(run.teacher[0][1], warm.teacher[0][1])
+    assert warm.teacher and warm.cfg.min_agreement > 0
+    assert not run.teacher and run.cfg.distill == 0 and run.cfg.min_agreement == 0
     for _ in range(cfg.val_every):
         run.advance()
     assert run.history and run.state_dict()["start"] == "fresh"
@@ -237,6 +246,7 @@ def test_with_one_label_a_fresh_start_is_judged_and_taught_by_the_live_head_and_
     assert start_refinement(adapter, [s1], [m1], quick, cfg, state=warm.state_dict()).steps == 0
     two = start_refinement(adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg, state=run.state_dict())
     assert isinstance(two, TwoStartRefinement) and two.fresh is not None and two.fresh.steps == run.steps
+    assert two.cfg.min_agreement == cfg.min_agreement > 0
     assert two.warm.steps == 0 and all(torch.equal(v, two.warm.encoder_state()[k]) for k, v in meta.items())
 
 

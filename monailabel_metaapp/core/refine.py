@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +90,11 @@ class RefineConfig:
             at stride 2, this many embedding channels; `networks.light_config`); 0: the shared encoder's
             own architecture. On the held-out cardiac folds at k = 3 and 5 the light network (16
             channels) served 0.71 / 0.76 at 150 s against 0.72 / 0.80: cheaper steps did not buy Dice.
-        fresh_first: with one labelled study, refine from freshly drawn weights (`fresh_adapter`) instead
-            of the meta-learned ones, distilled towards the quick head on the anchors like the warm run
-            and judged by the same guard; from two labels on that run continues as the fresh one of the
-            two starts.
+        fresh_first: for structures the encoder never saw (the app's `refine_unseen`): with one labelled
+            study, refine from freshly drawn weights (`fresh_adapter`) instead of the meta-learned ones,
+            with neither the quick head as teacher nor the agreement check, judged on the held-out block
+            alone (`start_refinement`); from two labels on that run continues as the fresh one of the two
+            starts, under the full guard. On a structure the encoder knows it sinks what is served.
         lead: with two starts, the share of the seconds that goes to the run whose best held-out Dice
             leads at equal compute (`TwoStartRefinement.share`), once both have been validated (0.5:
             equal shares whoever leads). Against equal
@@ -702,8 +703,13 @@ def start_refinement(
     the structure, else the warm one alone. With one label the guard's held-out block cannot tell a
     fresh candidate that fits that study from one that segments others: on cardiac MRI fresh versions
     that passed it took the RV blood pool, which the shipped model knows, from 0.64 to 0.32 on other
-    studies, agreement check and all; hence two labels by default. With one label and
-    `RefineConfig.fresh_first` the one run starts from fresh weights, taught by the quick head."""
+    studies, agreement check and all; hence two labels by default.
+
+    With one label and `RefineConfig.fresh_first` (a structure declared new to the encoder) the one run
+    starts from fresh weights, with no teacher and no agreement check: on the held-out cardiac folds
+    the quick head as teacher pulled a fresh run on the RV blood pool from 0.70 back to 0.45 on other
+    studies, and the agreement check refused every fresh candidate (agreement 0.17-0.20 with a head
+    that scores 0.25 there, against a bar of 0.37)."""
     labelled = sum(bool(m.any()) for m in masks)
     if cfg.fresh and labelled >= cfg.fresh:
         return TwoStartRefinement(
@@ -715,6 +721,7 @@ def start_refinement(
     if cfg.fresh_first and labelled == 1:
         fresh = fresh_adapter(adapter, seed, cfg.fresh_emb)
         start_from = (fresh, fresh.adapt(stacks, masks))
+        cfg = replace(cfg, distill=0.0, min_agreement=0.0)
         if state is not None and state.get("start", "warm") != "fresh":
             state = None  # a warm run's state does not continue a fresh start
     return Refinement(

@@ -33,6 +33,7 @@ def refine_config(conf: dict[str, str]) -> RefineConfig | None:
     return RefineConfig(
         budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)),
         fresh=int(conf.get("refine_fresh", RefineConfig.fresh)),
+        fresh_first=flag(conf, "refine_unseen", False),
     )
 
 
