@@ -52,7 +52,6 @@ def run_draw(studies: str, value: int, model: str, shots: int, queries: int, dra
     stacks = [s.stack for s in support]
     rows = [{"draw": draw, "method": "quick head", "seconds": 0.0, "dice": mean_query_dice(ad, quick, query, value)}]
     cfg = RefineConfig(distill=0.0)
-    teacher = [(st, ad.predict(st, [quick])[0]) for st in anchors]  # the quick head's, as the app distils
     for method in methods:
         if method == "scratch":
             net = ScratchTrainer(stacks, masks, ad.device, draw)
@@ -61,11 +60,18 @@ def run_draw(studies: str, value: int, model: str, shots: int, queries: int, dra
             warm = method.startswith("meta")
             start = ad if warm else fresh_adapter(ad, draw, cfg.fresh_emb if method == "light" else 0)
             head = quick if warm else start.adapt(stacks, masks)
-            run = Refinement(start, stacks, masks, head, cfg, seed=draw, guard=False)
-            if method.endswith("_kd"):
-                run.cfg = RefineConfig(distill=1.0)
-                run.teacher = teacher
-                run.pool_teacher = [(j, i) for j, (_, p) in enumerate(teacher) for i in range(p.shape[0])]
+            taught = method.endswith("_kd")  # the live quick head teaches on the anchors, as in the app
+            run = Refinement(
+                ad,
+                stacks,
+                masks,
+                quick,
+                RefineConfig(distill=1.0) if taught else cfg,
+                seed=draw,
+                guard=False,
+                anchors=anchors if taught else None,
+                start_from=None if warm else (start, head),
+            )
 
             def score(run=run, start=start) -> float:
                 run.model.encoder.net.eval()
