@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,10 @@ def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_at_one_label_
     assert isinstance(two, TwoStartRefinement) and two.fresh is not None and two.fresh.steps == run.steps
     assert two.cfg.min_agreement == cfg.min_agreement > 0
     assert two.warm.steps == 0 and all(torch.equal(v, two.warm.encoder_state()[k]) for k, v in meta.items())
+    alone = replace(cfg, fresh_alone=True)
+    one = start_refinement(adapter, [s1, s2], [m1, m2], two.warm.head(), alone, state=two.state_dict(), anchors=[s3])
+    assert isinstance(one, Refinement) and one.start == "fresh" and one.steps == run.steps
+    assert one.cfg.min_agreement == 0 and not one.anchors and not one.teacher
 
 
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():

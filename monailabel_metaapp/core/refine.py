@@ -95,6 +95,8 @@ class RefineConfig:
             with neither the quick head as teacher nor the agreement check, judged on the held-out block
             alone (`start_refinement`); from two labels on that run continues as the fresh one of the two
             starts, under the full guard. On a structure the encoder knows it sinks what is served.
+        fresh_alone: with `fresh_first`, from two labels on the fresh run goes on alone, with all the
+            seconds and no agreement check, instead of as one of two starts under the full guard.
         lead: with two starts, the share of the seconds that goes to the run whose best held-out Dice
             leads at equal compute (`TwoStartRefinement.share`), once both have been validated (0.5:
             equal shares whoever leads). Against equal
@@ -121,6 +123,7 @@ class RefineConfig:
     fresh: int = 2
     fresh_emb: int = 0
     fresh_first: bool = False
+    fresh_alone: bool = False
     lead: float = 0.75
     ema: float = 0.97
 
@@ -263,10 +266,11 @@ class Refinement:
             self.baseline, self.anchors, self.teacher = judged_like.baseline, judged_like.anchors, []
         else:
             self.baseline = self._head_baseline(adapter, feats) if self.checkable else None
-            needed = anchors if anchors and (self.checkable or distilling) else []  # predicted once, for both
+            checking = self.checkable and self.cfg.min_agreement > 0
+            needed = anchors if anchors and (checking or distilling) else []  # predicted once, for both
             cached = anchor_feats or [None] * len(needed)
             teacher = [(st, adapter.predict(st, [head], feats=f)[0]) for st, f in zip(needed, cached)]
-            self.anchors = [(st, p >= 0.5) for st, p in teacher] if self.checkable else []
+            self.anchors = [(st, p >= 0.5) for st, p in teacher] if checking else []
             self.teacher = teacher if distilling else []
         self.pool_teacher = [(j, i) for j, (_, p) in enumerate(self.teacher) for i in range(p.shape[0])]
         self.agreement: float | None = None  # of the last validation's candidate, when it was checked
@@ -585,6 +589,7 @@ class TwoStartRefinement:
         self.fresh = Refinement(  # one guard: the quick head's held-out score and anchors judge both
             fresh, self.warm.stacks, self.warm.masks, head, cfg, self._seed, state=state, judged_like=self.warm
         )
+        self.fresh.start = "fresh"
         self.fresh.best = self.warm.best
 
     @property
@@ -711,14 +716,16 @@ def start_refinement(
     studies, and the agreement check refused every fresh candidate (agreement 0.17-0.20 with a head
     that scores 0.25 there, against a bar of 0.37)."""
     labelled = sum(bool(m.any()) for m in masks)
-    if cfg.fresh and labelled >= cfg.fresh:
+    fresh_only = cfg.fresh_first and (labelled == 1 or cfg.fresh_alone)
+    if cfg.fresh and labelled >= cfg.fresh and not fresh_only:
         return TwoStartRefinement(
             adapter, stacks, masks, head, cfg, seed, state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
         )
-    if state is not None and "warm" in state:  # a two-start run's state: continue its warm run
-        state = state["warm"]
+    if state is not None and "warm" in state:  # a two-start run's state: continue its run of this start
+        state = state["fresh"] if fresh_only else state["warm"]
+        state = state and {**state, "start": "fresh" if fresh_only else "warm"}
     start_from = None
-    if cfg.fresh_first and labelled == 1:
+    if fresh_only:
         fresh = fresh_adapter(adapter, seed, cfg.fresh_emb)
         start_from = (fresh, fresh.adapt(stacks, masks))
         cfg = replace(cfg, distill=0.0, min_agreement=0.0)
