@@ -65,10 +65,12 @@ def _nices(pid: int) -> list[int]:
 @linux_only
 def test_pause_and_resume_background_learning_through_the_api(cmr_store, start_server, tmp_path):
     _only(cmr_store, 500)
-    server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 100000})
+    conf = {"refine": "true", "refine_budget_seconds": 100000, "refine_unseen": "rv blood pool"}
+    server = start_server(cmr_store, conf=conf)
     name = "lv blood pool"
     server.wait_ready(lv_blood_pool=1)
     _wait(server, lambda st: (st[name].get("refinement") or {}).get("state") == "refining", 300, "refining")
+    assert _refinement(server, name)["start"] == "warm", "a structure not declared new refined from fresh weights"
     assert 19 in _nices(server.proc.pid), "no thread of the server runs at the lowest priority"
 
     r = requests.post(f"{server.url}/metaapp/background/pause", timeout=30)

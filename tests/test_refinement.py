@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from monailabel_metaapp.core.refine import (
 )
 from monailabel_metaapp.core.volume import label_slices, read_image, to_slices
 from monailabel_metaapp.evaluate_timeline import served_after
-from monailabel_metaapp.lib.configs.fewshot_seg import refine_config
+from monailabel_metaapp.lib.configs.fewshot_seg import refine_config, unseen_structures
 from monailabel_metaapp.lib.seg.refinement import HELD, RefinementWorker
 from monailabel_metaapp.shared_data import one_structure_label
 
@@ -134,14 +133,19 @@ def test_a_refinement_that_cannot_beat_the_head_is_never_published(cmr_store, st
 
 
 def test_refinement_resumes_from_its_checkpoint_after_kill_9(cmr_store, start_server):
+    """Declared new to the encoder (`refine_unseen` lists it), the structure refines from fresh weights,
+    and after a kill -9 that run goes on from its checkpoint."""
     _only(cmr_store, 500)
-    server = start_server(cmr_store, conf={"refine": "true", "refine_budget_seconds": 100000})
+    conf = {"refine": "true", "refine_budget_seconds": 100000, "refine_unseen": "LV blood pool, spleen"}
+    server = start_server(cmr_store, conf=conf)
     name = "lv blood pool"
     server.wait_ready(lv_blood_pool=1)
     ckpt = cmr_store / ".metaapp" / "refine" / "lv_blood_pool" / "state.pt"
     _wait(server, lambda st: ckpt.exists(), 400, "a refinement checkpoint")
-    steps = torch.load(ckpt, weights_only=True)["run"]["steps"]
+    state = torch.load(ckpt, weights_only=True)["run"]
+    steps = state["steps"]
     assert steps > 0, "a checkpoint of a run that learned nothing"
+    assert state["start"] == "fresh" and _refinement(server, name)["start"] == "fresh"
     version = server.structures()[name]["version"]
     server.proc.kill()  # kill -9 in the middle of the refinement: no clean-up of any kind
     server.proc.wait(30)
@@ -149,6 +153,7 @@ def test_refinement_resumes_from_its_checkpoint_after_kill_9(cmr_store, start_se
     assert requests.get(f"{server.url}/info/", timeout=30).json()["metaapp"]["damaged_at_start"] == []
     st = _wait(server, lambda st: (st[name].get("refinement") or {}).get("steps", 0) > steps, 240, "resumed steps")
     assert st[name]["refinement"]["state"] == "refining" and st[name]["version"] >= version
+    assert st[name]["refinement"]["start"] == "fresh"
 
 
 # -- the core, without a server ------------------------------------------------------------------
@@ -176,11 +181,20 @@ def test_refinement_settings_parse_from_text_and_an_unknown_one_is_refused():
         RefineConfig.parse("crops=96")
 
 
-def test_the_app_conf_declares_structures_new_to_the_encoder():
-    """`refine_unseen true` reaches the app's refinement settings; refinement stays off unless asked for."""
+def test_the_app_conf_declares_structures_new_to_the_encoder(tmp_path):
+    """`refine_unseen` declares every structure (`true`) or the ones it lists new to the encoder: only
+    those refine from fresh weights; refinement stays off unless asked for."""
     assert refine_config({}) is None and refine_config({"refine_unseen": "true"}) is None
     assert refine_config({"refine": "true"}).fresh_first is False
-    assert refine_config({"refine": "true", "refine_unseen": "true"}).fresh_first is True
+    assert unseen_structures({}) == frozenset() == unseen_structures({"refine_unseen": "no"})
+    assert unseen_structures({"refine_unseen": "TRUE"}) is True
+    listed = unseen_structures({"refine_unseen": "RV blood pool, spleen"})
+    assert listed == {"rv blood pool", "spleen"}
+    worker = RefinementWorker(None, tmp_path, refine_config({"refine": "true"}), unseen=listed)
+    assert worker.settings("rv blood pool").fresh_first and worker.settings("Spleen").fresh_first
+    assert not worker.settings("lv blood pool").fresh_first
+    everyone = RefinementWorker(None, tmp_path, RefineConfig(), unseen=True)
+    assert everyone.settings("lv blood pool").fresh_first
 
 
 def test_with_one_label_the_quick_head_teaches_the_candidate_on_other_studies(shared):
@@ -222,11 +236,11 @@ def test_a_second_label_continues_the_run_without_the_teacher_at_the_current_pac
     assert two.opt.param_groups[0]["lr"] == cfg.lr_encoder != 3e-4
 
 
-def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_at_one_label_and_goes_on_at_two(shared):
+def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_alone_at_every_number_of_labels(shared):
     """`fresh_first` (conf `refine_unseen`): from one label the run trains freshly drawn weights with no
     teacher and no agreement check, while the live quick head of the meta-learned encoder still sets
-    the guard's bar on the held-out block; when a second label arrives that run goes on as the fresh
-    one of the two starts, under the full guard, and the warm one starts from the meta-learned weights."""
+    the guard's bar on the held-out block; when a second label arrives that run goes on alone, with all
+    the seconds (no warm start beside it), and a two-start run declared new later continues its fresh run."""
     (s1, m1), (s2, m2), (s3, _) = _cmr(shared, 5, 600), _cmr(shared, 12, 600), _cmr(shared, 20, 600)
     adapter = SegAdapter(load_model(None), "cpu")
     quick = adapter.adapt([s1], [m1])
@@ -237,22 +251,25 @@ def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_at_one_label_
     meta = adapter.model.encoder.net.state_dict()
     assert any(not torch.equal(v, run.encoder_state()[k]) for k, v in meta.items() if v.is_floating_point())
     assert run.baseline == pytest.approx(warm.baseline)  # the live head's bar, not a fresh head's
-    assert warm.teacher and warm.cfg.min_agreement > 0
-    assert not run.teacher and run.cfg.distill == 0 and run.cfg.min_agreement == 0
+    assert warm.teacher and warm.cfg.min_agreement > 0 and warm.anchors
+    assert not run.teacher and run.cfg.distill == 0 and run.cfg.min_agreement == 0 and not run.anchors
     for _ in range(cfg.val_every):
         run.advance()
     assert run.history and run.state_dict()["start"] == "fresh"
     again = start_refinement(adapter, [s1], [m1], quick, cfg, state=run.state_dict(), anchors=[s3])
     assert again.start == "fresh" and again.steps == run.steps
     assert start_refinement(adapter, [s1], [m1], quick, cfg, state=warm.state_dict()).steps == 0
-    two = start_refinement(adapter, [s1, s2], [m1, m2], adapter.adapt([s1, s2], [m1, m2]), cfg, state=run.state_dict())
-    assert isinstance(two, TwoStartRefinement) and two.fresh is not None and two.fresh.steps == run.steps
-    assert two.cfg.min_agreement == cfg.min_agreement > 0
-    assert two.warm.steps == 0 and all(torch.equal(v, two.warm.encoder_state()[k]) for k, v in meta.items())
-    alone = replace(cfg, fresh_alone=True)
-    one = start_refinement(adapter, [s1, s2], [m1, m2], two.warm.head(), alone, state=two.state_dict(), anchors=[s3])
-    assert isinstance(one, Refinement) and one.start == "fresh" and one.steps == run.steps
-    assert one.cfg.min_agreement == 0 and not one.anchors and not one.teacher
+    quick2 = adapter.adapt([s1, s2], [m1, m2])
+    two = start_refinement(adapter, [s1, s2], [m1, m2], quick2, cfg, state=run.state_dict(), anchors=[s3])
+    assert isinstance(two, Refinement) and two.start == "fresh" and two.steps == run.steps
+    assert two.cfg.min_agreement == 0 and not two.anchors and not two.teacher
+    default = start_refinement(adapter, [s1, s2], [m1, m2], quick2, RefineConfig(val_every=4), anchors=[s3])
+    assert isinstance(default, TwoStartRefinement) and default.cfg.min_agreement > 0
+    default.start_fresh()
+    for _ in range(2):
+        default.fresh.step()
+    declared = start_refinement(adapter, [s1, s2], [m1, m2], quick2, cfg, state=default.state_dict())
+    assert declared.start == "fresh" and declared.steps == 2 == default.fresh.steps
 
 
 def test_a_quick_head_that_misses_the_structure_cannot_veto_a_candidate_that_finds_it():

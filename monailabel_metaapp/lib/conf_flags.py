@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 OFF = ("false", "0", "no", "off")
+ON = ("true", "1", "yes", "on")
 
 
 def flag(conf: dict, key: str, default: bool) -> bool:

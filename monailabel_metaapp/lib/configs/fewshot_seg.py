@@ -14,7 +14,7 @@ from monailabel_metaapp.core.checkpoint import DEFAULT_SEG_WEIGHTS
 from monailabel_metaapp.core.episodes import label_names
 from monailabel_metaapp.core.refine import RefineConfig
 from monailabel_metaapp.lib.activelearning.meta_strategies import DEFAULT_LEASE_SECONDS, Diversity, Hybrid, Uncertainty
-from monailabel_metaapp.lib.conf_flags import flag
+from monailabel_metaapp.lib.conf_flags import OFF, ON, flag
 from monailabel_metaapp.lib.infers.fewshot_clicks import FewShotClicksInfer
 from monailabel_metaapp.lib.infers.fewshot_seg import FewShotSegInfer
 from monailabel_metaapp.lib.scoring.al_scores import ALScores, ALScoring
@@ -33,8 +33,19 @@ def refine_config(conf: dict[str, str]) -> RefineConfig | None:
     return RefineConfig(
         budget_seconds=float(conf.get("refine_budget_seconds", RefineConfig.budget_seconds)),
         fresh=int(conf.get("refine_fresh", RefineConfig.fresh)),
-        fresh_first=flag(conf, "refine_unseen", False),
     )
+
+
+def unseen_structures(conf: dict[str, str]) -> bool | frozenset[str]:
+    """Structures declared new to the encoder (conf `refine_unseen`), which refine from fresh weights
+    (`RefineConfig.fresh_first`): True for every structure, else the (lower-case) names listed, comma
+    separated. Per structure, because the same start sinks the structures the encoder knows."""
+    value = str(conf.get("refine_unseen", "false")).strip()
+    if value.lower() in OFF:
+        return frozenset()
+    if value.lower() in ON:
+        return True
+    return frozenset(n.strip().lower() for n in value.split(",") if n.strip())
 
 
 class FewShotSeg(TaskConfig):
@@ -55,6 +66,7 @@ class FewShotSeg(TaskConfig):
             steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
             refine=refine_config(conf),
+            unseen=unseen_structures(conf),
             refined_in_ram=int(conf.get("refine_models_in_ram", 4)),
             cache_mb=int(conf.get("embedding_cache_mb", 2048)),
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,13 +55,23 @@ class RefinementWorker:
         folder: where run checkpoints live (`<store>/refine`).
         cfg: refinement settings (budget, learning rates, guard).
         enabled: False keeps the worker idle (conf `refine=false`).
+        unseen: structures new to the encoder, which refine from fresh weights (`RefineConfig.fresh_first`;
+            True: every structure; conf `refine_unseen`).
     """
 
-    def __init__(self, service, folder: str | Path, cfg: RefineConfig | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        service,
+        folder: str | Path,
+        cfg: RefineConfig | None = None,
+        enabled: bool = True,
+        unseen: bool | frozenset[str] = frozenset(),
+    ):
         self.service = service
         self.folder = Path(folder)
         self.cfg = cfg or RefineConfig()
         self.enabled = enabled
+        self.unseen = unseen
         self._status: dict[str, dict] = {}
         self._pending: list[str] = []
         self._interrupt: set[str] = set()  # structures whose running run must end now
@@ -203,6 +214,11 @@ class RefinementWorker:
                 self._checkpoint(name, run, labels, spent, None)
                 return
 
+    def settings(self, name: str) -> RefineConfig:
+        """The refinement settings of one structure: from fresh weights when it is declared new to the encoder."""
+        new = self.unseen is True or (self.unseen is not False and name.lower() in self.unseen)
+        return replace(self.cfg, fresh_first=self.cfg.fresh_first or new)
+
     def _prepare(self, name: str) -> tuple[Refinement | TwoStartRefinement | None, list[str], float]:
         """A run over the structure's current labels, warm from its last state when there is one."""
         svc = self.service
@@ -233,7 +249,7 @@ class RefinementWorker:
             stacks,
             masks,
             quick,
-            self.cfg,
+            self.settings(name),
             seed=len(labels),
             state=state and state["run"],
             anchors=anchors,
@@ -303,6 +319,8 @@ class RefinementWorker:
                     }
                     for k, r in (("warm", run.warm), ("fresh", run.fresh))
                 }
+            else:  # "fresh" for a structure declared new to the encoder
+                self._status[name]["start"] = run.start
             self._cv.notify_all()
 
     def _status_from(self, state: dict, finished: str) -> dict:

@@ -44,6 +44,7 @@ class SegService(SegInference):
         cache_mb: bound of the cache of studies' slices and embeddings.
         default_names: structure name -> label value known before any save (`labels.json`).
         refine: settings of the background refinement; None turns it off.
+        unseen: structures that refine from fresh weights, new to the encoder (True: every one).
         refined_in_ram: refined encoders kept in memory at once (the others load from disk on demand).
     """
 
@@ -57,6 +58,7 @@ class SegService(SegInference):
         cache_mb: int = 2048,
         default_names: dict[str, int] | None = None,
         refine: RefineConfig | None = None,
+        unseen: bool | frozenset[str] = frozenset(),
         refined_in_ram: int = 4,
     ):
         self.datastore = datastore
@@ -77,7 +79,7 @@ class SegService(SegInference):
         self.shown: LRU[torch.Tensor] = LRU(max_items=16)  # (image path, structure, version) -> mask inferred
         self.clicks = ClickCorrections(self)  # per-study copies of heads that the annotators' points adapt
         self.refinement = RefinementWorker(
-            self, Path(store_dir) / "refine", refine or RefineConfig(), refine is not None
+            self, Path(store_dir) / "refine", refine or RefineConfig(), refine is not None, unseen
         )
 
     @property
