@@ -259,6 +259,8 @@ def test_a_structure_new_to_the_encoder_refines_from_fresh_weights_alone_at_ever
     again = start_refinement(adapter, [s1], [m1], quick, cfg, state=run.state_dict(), anchors=[s3])
     assert again.start == "fresh" and again.steps == run.steps
     assert start_refinement(adapter, [s1], [m1], quick, cfg, state=warm.state_dict()).steps == 0
+    undeclared = start_refinement(adapter, [s1], [m1], quick, RefineConfig(val_every=4), state=run.state_dict())
+    assert undeclared.start == "warm" and undeclared.steps == 0  # fresh weights never continue as the warm run
     quick2 = adapter.adapt([s1, s2], [m1, m2])
     two = start_refinement(adapter, [s1, s2], [m1, m2], quick2, cfg, state=run.state_dict(), anchors=[s3])
     assert isinstance(two, Refinement) and two.start == "fresh" and two.steps == run.steps

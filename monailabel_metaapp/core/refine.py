@@ -720,16 +720,16 @@ def start_refinement(
         return TwoStartRefinement(
             adapter, stacks, masks, head, cfg, seed, state, anchors=anchors, feats=feats, anchor_feats=anchor_feats
         )
+    start = "fresh" if cfg.fresh_first else "warm"
     if state is not None and "warm" in state:  # a two-start run's state: continue its run of this start
-        start = "fresh" if cfg.fresh_first else "warm"
         state = state[start] and {**state[start], "start": start}
+    if state is not None and state.get("start", "warm") != start:
+        state = None  # a run of the other start does not continue this one (the structure was declared anew)
     start_from = None
     if cfg.fresh_first:
         fresh = fresh_adapter(adapter, seed, cfg.fresh_emb)
         start_from = (fresh, fresh.adapt(stacks, masks))
         cfg = replace(cfg, distill=0.0, min_agreement=0.0)
-        if state is not None and state.get("start", "warm") != "fresh":
-            state = None  # a warm run's state does not continue a fresh start
     return Refinement(
         adapter,
         stacks,
