@@ -58,6 +58,9 @@ class FewShotSeg(TaskConfig):
         self.site = SiteAdaptationLoop(self.store_dir, conf)  # idle-time site adaptation of the encoder
         model = self.site.live_weights(model)  # its live version when there is one
         names = {n: v for v, n in label_names(studies).items()}
+        unseen = unseen_structures(conf)
+        if unseen is not True and (later := sorted(unseen - {n.lower() for n in names})):
+            logger.warning("refine_unseen names %s, which no label of the studies defines yet", ", ".join(later))
         self.service = SegService(
             datastore,
             self.store_dir,
@@ -66,7 +69,7 @@ class FewShotSeg(TaskConfig):
             steps=int(conf.get("adapt_steps", DEFAULT_ADAPT_STEPS)),
             default_names=names,
             refine=refine_config(conf),
-            unseen=unseen_structures(conf),
+            unseen=unseen,
             refined_in_ram=int(conf.get("refine_models_in_ram", 4)),
             cache_mb=int(conf.get("embedding_cache_mb", 2048)),
         )
