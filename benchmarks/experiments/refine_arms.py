@@ -3,7 +3,9 @@ in their `--refine` settings (e.g. `lead=0.75` against `lead=0.5`), on the same 
 and draws.
 
 Each input is a `scratch_candidate.py --methods app --shots K --refine ...` result (draws merged with
-its `--combine`). An arm is named by the refine settings in which the inputs of one structure differ,
+its `--combine`, or one input per draw under the same arm name); the rows of an input run with
+`--methods app,scratch` also give the arm `scratch`. Inputs are grouped by weights, structure and k.
+An arm is named by the refine settings in which the inputs of one structure differ,
 or by `--arms` (one name per input, in order) when the arms differ in their code instead: each input
 then ran from its own checkout, and its `provenance` names the commit.
 Writes `arms.json` (mean served Dice per structure, arm and mark, with each draw's values, the start
@@ -43,7 +45,10 @@ def main() -> None:
     if a.arms and len(a.arms) != len(a.runs):
         ap.error(f"--arms names {len(a.arms)} arms for {len(a.runs)} inputs")
     results = [json.loads(f.read_text()) for f in a.runs]
-    group_of = [f"{Path(d['settings']['model']).stem} / {d['settings']['structure']}" for d in results]
+    group_of = [
+        f"{Path(d['settings']['model']).stem} / {d['settings']['structure']} / k={d['settings'].get('shots', 1)}"
+        for d in results
+    ]
     arm_of = [""] * len(results)
     for group in set(group_of):
         members = [i for i, g in enumerate(group_of) if g == group]
@@ -53,8 +58,8 @@ def main() -> None:
     sources = []
     for f, d, group, arm in zip(a.runs, results, group_of, arm_of):
         sources.append({"file": f.name, "arm": arm, "settings": d["settings"], "provenance": d.get("provenance")})
-        for r in (r for r in d["rows"] if r["method"] == "app"):
-            cells.setdefault((group, arm, r["seconds"]), []).append(r)
+        for r in (r for r in d["rows"] if r["method"] in ("app", "scratch")):  # scratch: where an input ran it
+            cells.setdefault((group, arm if r["method"] == "app" else "scratch", r["seconds"]), []).append(r)
     rows = [
         {
             "group": group,
