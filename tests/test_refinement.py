@@ -505,6 +505,8 @@ def test_the_simulated_annotator_refines_on_from_its_last_run_after_each_save():
 class _RunHeldMidStep:
     """A run whose first step finds a better candidate while an administrator rolls the structure back."""
 
+    start = "warm"
+
     def __init__(self, worker, name: str) -> None:
         self.worker, self.name = worker, name
         self.seconds, self.steps, self.best, self.baseline, self.plateau = 0.0, 0, 0.5, 0.4, False
